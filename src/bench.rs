@@ -1,0 +1,233 @@
+//! `kd bench`: training / inference throughput of a model, and decode + augment
+//! throughput of the data pipeline, with peak memory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::data::{AugmentConfig, ImageFolder, Loader, Transform};
+use crate::losses::cross_entropy;
+use crate::models::{ModelSpec, Stem};
+use crate::train::default_device;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchMode {
+    /// Forward, backward and Adam step.
+    Train,
+    /// Forward only, inference mode.
+    Eval,
+}
+
+/// Options of `kd bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture.
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Square image size.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// train or eval.
+    #[arg(long, value_enum, default_value = "train")]
+    pub mode: BenchMode,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Classes of the model head.
+    #[arg(long, default_value_t = 12)]
+    pub classes: usize,
+    /// Base width override.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Use the small-image stem.
+    #[arg(long)]
+    pub small_stem: bool,
+    /// Instead of a model, measure decode + augment images/s of this image folder.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One benchmark result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// What was measured.
+    pub what: String,
+    /// Backend.
+    pub device: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Image side.
+    pub image_size: usize,
+    /// Median images per second over the timed steps.
+    pub images_per_second: f64,
+    /// Median seconds per step.
+    pub seconds_per_step: f64,
+    /// Peak resident memory of the process, MiB (Linux).
+    pub peak_rss_mib: Option<f64>,
+    /// Threads in rayon's pool.
+    pub threads: usize,
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark and prints the result.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.batch == 0 || a.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let result = match &a.data {
+        Some(dir) => bench_pipeline(a, dir)?,
+        None => bench_model(a)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}), peak RSS {}",
+            result.what,
+            result.images_per_second,
+            result.seconds_per_step,
+            result.batch,
+            result.image_size,
+            result.image_size,
+            result.threads,
+            result.device,
+            result
+                .peak_rss_mib
+                .map(|m| format!("{m:.0} MiB"))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
+    Ok(())
+}
+
+fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
+    let device = default_device();
+    let spec = ModelSpec {
+        name: a.model.clone(),
+        width: a.width,
+        stem: a.small_stem.then_some(Stem::Small),
+    };
+    let (b, s) = (a.batch, a.image_size);
+    let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
+    let mut times = Vec::new();
+    match a.mode {
+        BenchMode::Train => {
+            let ad = device.clone().autodiff();
+            let mut model = spec.build(a.classes, s, &ad)?;
+            let mut optim = AdamConfig::new().init();
+            for step in 0..a.warmup + a.steps {
+                let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &ad);
+                let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
+                let t0 = Instant::now();
+                let loss = cross_entropy(model.forward(x), y);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-4, model, grads);
+                let _: f32 = loss.into_scalar();
+                device.sync().ok();
+                if step >= a.warmup {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        BenchMode::Eval => {
+            let model = spec.build(a.classes, s, &device)?.valid();
+            for step in 0..a.warmup + a.steps {
+                let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+                let t0 = Instant::now();
+                let out = model.forward(x);
+                let _ = out.into_data();
+                if step >= a.warmup {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+    let sps = median(times);
+    Ok(BenchResult {
+        what: format!(
+            "{} {}",
+            a.model,
+            if a.mode == BenchMode::Train {
+                "train step"
+            } else {
+                "inference"
+            }
+        ),
+        device: "flex (CPU)".into(),
+        batch: b,
+        image_size: s,
+        images_per_second: b as f64 / sps,
+        seconds_per_step: sps,
+        peak_rss_mib: peak_rss_mib(),
+        threads: rayon::current_num_threads(),
+    })
+}
+
+fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
+    let folder = ImageFolder::scan(dir)?;
+    let transform = Transform {
+        augment: Some(AugmentConfig::default()),
+        size: (a.image_size, a.image_size),
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    let loader = Loader::new(folder.samples, transform, a.batch, true, 0);
+    let order = loader.epoch_order(0);
+    let mut times = Vec::new();
+    let batches: Vec<&[usize]> = order.chunks(a.batch).take(a.warmup + a.steps).collect();
+    if batches.len() <= a.warmup {
+        bail!(
+            "{} has too few images for {} batches of {}",
+            dir.display(),
+            a.warmup + a.steps,
+            a.batch
+        );
+    }
+    for (i, chunk) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        let batch = loader.load_batch(chunk, 0)?;
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64() / batch.len() as f64 * a.batch as f64);
+        }
+    }
+    let sps = median(times);
+    Ok(BenchResult {
+        what: "decode + augment (tutorial pipeline)".into(),
+        device: "CPU threads".into(),
+        batch: a.batch,
+        image_size: a.image_size,
+        images_per_second: a.batch as f64 / sps,
+        seconds_per_step: sps,
+        peak_rss_mib: peak_rss_mib(),
+        threads: rayon::current_num_threads(),
+    })
+}

@@ -1,0 +1,648 @@
+//! Command-line interface of `kd`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::data::{
+    AugmentConfig, ImageFolder, LinkMode, Loader, channel_stats, stratified_split, write_split,
+};
+use crate::eval::{evaluate, predict};
+use crate::io::{ensure_dir, write_json};
+use crate::losses::{KdConfig, KdLossKind};
+use crate::models::{KNOWN_MODELS, ModelSpec, Stem};
+use crate::run::Run;
+use crate::train::{NanPolicy, TeacherConfig, TrainConfig, TrainOptions, default_device, train};
+use crate::{bench, report};
+
+/// Knowledge distillation for image classifiers.
+#[derive(Debug, Parser)]
+#[command(name = "kd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Split a class folder into DST/train and DST/val (stratified, seeded).
+    Split(SplitArgs),
+    /// Per-channel mean and std of the images in a folder.
+    Stats(StatsArgs),
+    /// Train a classifier (teacher or student) on an image folder.
+    Train(TrainArgs),
+    /// Train a student with a trained teacher's soft targets (Hinton's loss).
+    Distill(DistillArgs),
+    /// Accuracy, per-class scores and confusion matrix of a trained run.
+    Eval(EvalArgs),
+    /// Top-k classes of images with a trained run.
+    Predict(PredictArgs),
+    /// Architectures kd knows, with parameter counts.
+    Models(ModelsArgs),
+    /// Measure training/inference and data-pipeline throughput.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct SplitArgs {
+    /// Folder with one sub-folder per class.
+    src: PathBuf,
+    /// Output folder (gets train/ and val/).
+    dst: PathBuf,
+    /// Share of each class that goes to val/.
+    #[arg(long, default_value_t = 0.3)]
+    val_fraction: f64,
+    /// Seed of the split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Hard-link images instead of copying them.
+    #[arg(long)]
+    link: bool,
+    /// Replace a non-empty DST.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Folder with one sub-folder per class (or with train/ and val/: train/ is used).
+    dir: PathBuf,
+    /// Resize each image to SIZE x SIZE first (what a model sees).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options shared by `train` and `distill`. Unset options keep the tutorial's recipe
+/// (or, with --resume, the run's recorded value).
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Folder with train/ and val/, or a class folder to split in memory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Architecture (see `kd models`).
+    #[arg(long, visible_alias = "student")]
+    model: Option<String>,
+    /// Run folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Epochs [default: 50].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per batch [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Adam learning rate [default: 1e-4].
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// Cosine schedule T_max in epochs [default: 20].
+    #[arg(long)]
+    t_max: Option<usize>,
+    /// Cosine schedule minimum rate [default: 1e-9].
+    #[arg(long)]
+    eta_min: Option<f64>,
+    /// Square input size in pixels [default: 224].
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Seed of initialisation, shuffling, augmentation and split [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Validation share when DATA has no train/ and val/ [default: 0.3].
+    #[arg(long, allow_negative_numbers = true)]
+    val_fraction: Option<f64>,
+    /// Base width of the model (first stage; tiny models for tests).
+    #[arg(long)]
+    width: Option<usize>,
+    /// ResNet stem: imagenet (7x7/2 + max pool) or small (3x3/1, for small images).
+    #[arg(long, value_enum)]
+    stem: Option<StemArg>,
+    /// Normalization mean "r,g,b" [default: computed on the training images].
+    #[arg(long, value_parser = parse_triple)]
+    mean: Option<[f32; 3]>,
+    /// Normalization std "r,g,b" [default: computed on the training images].
+    #[arg(long, value_parser = parse_triple)]
+    std: Option<[f32; 3]>,
+    /// Turn all random augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    /// RandomRotation degrees [default: 10].
+    #[arg(long)]
+    rotation: Option<f32>,
+    /// GaussianBlur kernel size, odd, 0 = off [default: 5].
+    #[arg(long)]
+    blur_kernel: Option<usize>,
+    /// ColorJitter brightness [default: 0.5].
+    #[arg(long)]
+    brightness: Option<f32>,
+    /// ColorJitter contrast [default: 0.5].
+    #[arg(long)]
+    contrast: Option<f32>,
+    /// ColorJitter saturation [default: 0.5].
+    #[arg(long)]
+    saturation: Option<f32>,
+    /// ColorJitter hue [default: 0].
+    #[arg(long)]
+    hue: Option<f32>,
+    /// RandomHorizontalFlip (p = 0.5).
+    #[arg(long)]
+    hflip: bool,
+    /// RandomResizedCrop instead of Resize.
+    #[arg(long)]
+    random_resized_crop: bool,
+    /// Train on a class-balanced subset of at most N images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Validate on a class-balanced subset of at most N images.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// Start from a PyTorch state dict (.safetensors or .pth, torchvision names).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch.
+    #[arg(long, value_enum)]
+    nan_policy: Option<NanArg>,
+    /// Continue the run in --out from its last completed epoch.
+    #[arg(long)]
+    resume: bool,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct DistillArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Run folder of the trained teacher.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Teacher checkpoint: best or final.
+    #[arg(long, default_value = "best")]
+    teacher_checkpoint: String,
+    /// Softmax temperature T.
+    #[arg(long, default_value_t = 7.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Weight of the soft-target term.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    alpha: f64,
+    /// hinton (KL averaged per sample) or seed (the tutorial's exact formula).
+    #[arg(long, value_enum, default_value = "hinton")]
+    kd_loss: KdLossArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StemArg {
+    Imagenet,
+    Small,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum NanArg {
+    Stop,
+    SkipBatch,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KdLossArg {
+    Hinton,
+    Seed,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// best or final.
+    #[arg(long, default_value = "best")]
+    checkpoint: String,
+    /// Images to evaluate: DIR/val if it exists, else every image of DIR [default: the run's validation images].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Folder for eval JSON and confusion PNG [default: RUN/eval].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PredictArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Image files or folders.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// best or final.
+    #[arg(long, default_value = "best")]
+    checkpoint: String,
+    /// Number of classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ModelsArgs {
+    /// Class count for the parameter counts.
+    #[arg(long, default_value_t = 1000)]
+    classes: usize,
+}
+
+fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>().map_err(|e| format!("'{x}': {e}")))
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|_| "expected three comma-separated numbers, e.g. 0.44,0.47,0.43".to_string())
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Split(a) => cmd_split(a),
+            Command::Stats(a) => cmd_stats(a),
+            Command::Train(a) => {
+                let (config, options, out) = train_config(&a, None)?;
+                run_training(&config, &out, &options)
+            }
+            Command::Distill(a) => {
+                let kd = KdConfig {
+                    temperature: a.temperature,
+                    alpha: a.alpha,
+                    loss: match a.kd_loss {
+                        KdLossArg::Hinton => KdLossKind::Hinton,
+                        KdLossArg::Seed => KdLossKind::Seed,
+                    },
+                };
+                let teacher = TeacherConfig {
+                    run: a.teacher.clone(),
+                    checkpoint: a.teacher_checkpoint.clone(),
+                    kd,
+                };
+                let (config, options, out) = train_config(&a.train, Some(teacher))?;
+                run_training(&config, &out, &options)
+            }
+            Command::Eval(a) => cmd_eval(a),
+            Command::Predict(a) => cmd_predict(a),
+            Command::Models(a) => cmd_models(a),
+            Command::Bench(a) => bench::run(&a),
+        }
+    }
+}
+
+fn cmd_split(a: SplitArgs) -> Result<()> {
+    crate::data::split::check_val_fraction(a.val_fraction)?;
+    let folder = ImageFolder::scan(&a.src)?;
+    let split = stratified_split(&folder, a.val_fraction, a.seed)?;
+    let mode = if a.link {
+        LinkMode::HardLink
+    } else {
+        LinkMode::Copy
+    };
+    write_split(&folder, &split, &a.dst, mode, a.force)?;
+    let count = |s: &[crate::data::Sample], l: usize| s.iter().filter(|x| x.label == l).count();
+    let w = folder
+        .classes
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:<w$}  {:>6}  {:>6}  {:>6}",
+        "class", "train", "val", "total"
+    );
+    for (l, c) in folder.classes.iter().enumerate() {
+        let (t, v) = (count(&split.train, l), count(&split.val, l));
+        println!("{c:<w$}  {t:>6}  {v:>6}  {:>6}", t + v);
+    }
+    println!(
+        "{:<w$}  {:>6}  {:>6}  {:>6}",
+        "all",
+        split.train.len(),
+        split.val.len(),
+        split.train.len() + split.val.len()
+    );
+    if !folder.skipped.is_empty() {
+        eprintln!(
+            "warning: skipped {} non-image files (not copied)",
+            folder.skipped.len()
+        );
+    }
+    println!("wrote {}", a.dst.display());
+    Ok(())
+}
+
+fn cmd_stats(a: StatsArgs) -> Result<()> {
+    let dir = if a.dir.join("train").is_dir() {
+        a.dir.join("train")
+    } else {
+        a.dir.clone()
+    };
+    let folder = ImageFolder::scan(&dir)?;
+    let stats = channel_stats(&folder.samples, a.size)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        println!("images {}", stats.images);
+        println!(
+            "mean   {:.4}, {:.4}, {:.4}",
+            stats.mean[0], stats.mean[1], stats.mean[2]
+        );
+        println!(
+            "std    {:.4}, {:.4}, {:.4}",
+            stats.std[0], stats.std[1], stats.std[2]
+        );
+        println!(
+            "use with: --mean {:.4},{:.4},{:.4} --std {:.4},{:.4},{:.4}",
+            stats.mean[0], stats.mean[1], stats.mean[2], stats.std[0], stats.std[1], stats.std[2]
+        );
+    }
+    Ok(())
+}
+
+/// Builds the effective config: the recipe (or the recorded config on --resume) with the
+/// given options applied on top.
+fn train_config(
+    a: &TrainArgs,
+    teacher: Option<TeacherConfig>,
+) -> Result<(TrainConfig, TrainOptions, PathBuf)> {
+    let mut c = if a.resume && a.out.join(crate::run::files::CONFIG).is_file() {
+        Run::open(&a.out)?.config
+    } else {
+        let data = a
+            .data
+            .clone()
+            .context("--data is required: pass the image folder to train on")?;
+        let model = a
+            .model
+            .clone()
+            .context("--model is required: pick one from `kd models`")?;
+        TrainConfig::recipe(data, ModelSpec::named(&model))
+    };
+    if let Some(d) = &a.data {
+        c.data = d.clone();
+    }
+    if let Some(m) = &a.model {
+        c.model.name = m.clone();
+    }
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = a.$field { c.$field = v.into(); } )* };
+    }
+    set!(
+        epochs,
+        batch_size,
+        lr,
+        t_max,
+        eta_min,
+        image_size,
+        seed,
+        val_fraction
+    );
+    if a.width.is_some() {
+        c.model.width = a.width;
+    }
+    if let Some(s) = a.stem {
+        c.model.stem = Some(match s {
+            StemArg::Imagenet => Stem::Imagenet,
+            StemArg::Small => Stem::Small,
+        });
+    }
+    if a.mean.is_some() {
+        c.mean = a.mean;
+    }
+    if a.std.is_some() {
+        c.std = a.std;
+    }
+    if a.no_augment {
+        c.augment = AugmentConfig::none();
+    }
+    let aug = &mut c.augment;
+    if let Some(v) = a.rotation {
+        aug.rotation_degrees = v;
+    }
+    if let Some(v) = a.blur_kernel {
+        aug.blur_kernel = v;
+    }
+    if let Some(v) = a.brightness {
+        aug.brightness = v;
+    }
+    if let Some(v) = a.contrast {
+        aug.contrast = v;
+    }
+    if let Some(v) = a.saturation {
+        aug.saturation = v;
+    }
+    if let Some(v) = a.hue {
+        aug.hue = v;
+    }
+    aug.hflip |= a.hflip;
+    aug.random_resized_crop |= a.random_resized_crop;
+    if a.train_limit.is_some() {
+        c.train_limit = a.train_limit;
+    }
+    if a.val_limit.is_some() {
+        c.val_limit = a.val_limit;
+    }
+    if a.init_from.is_some() {
+        c.init_from = a.init_from.clone();
+    }
+    if let Some(n) = a.nan_policy {
+        c.nan_policy = match n {
+            NanArg::Stop => NanPolicy::Stop,
+            NanArg::SkipBatch => NanPolicy::SkipBatch,
+        };
+    }
+    if teacher.is_some() {
+        c.teacher = teacher;
+    }
+    let options = TrainOptions {
+        resume: a.resume,
+        quiet: a.quiet,
+    };
+    Ok((c, options, a.out.clone()))
+}
+
+fn run_training(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result<()> {
+    let summary = train(config, out, options)?;
+    println!(
+        "done: best val accuracy {:.2}%; run folder {}",
+        summary.best_accuracy * 100.0,
+        summary.dir.display()
+    );
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let run = Run::open(&a.run)?;
+    let device = default_device();
+    let samples = match &a.data {
+        None => {
+            let data = crate::train::dataset::resolve(
+                &run.config.data,
+                run.config.val_fraction,
+                run.config.seed,
+            )?;
+            check_classes(&run, &data.classes, &run.config.data)?;
+            match run.config.val_limit {
+                Some(n) => crate::train::dataset::balanced_subset(
+                    &data.val,
+                    data.classes.len(),
+                    n,
+                    run.config.seed ^ 1,
+                ),
+                None => data.val,
+            }
+        }
+        Some(dir) => {
+            let dir = if dir.join("val").is_dir() {
+                dir.join("val")
+            } else {
+                dir.clone()
+            };
+            let folder = ImageFolder::scan(&dir)?;
+            check_classes(&run, &folder.classes, &dir)?;
+            folder.samples
+        }
+    };
+    let net = run.load_network(&a.checkpoint, &device)?;
+    let loader = Loader::new(
+        samples,
+        run.eval_transform(),
+        run.config.batch_size.max(32),
+        false,
+        0,
+    );
+    let eval = evaluate(&net, &loader, &run.classes, &device)?;
+    let out = a.out.clone().unwrap_or_else(|| run.dir.join("eval"));
+    ensure_dir(&out)?;
+    let json_path = out.join(format!("eval-{}.json", a.checkpoint));
+    let png_path = out.join(format!("confusion-{}.png", a.checkpoint));
+    write_json(&json_path, &eval)?;
+    report::confusion_png(&eval, &png_path)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&eval)?);
+    } else {
+        print!("{}", eval.to_text());
+        println!("\nwrote {} and {}", json_path.display(), png_path.display());
+    }
+    Ok(())
+}
+
+fn check_classes(run: &Run, classes: &[String], dir: &Path) -> Result<()> {
+    if run.classes != classes {
+        let missing: Vec<_> = classes
+            .iter()
+            .filter(|c| !run.classes.contains(c))
+            .collect();
+        let extra: Vec<_> = run
+            .classes
+            .iter()
+            .filter(|c| !classes.contains(c))
+            .collect();
+        bail!(
+            "{} has other classes than run {} (data only: {missing:?}, run only: {extra:?}): evaluate on data with the run's classes",
+            dir.display(),
+            run.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let run = Run::open(&a.run)?;
+    let mut samples = Vec::new();
+    for p in &a.paths {
+        if p.is_dir() {
+            let mut files = Vec::new();
+            collect_images(p, &mut files)?;
+            if files.is_empty() {
+                bail!(
+                    "{} contains no images ({})",
+                    p.display(),
+                    crate::data::folder::IMAGE_EXTENSIONS.join("/")
+                );
+            }
+            samples.extend(
+                files
+                    .into_iter()
+                    .map(|path| crate::data::Sample { path, label: 0 }),
+            );
+        } else if p.is_file() {
+            samples.push(crate::data::Sample {
+                path: p.clone(),
+                label: 0,
+            });
+        } else {
+            bail!(
+                "{} does not exist: pass image files or folders",
+                p.display()
+            );
+        }
+    }
+    let device = default_device();
+    let net = run.load_network(&a.checkpoint, &device)?;
+    let loader = Loader::new(samples, run.eval_transform(), 32, false, 0);
+    let preds = predict(&net, &loader, &run.classes, a.top_k, &device)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&preds)?);
+    } else {
+        for p in &preds {
+            let top: Vec<String> = p
+                .top
+                .iter()
+                .map(|s| format!("{} {:.1}%", s.class, s.probability * 100.0))
+                .collect();
+            println!("{}\t{}", p.path, top.join("  "));
+        }
+    }
+    Ok(())
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_images(&p, out)?;
+        } else if crate::data::folder::is_image_file(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_models(a: ModelsArgs) -> Result<()> {
+    if a.classes < 2 {
+        bail!("--classes {} is invalid: use at least 2", a.classes);
+    }
+    let device = default_device();
+    println!(
+        "{:<12} {:>14}  {}",
+        "model",
+        format!("params ({})", a.classes),
+        "kind"
+    );
+    for name in KNOWN_MODELS {
+        let net = ModelSpec::named(name).build(a.classes, 224, &device)?;
+        println!(
+            "{name:<12} {:>14}  student/teacher (torchvision ResNet)",
+            crate::models::param_count(&net)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Scanning an ImageFolder: one sub-folder per class, classes in sorted order (torchvision's).
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// File extensions `kd` decodes (what the `image` crate is built with here).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "webp"];
+
+/// One labelled image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// Path of the image file.
+    pub path: PathBuf,
+    /// Class index into [`ImageFolder::classes`].
+    pub label: usize,
+}
+
+/// A scanned image folder.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    /// The folder that was scanned.
+    pub root: PathBuf,
+    /// Class names, sorted; a label is an index into this list.
+    pub classes: Vec<String>,
+    /// Every image, ordered by class then path.
+    pub samples: Vec<Sample>,
+    /// Files inside class folders that are not images (skipped).
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Whether a path has one of [`IMAGE_EXTENSIONS`].
+pub fn is_image_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+/// Sorted names of the sub-folders of `root` (the class names).
+pub fn class_names(root: &Path) -> Result<Vec<String>> {
+    if !root.exists() {
+        bail!(
+            "data folder {} does not exist: pass a folder with one sub-folder per class",
+            root.display()
+        );
+    }
+    if !root.is_dir() {
+        bail!(
+            "{} is not a folder: pass a folder with one sub-folder per class",
+            root.display()
+        );
+    }
+    let mut classes = Vec::new();
+    let entries =
+        fs::read_dir(root).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", root.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() && !entry.file_name().to_string_lossy().starts_with('.') {
+            classes.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    classes.sort();
+    if classes.is_empty() {
+        bail!(
+            "{} has no class sub-folders: put the images of each class in a sub-folder named after the class",
+            root.display()
+        );
+    }
+    Ok(classes)
+}
+
+impl ImageFolder {
+    /// Scans `root`. Fails on a missing folder, no classes or a class without images.
+    pub fn scan(root: &Path) -> Result<Self> {
+        let classes = class_names(root)?;
+        let mut samples = Vec::new();
+        let mut skipped = Vec::new();
+        for (label, class) in classes.iter().enumerate() {
+            let dir = root.join(class);
+            let mut files = Vec::new();
+            let mut seen = HashSet::new();
+            walk(&dir, &mut files, &mut skipped, &mut seen)?;
+            if files.is_empty() {
+                bail!(
+                    "class folder {} has no images ({}): add images or remove the folder",
+                    dir.display(),
+                    IMAGE_EXTENSIONS.join("/")
+                );
+            }
+            files.sort();
+            samples.extend(files.into_iter().map(|path| Sample { path, label }));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            classes,
+            samples,
+            skipped,
+        })
+    }
+
+    /// Number of images in each class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes.len()];
+        for s in &self.samples {
+            counts[s.label] += 1;
+        }
+        counts
+    }
+}
+
+/// Recursively collects image files; follows symlinks but never enters a folder twice.
+fn walk(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    skipped: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<()> {
+    let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if !seen.insert(canonical) {
+        return Ok(()); // a symlink loop or a second link to the same folder
+    }
+    let entries =
+        fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            walk(&path, files, skipped, seen)?;
+        } else if is_image_file(&path) {
+            files.push(path);
+        } else if path.is_file() {
+            skipped.push(path);
+        }
+    }
+    Ok(())
+}

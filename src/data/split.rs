@@ -1,0 +1,180 @@
+//! Seeded, stratified train/validation split, in memory or on disk (`kd split`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use super::folder::{ImageFolder, Sample};
+
+/// The two halves of a split.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Training images.
+    pub train: Vec<Sample>,
+    /// Validation images.
+    pub val: Vec<Sample>,
+}
+
+/// Checks that a validation fraction lies strictly between 0 and 1.
+pub fn check_val_fraction(val_fraction: f64) -> Result<()> {
+    if !(val_fraction > 0.0 && val_fraction < 1.0) {
+        bail!("--val-fraction {val_fraction} is invalid: use a number between 0 and 1, e.g. 0.3");
+    }
+    Ok(())
+}
+
+/// Number of validation images for a class of `n` images: rounded share, at least one
+/// image on each side when the class has two or more.
+pub fn val_count(n: usize, val_fraction: f64) -> usize {
+    if n < 2 {
+        return 0;
+    }
+    ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1)
+}
+
+/// Splits every class separately (stratified), deterministically for a seed.
+pub fn stratified_split(folder: &ImageFolder, val_fraction: f64, seed: u64) -> Result<Split> {
+    check_val_fraction(val_fraction)?;
+    let mut split = Split {
+        train: Vec::new(),
+        val: Vec::new(),
+    };
+    for label in 0..folder.classes.len() {
+        let mut class: Vec<&Sample> = folder.samples.iter().filter(|s| s.label == label).collect();
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ (label as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        class.shuffle(&mut rng);
+        let n_val = val_count(class.len(), val_fraction);
+        let (val, train) = class.split_at(n_val);
+        let mut val: Vec<Sample> = val.iter().map(|s| (*s).clone()).collect();
+        let mut train: Vec<Sample> = train.iter().map(|s| (*s).clone()).collect();
+        val.sort_by(|a, b| a.path.cmp(&b.path));
+        train.sort_by(|a, b| a.path.cmp(&b.path));
+        split.train.extend(train);
+        split.val.extend(val);
+    }
+    Ok(split)
+}
+
+/// How `kd split` materialises files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Copy each image.
+    Copy,
+    /// Hard-link each image (same file system only).
+    HardLink,
+}
+
+/// Writes `dst/train/<class>/…` and `dst/val/<class>/…`. Builds into a temporary sibling
+/// folder and renames it into place, so an interrupted split leaves no partial `dst`.
+pub fn write_split(
+    folder: &ImageFolder,
+    split: &Split,
+    dst: &Path,
+    mode: LinkMode,
+    force: bool,
+) -> Result<()> {
+    if dst.exists() {
+        let non_empty = fs::read_dir(dst)
+            .with_context(|| format!("cannot read {}", dst.display()))?
+            .next()
+            .is_some();
+        if non_empty && !force {
+            bail!(
+                "destination {} is not empty: choose another folder or pass --force to replace it",
+                dst.display()
+            );
+        }
+    }
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(parent).with_context(|| {
+        format!(
+            "cannot create {}: choose a writable location",
+            parent.display()
+        )
+    })?;
+    let name = dst.file_name().context("destination has no folder name")?;
+    let staging = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        for (part, samples) in [("train", &split.train), ("val", &split.val)] {
+            for class in &folder.classes {
+                let dir = staging.join(part).join(class);
+                fs::create_dir_all(&dir).with_context(|| {
+                    format!(
+                        "cannot create {}: choose a writable location",
+                        dir.display()
+                    )
+                })?;
+            }
+            for s in samples.iter() {
+                let target = staging
+                    .join(part)
+                    .join(&folder.classes[s.label])
+                    .join(relative_name(folder, s));
+                if let Some(p) = target.parent() {
+                    fs::create_dir_all(p)?;
+                }
+                match mode {
+                    LinkMode::Copy => fs::copy(&s.path, &target).map(|_| ()),
+                    LinkMode::HardLink => fs::hard_link(&s.path, &target),
+                }
+                .with_context(|| {
+                    format!(
+                        "cannot write {} (from {})",
+                        target.display(),
+                        s.path.display()
+                    )
+                })?;
+            }
+        }
+        if dst.exists() {
+            fs::remove_dir_all(dst).with_context(|| format!("cannot replace {}", dst.display()))?;
+        }
+        fs::rename(&staging, dst).with_context(|| format!("cannot create {}", dst.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Path of a sample relative to its class folder.
+fn relative_name(folder: &ImageFolder, s: &Sample) -> PathBuf {
+    let class_dir = folder.root.join(&folder.classes[s.label]);
+    s.path
+        .strip_prefix(&class_dir)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| PathBuf::from(s.path.file_name().unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn val_count_keeps_both_sides_non_empty() {
+        assert_eq!(val_count(10, 0.3), 3);
+        assert_eq!(val_count(2, 0.01), 1);
+        assert_eq!(val_count(2, 0.99), 1);
+        assert_eq!(val_count(1, 0.5), 0);
+    }
+
+    #[test]
+    fn bad_fractions_are_refused() {
+        for f in [0.0, 1.0, -0.1, 1.5, f64::NAN] {
+            assert!(check_val_fraction(f).is_err(), "{f}");
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! `kd`: knowledge distillation for image classifiers.
+//!
+//! Split an image folder, train a teacher and a student, distill the teacher into the
+//! student with Hinton's loss, and evaluate and compare the results.
+
+pub mod bench;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod io;
+pub mod losses;
+pub mod metrics;
+pub mod models;
+pub mod report;
+pub mod run;
+pub mod schedule;
+pub mod train;

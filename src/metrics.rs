@@ -1,0 +1,191 @@
+//! Classification metrics: accuracy, confusion matrix, per-class precision/recall/F1,
+//! macro and micro F1 (the Plant Seedlings competition's metric).
+
+use serde::{Deserialize, Serialize};
+
+/// Scores of one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassScores {
+    /// Class name.
+    pub class: String,
+    /// Precision: correct / predicted as this class.
+    pub precision: f64,
+    /// Recall: correct / truly this class.
+    pub recall: f64,
+    /// Harmonic mean of precision and recall.
+    pub f1: f64,
+    /// Number of images truly of this class.
+    pub support: usize,
+}
+
+/// Evaluation report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Fraction of images classified correctly.
+    pub accuracy: f64,
+    /// Mean of per-class F1.
+    pub macro_f1: f64,
+    /// F1 over all decisions (equals accuracy for single-label classification).
+    pub micro_f1: f64,
+    /// Mean cross-entropy loss.
+    pub loss: f64,
+    /// Number of images.
+    pub images: usize,
+    /// Per-class scores, in class order.
+    pub per_class: Vec<ClassScores>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+    /// Class names.
+    pub classes: Vec<String>,
+}
+
+/// Accumulates predictions into a confusion matrix.
+#[derive(Debug, Clone)]
+pub struct ConfusionMatrix {
+    counts: Vec<Vec<usize>>,
+}
+
+impl ConfusionMatrix {
+    /// An empty matrix for `n` classes.
+    pub fn new(n: usize) -> Self {
+        Self {
+            counts: vec![vec![0; n]; n],
+        }
+    }
+
+    /// Records one prediction.
+    pub fn add(&mut self, truth: usize, predicted: usize) {
+        self.counts[truth][predicted] += 1;
+    }
+
+    /// Total number of recorded predictions.
+    pub fn total(&self) -> usize {
+        self.counts.iter().flatten().sum()
+    }
+
+    /// Fraction of correct predictions.
+    pub fn accuracy(&self) -> f64 {
+        let correct: usize = (0..self.counts.len()).map(|i| self.counts[i][i]).sum();
+        correct as f64 / self.total().max(1) as f64
+    }
+
+    /// Full report with class names and mean loss.
+    pub fn evaluation(&self, classes: &[String], loss: f64) -> Evaluation {
+        let n = self.counts.len();
+        let mut per_class = Vec::with_capacity(n);
+        let (mut tp_all, mut fp_all, mut fn_all) = (0usize, 0usize, 0usize);
+        for (c, name) in classes.iter().enumerate().take(n) {
+            let tp = self.counts[c][c];
+            let predicted: usize = (0..n).map(|t| self.counts[t][c]).sum();
+            let support: usize = self.counts[c].iter().sum();
+            let (fp, fnn) = (predicted - tp, support - tp);
+            tp_all += tp;
+            fp_all += fp;
+            fn_all += fnn;
+            let precision = ratio(tp, predicted);
+            let recall = ratio(tp, support);
+            per_class.push(ClassScores {
+                class: name.clone(),
+                precision,
+                recall,
+                f1: f1(precision, recall),
+                support,
+            });
+        }
+        let macro_f1 = per_class.iter().map(|c| c.f1).sum::<f64>() / n.max(1) as f64;
+        let micro_f1 = f1(
+            ratio(tp_all, tp_all + fp_all),
+            ratio(tp_all, tp_all + fn_all),
+        );
+        Evaluation {
+            accuracy: self.accuracy(),
+            macro_f1,
+            micro_f1,
+            loss,
+            images: self.total(),
+            per_class,
+            confusion: self.counts.clone(),
+            classes: classes.to_vec(),
+        }
+    }
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+fn f1(p: f64, r: f64) -> f64 {
+    if p + r == 0.0 {
+        0.0
+    } else {
+        2.0 * p * r / (p + r)
+    }
+}
+
+impl Evaluation {
+    /// Human-readable report: summary, per-class table and confusion matrix.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "images {}  accuracy {:.2}%  macro F1 {:.4}  micro F1 {:.4}  loss {:.4}\n\n",
+            self.images,
+            self.accuracy * 100.0,
+            self.macro_f1,
+            self.micro_f1,
+            self.loss
+        );
+        let w = self
+            .classes
+            .iter()
+            .map(|c| c.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        s += &format!("{:<w$}  precision  recall     f1  support\n", "class");
+        for c in &self.per_class {
+            s += &format!(
+                "{:<w$}  {:>9.4}  {:>6.4}  {:>5.4}  {:>7}\n",
+                c.class, c.precision, c.recall, c.f1, c.support
+            );
+        }
+        s += "\nconfusion matrix (rows: true class, columns: predicted)\n";
+        s += &format!("{:<w$}", "");
+        for i in 0..self.classes.len() {
+            s += &format!(" {i:>5}");
+        }
+        s += "\n";
+        for (i, row) in self.confusion.iter().enumerate() {
+            s += &format!("{:<w$}", format!("{i} {}", self.classes[i]));
+            for v in row {
+                s += &format!(" {v:>5}");
+            }
+            s += "\n";
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_of_a_known_matrix() {
+        let mut m = ConfusionMatrix::new(2);
+        // 3 true class-0: 2 right, 1 called class 1; 1 true class-1: right.
+        m.add(0, 0);
+        m.add(0, 0);
+        m.add(0, 1);
+        m.add(1, 1);
+        let e = m.evaluation(&["a".into(), "b".into()], 0.5);
+        assert_eq!(e.accuracy, 0.75);
+        assert_eq!(e.per_class[0].precision, 1.0);
+        assert!((e.per_class[0].recall - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(e.per_class[1].precision, 0.5);
+        assert_eq!(e.per_class[1].recall, 1.0);
+        let f1a = 2.0 * (2.0 / 3.0) / (1.0 + 2.0 / 3.0);
+        let f1b = 2.0 * 0.5 / 1.5;
+        assert!((e.macro_f1 - (f1a + f1b) / 2.0).abs() < 1e-12);
+        assert!((e.micro_f1 - 0.75).abs() < 1e-12);
+        assert!(e.to_text().contains("75.00%"));
+    }
+}

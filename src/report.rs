@@ -1,0 +1,169 @@
+//! PNG charts: confusion matrix, accuracy and loss curves.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::io::write_atomic;
+use crate::metrics::Evaluation;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+fn register_font() {
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Renders into an RGB buffer, then encodes and writes the PNG atomically.
+fn render_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
+    register_font();
+    let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| anyhow!("drawing failed: {e}"))?;
+        draw(root.clone())?;
+        root.present().map_err(|e| anyhow!("drawing failed: {e}"))?;
+    }
+    let img = image::RgbImage::from_raw(size.0, size.1, buf)
+        .ok_or_else(|| anyhow!("bad image buffer"))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    write_atomic(path, &png)
+}
+
+/// Confusion-matrix heat map with counts.
+pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
+    let n = eval.classes.len();
+    let cell = (560 / n.max(1)).clamp(12, 60) as u32;
+    let label_w = 160u32;
+    let size = (
+        label_w + cell * n as u32 + 40,
+        label_w + cell * n as u32 + 40,
+    );
+    render_png(path, size, |root| {
+        let title = format!("confusion matrix (accuracy {:.2}%)", eval.accuracy * 100.0);
+        root.draw(&Text::new(title, (10, 10), ("sans-serif", 18).into_font()))
+            .map_err(|e| anyhow!("{e}"))?;
+        let max = eval
+            .confusion
+            .iter()
+            .flatten()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        for (t, row) in eval.confusion.iter().enumerate() {
+            for (p, &v) in row.iter().enumerate() {
+                let x0 = (label_w + p as u32 * cell) as i32;
+                let y0 = (label_w + t as u32 * cell) as i32;
+                let shade = 1.0 - v as f64 / max;
+                let c = RGBColor((255.0 * shade) as u8, (255.0 * shade) as u8, 255);
+                root.draw(&Rectangle::new(
+                    [(x0, y0), (x0 + cell as i32, y0 + cell as i32)],
+                    c.filled(),
+                ))
+                .map_err(|e| anyhow!("{e}"))?;
+                if cell >= 20 {
+                    let color = if shade < 0.5 { WHITE } else { BLACK };
+                    let style = ("sans-serif", (cell / 3).max(9)).into_font().color(&color);
+                    root.draw(&Text::new(
+                        v.to_string(),
+                        (x0 + 3, y0 + cell as i32 / 3),
+                        style,
+                    ))
+                    .map_err(|e| anyhow!("{e}"))?;
+                }
+            }
+            let name: String = eval.classes[t].chars().take(18).collect();
+            let y = (label_w + t as u32 * cell + cell / 3) as i32;
+            root.draw(&Text::new(name, (10, y), ("sans-serif", 12).into_font()))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        root.draw(&Text::new(
+            "rows: true class, columns: predicted",
+            (10, 40),
+            ("sans-serif", 13).into_font(),
+        ))
+        .map_err(|e| anyhow!("{e}"))?;
+        for p in 0..n {
+            let x = (label_w + p as u32 * cell + 2) as i32;
+            root.draw(&Text::new(
+                p.to_string(),
+                (x, label_w as i32 - 16),
+                ("sans-serif", 11).into_font(),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// One labelled curve: `(epoch, value)` points.
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Points.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Line chart of several series over epochs.
+pub fn curves_png(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let max_x = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .collect();
+    let (mut lo, mut hi) = ys
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    if ys.is_empty() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-6);
+    render_png(path, (900, 560), |root| {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(1.0..max_x.max(2.0), (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(s.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}

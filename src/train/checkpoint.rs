@@ -1,0 +1,85 @@
+//! Checkpoint files. Model weights are burnpack files (`best.bpk`, `final.bpk`); the resume
+//! state (`last.kdc`) packs model, optimizer and loop state into one file so that it is
+//! replaced atomically as a whole.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::metrics::EpochMetrics;
+use crate::io::write_atomic;
+
+const MAGIC: &[u8; 8] = b"KDRESUM1";
+
+/// Loop state saved after each completed epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    /// Metrics of those epochs.
+    pub history: Vec<EpochMetrics>,
+    /// Best validation accuracy so far.
+    pub best_accuracy: f64,
+    /// Seconds spent training so far.
+    pub seconds: f64,
+}
+
+/// Everything needed to resume.
+pub struct ResumeState {
+    /// Model burnpack bytes.
+    pub model: Vec<u8>,
+    /// Optimizer burnpack bytes.
+    pub optimizer: Vec<u8>,
+    /// Loop state.
+    pub state: LoopState,
+}
+
+/// Writes the resume file atomically.
+pub fn save_resume(path: &Path, model: &[u8], optimizer: &[u8], state: &LoopState) -> Result<()> {
+    let json = serde_json::to_vec(state)?;
+    let mut buf = Vec::with_capacity(model.len() + optimizer.len() + json.len() + 32);
+    buf.extend_from_slice(MAGIC);
+    for part in [model, optimizer, &json] {
+        buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        buf.extend_from_slice(part);
+    }
+    write_atomic(path, &buf)
+}
+
+/// Reads a resume file, rejecting truncated or foreign files with a clear message.
+pub fn load_resume(path: &Path) -> Result<ResumeState> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let damaged = || {
+        anyhow::anyhow!(
+            "resume file {} is truncated or not a kd checkpoint: delete it to restart the run",
+            path.display()
+        )
+    };
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err(damaged());
+    }
+    let mut parts = Vec::new();
+    let mut pos = 8;
+    for _ in 0..3 {
+        let len_bytes: [u8; 8] = bytes.get(pos..pos + 8).ok_or_else(damaged)?.try_into()?;
+        let len = u64::from_le_bytes(len_bytes) as usize;
+        pos += 8;
+        let part = bytes
+            .get(pos..pos.checked_add(len).ok_or_else(damaged)?)
+            .ok_or_else(damaged)?;
+        parts.push(part.to_vec());
+        pos += len;
+    }
+    if pos != bytes.len() {
+        bail!(damaged());
+    }
+    let state: LoopState = serde_json::from_slice(&parts[2]).map_err(|_| damaged())?;
+    let optimizer = parts.remove(1);
+    let model = parts.remove(0);
+    Ok(ResumeState {
+        model,
+        optimizer,
+        state,
+    })
+}

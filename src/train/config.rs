@@ -1,0 +1,190 @@
+//! The full effective configuration of a run: enough to repeat it.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::data::AugmentConfig;
+use crate::losses::KdConfig;
+use crate::models::ModelSpec;
+use crate::schedule::CosineSchedule;
+
+/// What to do when a batch's loss is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NanPolicy {
+    /// Stop training with an error; the last good checkpoint stays.
+    #[default]
+    Stop,
+    /// Skip the batch (no update) and carry on.
+    SkipBatch,
+}
+
+/// Teacher of a distillation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// Run folder of the trained teacher.
+    pub run: PathBuf,
+    /// `best` or `final`.
+    pub checkpoint: String,
+    /// Distillation loss settings.
+    pub kd: KdConfig,
+}
+
+/// Configuration of `kd train` / `kd distill`. Defaults are the tutorial's recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Folder with `train/` and `val/`, or a class folder to split in memory.
+    pub data: PathBuf,
+    /// Architecture.
+    pub model: ModelSpec,
+    /// Square input side in pixels.
+    pub image_size: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Adam learning rate (base of the cosine schedule).
+    pub lr: f64,
+    /// Cosine schedule half period, in epochs.
+    pub t_max: usize,
+    /// Cosine schedule minimum rate.
+    pub eta_min: f64,
+    /// Seed of initialisation, shuffling, augmentation and the in-memory split.
+    pub seed: u64,
+    /// Validation share for an in-memory split.
+    pub val_fraction: f64,
+    /// Training augmentation.
+    pub augment: AugmentConfig,
+    /// Normalization mean; computed on the training images when absent.
+    pub mean: Option<[f32; 3]>,
+    /// Normalization std; computed on the training images when absent.
+    pub std: Option<[f32; 3]>,
+    /// Use at most this many training images (class-balanced subset).
+    pub train_limit: Option<usize>,
+    /// Use at most this many validation images (class-balanced subset).
+    pub val_limit: Option<usize>,
+    /// PyTorch state dict to start from.
+    pub init_from: Option<PathBuf>,
+    /// NaN/Inf loss handling.
+    pub nan_policy: NanPolicy,
+    /// Teacher, for distillation runs.
+    pub teacher: Option<TeacherConfig>,
+}
+
+impl TrainConfig {
+    /// The tutorial's recipe for `model` on `data`.
+    pub fn recipe(data: PathBuf, model: ModelSpec) -> Self {
+        Self {
+            data,
+            model,
+            image_size: 224,
+            batch_size: 16,
+            epochs: 50,
+            lr: 1e-4,
+            t_max: 20,
+            eta_min: 1e-9,
+            seed: 42,
+            val_fraction: 0.3,
+            augment: AugmentConfig::default(),
+            mean: None,
+            std: None,
+            train_limit: None,
+            val_limit: None,
+            init_from: None,
+            nan_policy: NanPolicy::Stop,
+            teacher: None,
+        }
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> CosineSchedule {
+        CosineSchedule {
+            base_lr: self.lr,
+            t_max: self.t_max,
+            eta_min: self.eta_min,
+        }
+    }
+
+    /// Checks every value before any heavy work.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size 0 is invalid: use at least 1 (the recipe uses 16)");
+        }
+        if self.epochs == 0 {
+            bail!("--epochs 0 is invalid: use at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!(
+                "--lr {} is invalid: use a positive number such as 1e-4",
+                self.lr
+            );
+        }
+        if !(self.eta_min >= 0.0 && self.eta_min.is_finite()) {
+            bail!(
+                "eta_min {} is invalid: use a non-negative number such as 1e-9",
+                self.eta_min
+            );
+        }
+        crate::data::split::check_val_fraction(self.val_fraction)?;
+        self.augment.validate()?;
+        self.model.validate(self.image_size)?;
+        for (name, v) in [("std", self.std), ("mean", self.mean)] {
+            if let Some(v) = v {
+                if v.iter().any(|x| !x.is_finite())
+                    || (name == "std" && v.iter().any(|&x| x <= 0.0))
+                {
+                    bail!("{name} {v:?} is invalid: use finite values (std > 0)");
+                }
+            }
+        }
+        if let Some(t) = &self.teacher {
+            t.kd.validate()?;
+            if t.checkpoint != "best" && t.checkpoint != "final" {
+                bail!(
+                    "--teacher-checkpoint '{}' is invalid: use best or final",
+                    t.checkpoint
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys (as JSON paths) whose values differ between two configs.
+    pub fn differing_keys(&self, other: &Self) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap_or_default();
+        let b = serde_json::to_value(other).unwrap_or_default();
+        let mut out = Vec::new();
+        diff_values("", &a, &b, &mut out);
+        out
+    }
+}
+
+fn diff_values(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                diff_values(
+                    &path,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(format!("{prefix}: {a} vs {b}")),
+        _ => {}
+    }
+}

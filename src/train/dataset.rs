@@ -1,0 +1,107 @@
+//! Resolving a run's data: train/val folders or an in-memory split, subsets, statistics.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::{ImageFolder, Sample, stratified_split};
+
+/// The images a run trains and validates on.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    /// Class names (sorted folder names).
+    pub classes: Vec<String>,
+    /// Training images.
+    pub train: Vec<Sample>,
+    /// Validation images.
+    pub val: Vec<Sample>,
+    /// Non-image files that were skipped.
+    pub skipped: usize,
+}
+
+/// Reads `dir/train` + `dir/val` when both exist, else splits `dir` in memory.
+pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
+    let (train_dir, val_dir) = (dir.join("train"), dir.join("val"));
+    let data = if train_dir.is_dir() && val_dir.is_dir() {
+        let train = ImageFolder::scan(&train_dir)?;
+        let val = ImageFolder::scan(&val_dir)?;
+        if train.classes != val.classes {
+            let only_train: Vec<_> = train
+                .classes
+                .iter()
+                .filter(|c| !val.classes.contains(c))
+                .collect();
+            let only_val: Vec<_> = val
+                .classes
+                .iter()
+                .filter(|c| !train.classes.contains(c))
+                .collect();
+            bail!(
+                "{} and {} have different classes (only in train: {only_train:?}, only in val: {only_val:?}): give both the same class folders",
+                train_dir.display(),
+                val_dir.display()
+            );
+        }
+        RunData {
+            classes: train.classes,
+            skipped: train.skipped.len() + val.skipped.len(),
+            train: train.samples,
+            val: val.samples,
+        }
+    } else {
+        let folder = ImageFolder::scan(dir)?;
+        let split = stratified_split(&folder, val_fraction, seed)?;
+        RunData {
+            classes: folder.classes,
+            skipped: folder.skipped.len(),
+            train: split.train,
+            val: split.val,
+        }
+    };
+    if data.classes.len() < 2 {
+        bail!(
+            "{} has only one class ({}): a classifier needs at least two class folders",
+            dir.display(),
+            data.classes[0]
+        );
+    }
+    if data.val.is_empty() {
+        bail!(
+            "{} gives no validation images: add images or lower --val-fraction",
+            dir.display()
+        );
+    }
+    Ok(data)
+}
+
+/// A class-balanced subset of at most `limit` samples, deterministic for a seed.
+pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u64) -> Vec<Sample> {
+    if limit >= samples.len() {
+        return samples.to_vec();
+    }
+    let mut groups: Vec<Vec<&Sample>> = vec![Vec::new(); classes];
+    for s in samples {
+        groups[s.label].push(s);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for g in &mut groups {
+        g.shuffle(&mut rng);
+    }
+    let mut out = Vec::with_capacity(limit);
+    let mut round = 0;
+    while out.len() < limit {
+        for g in &groups {
+            if let Some(s) = g.get(round) {
+                if out.len() < limit {
+                    out.push((*s).clone());
+                }
+            }
+        }
+        round += 1;
+    }
+    out.sort_by(|a, b| (a.label, &a.path).cmp(&(b.label, &b.path)));
+    out
+}

@@ -1,0 +1,368 @@
+//! The training loop shared by `kd train` and `kd distill`.
+//!
+//! Written by hand rather than with burn-train's `Learner` (0.22), because the Learner does
+//! not give what `kd` promises: its resume restores no data-order/augmentation state (the
+//! loader RNG restarts), its multi-worker loader returns batches in a non-deterministic
+//! order, its model/optimizer/scheduler checkpoint files are written separately and not as
+//! one atomic set, a teacher would have to live inside the trained module (and be saved in
+//! every checkpoint), and it has no NaN policy. Here every random choice derives from
+//! `(seed, epoch, index)`, so a resumed run replays exactly.
+
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use config::{NanPolicy, TeacherConfig, TrainConfig};
+pub use metrics::EpochMetrics;
+
+use crate::data::{Loader, Transform, channel_stats};
+use crate::eval::{evaluate, images_tensor, labels_tensor};
+use crate::io::{ensure_dir, write_atomic, write_json};
+use crate::losses::{DistillLoss, cross_entropy};
+use crate::models::{Network, weights};
+use crate::run::{Run, classes_map, files};
+use checkpoint::{LoopState, load_resume, save_resume};
+
+/// How a training call behaves.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue the run in `out` from its last completed epoch.
+    pub resume: bool,
+    /// No progress bar or per-epoch lines.
+    pub quiet: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Run folder.
+    pub dir: PathBuf,
+    /// Per-epoch metrics.
+    pub history: Vec<EpochMetrics>,
+    /// Best validation accuracy.
+    pub best_accuracy: f64,
+}
+
+/// The compute device of `kd` (the GPU issue adds a choice here).
+pub fn default_device() -> Device {
+    Device::flex()
+}
+
+/// A frozen teacher and the loss that uses it.
+struct Teacher {
+    net: Network,
+    loss: Box<dyn DistillLoss>,
+}
+
+/// Trains (or distills into) a model as configured, writing the run folder `out`.
+pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result<TrainSummary> {
+    config.validate()?;
+    let mut config = config.clone();
+    let data = dataset::resolve(&config.data, config.val_fraction, config.seed)?;
+    let n_classes = data.classes.len();
+    let train_samples = match config.train_limit {
+        Some(n) => dataset::balanced_subset(&data.train, n_classes, n, config.seed),
+        None => data.train.clone(),
+    };
+    let val_samples = match config.val_limit {
+        Some(n) => dataset::balanced_subset(&data.val, n_classes, n, config.seed ^ 1),
+        None => data.val.clone(),
+    };
+    if data.skipped > 0 && !options.quiet {
+        eprintln!(
+            "warning: skipped {} non-image files in {}",
+            data.skipped,
+            config.data.display()
+        );
+    }
+
+    let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
+    let resumed = if options.resume {
+        Some(check_resume(&mut config, out, &resume_path)?)
+    } else {
+        if out.join(files::CONFIG).exists() {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        None
+    };
+
+    let device = default_device();
+    let teacher = load_teacher(&config, &data.classes, &device)?;
+
+    if config.mean.is_none() || config.std.is_none() {
+        let stats = channel_stats(&train_samples, Some(config.image_size))?;
+        config.mean.get_or_insert(stats.mean);
+        config.std.get_or_insert(stats.std);
+    }
+    ensure_dir(&out.join(files::CHECKPOINTS))?;
+    write_json(&out.join(files::CONFIG), &config)?;
+    write_json(&out.join(files::CLASSES), &classes_map(&data.classes))?;
+
+    let eval_t = crate::run::eval_transform(&config);
+    let train_t = Transform {
+        augment: Some(config.augment.clone()),
+        ..eval_t.clone()
+    };
+    let train_loader = Loader::new(train_samples, train_t, config.batch_size, true, config.seed);
+    let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed);
+
+    let ad = device.clone().autodiff();
+    ad.seed(config.seed);
+    let mut model = config.model.build(n_classes, config.image_size, &ad)?;
+    if let Some(init) = &config.init_from {
+        weights::load_pytorch(&mut model, init)?;
+    }
+    let mut optim = AdamConfig::new().init();
+    let mut state = LoopState {
+        epochs_done: 0,
+        history: Vec::new(),
+        best_accuracy: f64::NEG_INFINITY,
+        seconds: 0.0,
+    };
+    if let Some(r) = resumed {
+        weights::load_bytes(&mut model, r.model, &resume_path)?;
+        optim = optim
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(r.optimizer))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot restore optimizer from {}: {e:?}",
+                    resume_path.display()
+                )
+            })?;
+        state = r.state;
+    }
+
+    let schedule = config.schedule();
+    for epoch in state.epochs_done..config.epochs {
+        let start = Instant::now();
+        let lr = schedule.lr(epoch);
+        let bar = progress_bar(
+            train_loader.num_batches(),
+            epoch,
+            config.epochs,
+            options.quiet,
+        );
+        let (mut loss_sum, mut kd_sum, mut ce_sum, mut seen, mut skipped) =
+            (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+        for (b, batch) in train_loader.epoch(epoch, 0).enumerate() {
+            let batch = batch?;
+            let images = images_tensor(&batch, &ad);
+            let labels = labels_tensor(&batch, &ad);
+            let logits = model.forward(images);
+            let (loss, parts) = match &teacher {
+                None => (cross_entropy(logits, labels), None),
+                Some(t) => {
+                    let t_logits = t.net.forward(images_tensor(&batch, &device));
+                    let t_logits = Tensor::<2>::from_data(t_logits.into_data(), &ad);
+                    let p = t.loss.loss(logits, t_logits, labels);
+                    let kd: f32 = p.kd.into_scalar();
+                    let ce: f32 = p.ce.into_scalar();
+                    (p.total, Some((kd, ce)))
+                }
+            };
+            let value: f32 = loss.clone().into_scalar();
+            if !value.is_finite() {
+                match config.nan_policy {
+                    NanPolicy::Stop => bail!(
+                        "training loss became {value} at epoch {} batch {}: lower --lr or check the data; \
+                         the last good checkpoint is kept in {} (or pass --nan-policy skip-batch)",
+                        epoch + 1,
+                        b + 1,
+                        out.join(files::CHECKPOINTS).display()
+                    ),
+                    NanPolicy::SkipBatch => {
+                        skipped += 1;
+                        bar.inc(1);
+                        continue;
+                    }
+                }
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            let n = batch.len();
+            loss_sum += f64::from(value) * n as f64;
+            if let Some((kd, ce)) = parts {
+                kd_sum += f64::from(kd) * n as f64;
+                ce_sum += f64::from(ce) * n as f64;
+            }
+            seen += n;
+            let ips = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4}  {:.1} img/s",
+                loss_sum / seen as f64,
+                ips
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_seconds = start.elapsed().as_secs_f64();
+        let valid = model.valid();
+        let eval = evaluate(&valid, &val_loader, &data.classes, &device)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let denom = seen.max(1) as f64;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / denom,
+            train_kd_loss: teacher.as_ref().map(|_| kd_sum / denom),
+            train_ce_loss: teacher.as_ref().map(|_| ce_sum / denom),
+            val_loss: eval.loss,
+            val_accuracy: eval.accuracy,
+            val_macro_f1: eval.macro_f1,
+            lr,
+            seconds,
+            images_per_second: seen as f64 / train_seconds.max(1e-9),
+            skipped_batches: skipped,
+        };
+        if !options.quiet {
+            print_epoch(&m, config.epochs);
+        }
+        state.history.push(m);
+        state.epochs_done = epoch + 1;
+        state.seconds += seconds;
+        let model_bytes = weights::to_bytes(&valid)?;
+        let ckpt = out.join(files::CHECKPOINTS);
+        if eval.accuracy > state.best_accuracy {
+            state.best_accuracy = eval.accuracy;
+            write_atomic(&ckpt.join("best.bpk"), &model_bytes)?;
+        }
+        metrics::write_metrics(out, &state.history)?;
+        let optim_bytes = optim
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("cannot serialise optimizer state: {e:?}"))?;
+        save_resume(&resume_path, &model_bytes, &optim_bytes, &state)?;
+        if state.epochs_done == config.epochs {
+            write_atomic(&ckpt.join("final.bpk"), &model_bytes)?;
+        }
+    }
+    Ok(TrainSummary {
+        dir: out.to_path_buf(),
+        history: state.history,
+        best_accuracy: state.best_accuracy,
+    })
+}
+
+/// Checks that `out` holds a resumable run made with the same config; fills in the
+/// recorded normalization.
+fn check_resume(
+    config: &mut TrainConfig,
+    out: &Path,
+    resume_path: &Path,
+) -> Result<checkpoint::ResumeState> {
+    let previous = Run::open(out).with_context(|| format!("cannot resume {}", out.display()))?;
+    if config.mean.is_none() {
+        config.mean = previous.config.mean;
+    }
+    if config.std.is_none() {
+        config.std = previous.config.std;
+    }
+    let mut wanted = config.clone();
+    wanted.epochs = previous.config.epochs; // extending a run is allowed
+    let diff = wanted.differing_keys(&previous.config);
+    if !diff.is_empty() {
+        bail!(
+            "cannot resume {}: its config differs in {}; rerun with the same settings or use a new --out",
+            out.display(),
+            diff.join("; ")
+        );
+    }
+    if !resume_path.is_file() {
+        bail!(
+            "cannot resume {}: no completed epoch was saved ({} missing); start it again without --resume in a new folder",
+            out.display(),
+            resume_path.display()
+        );
+    }
+    load_resume(resume_path)
+}
+
+/// Loads the frozen teacher of a distillation config and checks it fits the data.
+fn load_teacher(
+    config: &TrainConfig,
+    classes: &[String],
+    device: &Device,
+) -> Result<Option<Teacher>> {
+    let Some(tc) = &config.teacher else {
+        return Ok(None);
+    };
+    let run = Run::open(&tc.run).context("cannot load the teacher")?;
+    if run.classes != classes {
+        let missing: Vec<_> = classes
+            .iter()
+            .filter(|c| !run.classes.contains(c))
+            .collect();
+        let extra: Vec<_> = run
+            .classes
+            .iter()
+            .filter(|c| !classes.contains(c))
+            .collect();
+        bail!(
+            "teacher {} was trained on other classes than {} (data only: {missing:?}, teacher only: {extra:?}{}): train the teacher on the same class folders",
+            tc.run.display(),
+            config.data.display(),
+            if missing.is_empty() && extra.is_empty() {
+                ", same names in another order"
+            } else {
+                ""
+            }
+        );
+    }
+    if run.config.image_size != config.image_size {
+        bail!(
+            "teacher {} uses image size {} but the student {}: use --image-size {}",
+            tc.run.display(),
+            run.config.image_size,
+            config.image_size,
+            run.config.image_size
+        );
+    }
+    let net = run.load_network(&tc.checkpoint, device)?.valid();
+    Ok(Some(Teacher {
+        net,
+        loss: tc.kd.build(),
+    }))
+}
+
+fn progress_bar(batches: usize, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(batches as u64);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    bar
+}
+
+fn print_epoch(m: &EpochMetrics, epochs: usize) {
+    let kd = match (m.train_kd_loss, m.train_ce_loss) {
+        (Some(k), Some(c)) => format!(" (kd {k:.4} + ce {c:.4})"),
+        _ => String::new(),
+    };
+    println!(
+        "epoch {}/{}: train loss {:.4}{kd}  val loss {:.4}  val acc {:.2}%  lr {:.3e}  {:.1}s  {:.1} img/s",
+        m.epoch,
+        epochs,
+        m.train_loss,
+        m.val_loss,
+        m.val_accuracy * 100.0,
+        m.lr,
+        m.seconds,
+        m.images_per_second
+    );
+}
