@@ -632,10 +632,9 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
     }
     let device = default_device();
     println!(
-        "{:<12} {:>14}  {}",
+        "{:<12} {:>14}  kind",
         "model",
-        format!("params ({})", a.classes),
-        "kind"
+        format!("params ({})", a.classes)
     );
     for name in KNOWN_MODELS {
         let net = ModelSpec::named(name).build(a.classes, 224, &device)?;

@@ -136,7 +136,7 @@ impl AugmentConfig {
 
     /// Validates the values, with an error that names the key.
     pub fn validate(&self) -> Result<()> {
-        if self.blur_kernel > 0 && self.blur_kernel % 2 == 0 {
+        if self.blur_kernel > 0 && self.blur_kernel.is_multiple_of(2) {
             bail!(
                 "blur_kernel {} must be odd (e.g. 5) or 0 to disable",
                 self.blur_kernel
@@ -239,8 +239,8 @@ pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage
             for (j, kv) in k.iter().enumerate() {
                 let sx = reflect(x as isize + j as isize - r, w);
                 let s = (y * w + sx) * 3;
-                for c in 0..3 {
-                    acc[c] += kv * img.data[s + c];
+                for (a, v) in acc.iter_mut().zip(&img.data[s..s + 3]) {
+                    *a += kv * v;
                 }
             }
             tmp[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&acc);
@@ -253,8 +253,8 @@ pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage
             for (j, kv) in k.iter().enumerate() {
                 let sy = reflect(y as isize + j as isize - r, h);
                 let s = (sy * w + x) * 3;
-                for c in 0..3 {
-                    acc[c] += kv * tmp[s + c];
+                for (a, v) in acc.iter_mut().zip(&tmp[s..s + 3]) {
+                    *a += kv * v;
                 }
             }
             out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&acc);

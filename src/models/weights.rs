@@ -68,9 +68,7 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
         bail!("weights file {} does not exist", path.display());
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let inner = match net {
-        Network::ResNet(m) => m,
-    };
+    let Network::ResNet(inner) = net;
     let result = match ext {
         "safetensors" => {
             let mut store = SafetensorsStore::from_file(path)
@@ -112,9 +110,7 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
 
 /// Writes the weights under PyTorch names as safetensors bytes.
 pub fn to_pytorch_safetensors(net: &Network) -> Result<Vec<u8>> {
-    let inner = match net {
-        Network::ResNet(m) => m,
-    };
+    let Network::ResNet(inner) = net;
     let mut store = SafetensorsStore::from_bytes(None)
         .with_to_adapter(BurnToPyTorchAdapter)
         .with_key_remapping(r"\.downsample\.conv\.", ".downsample.0.")
@@ -122,5 +118,5 @@ pub fn to_pytorch_safetensors(net: &Network) -> Result<Vec<u8>> {
     inner
         .save_into(&mut store)
         .context("cannot export weights")?;
-    Ok(store.get_bytes().context("cannot export weights")?)
+    store.get_bytes().context("cannot export weights")
 }

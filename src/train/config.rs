@@ -133,12 +133,11 @@ impl TrainConfig {
         self.augment.validate()?;
         self.model.validate(self.image_size)?;
         for (name, v) in [("std", self.std), ("mean", self.mean)] {
-            if let Some(v) = v {
-                if v.iter().any(|x| !x.is_finite())
-                    || (name == "std" && v.iter().any(|&x| x <= 0.0))
-                {
-                    bail!("{name} {v:?} is invalid: use finite values (std > 0)");
-                }
+            if let Some(v) = v
+                && (v.iter().any(|x| !x.is_finite())
+                    || (name == "std" && v.iter().any(|&x| x <= 0.0)))
+            {
+                bail!("{name} {v:?} is invalid: use finite values (std > 0)");
             }
         }
         if let Some(t) = &self.teacher {

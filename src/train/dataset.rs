@@ -94,10 +94,8 @@ pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u
     let mut round = 0;
     while out.len() < limit {
         for g in &groups {
-            if let Some(s) = g.get(round) {
-                if out.len() < limit {
-                    out.push((*s).clone());
-                }
+            if let Some(s) = g.get(round).filter(|_| out.len() < limit) {
+                out.push((*s).clone());
             }
         }
         round += 1;

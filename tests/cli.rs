@@ -1,0 +1,231 @@
+//! The command line: help texts, split, and clear errors on bad input.
+
+mod common;
+
+use common::*;
+
+const COMMANDS: &[&str] = &[
+    "split", "stats", "train", "distill", "eval", "predict", "models", "bench",
+];
+
+#[test]
+fn every_command_has_help() {
+    let top = kd_ok(&["--help"]);
+    for c in COMMANDS {
+        assert!(top.contains(c), "top-level help lists {c}");
+        let help = kd_ok(&[c, "--help"]);
+        assert!(help.contains("Usage: kd"), "{c} --help shows usage");
+    }
+    assert!(kd_ok(&["train", "--help"]).contains("--val-fraction"));
+    assert!(kd_ok(&["distill", "--help"]).contains("--temperature"));
+}
+
+#[test]
+fn bad_paths_give_one_clear_line() {
+    let missing = "/nonexistent/kd-data";
+    let err = kd_err(&["stats", missing]);
+    assert!(
+        err.contains(missing) && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = kd_err(&[
+        "train",
+        "--data",
+        missing,
+        "--model",
+        "resnet18",
+        "--out",
+        "/tmp/kd-never-written",
+    ]);
+    assert!(err.contains(missing), "{err}");
+    assert!(
+        !std::path::Path::new("/tmp/kd-never-written").exists(),
+        "no output for bad input"
+    );
+    let err = kd_err(&["eval", "--run", missing]);
+    assert!(err.contains("not a kd run folder"), "{err}");
+    let err = kd_err(&["predict", "--run", missing, "x.png"]);
+    assert!(err.contains(missing), "{err}");
+    let err = kd_err(&["split", missing, "/tmp/kd-split-never"]);
+    assert!(err.contains(missing), "{err}");
+}
+
+#[test]
+fn bad_values_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 3);
+    let d = data.to_str().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    for (flags, needle) in [
+        (vec!["--batch-size", "0"], "--batch-size"),
+        (vec!["--lr", "-1"], "--lr"),
+        (vec!["--lr", "NaN"], "--lr"),
+        (vec!["--val-fraction", "1.5"], "--val-fraction"),
+        (vec!["--epochs", "0"], "--epochs"),
+    ] {
+        let mut args = vec!["train", "--data", d, "--out", o, "--model", "resnet18"];
+        args.extend(flags);
+        let err = kd_err(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left output behind");
+    }
+    let err = kd_err(&["train", "--data", d, "--out", o, "--model", "resnet999"]);
+    assert!(
+        err.contains("unknown model 'resnet999'") && err.contains("resnet18"),
+        "{err}"
+    );
+    let mut args = vec![
+        "distill",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--model",
+        "resnet18",
+        "--teacher",
+        d,
+    ];
+    args.extend(["--alpha", "1.5"]);
+    assert!(kd_err(&args).contains("--alpha"));
+}
+
+#[test]
+fn empty_class_folder_and_single_class_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 3);
+    std::fs::create_dir_all(data.join("empty")).unwrap();
+    let err = kd_err(&["stats", data.to_str().unwrap()]);
+    assert!(err.contains("empty") && err.contains("no images"), "{err}");
+
+    let one = dir.path().join("one");
+    mnist_subset(&one, 1, 4);
+    let out = dir.path().join("run");
+    let err = kd_err(&[
+        "train",
+        "--data",
+        one.to_str().unwrap(),
+        "--model",
+        "resnet18",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("only one class"), "{err}");
+}
+
+#[test]
+fn split_is_deterministic_stratified_disjoint_and_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    mnist_subset(&src, 3, 10);
+    let list = |root: &std::path::Path| -> Vec<String> {
+        let mut v = Vec::new();
+        for part in ["train", "val"] {
+            for class in ["0", "1", "2"] {
+                let mut names: Vec<String> = std::fs::read_dir(root.join(part).join(class))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| format!("{part}/{class}/{}", e.file_name().to_string_lossy()))
+                    .collect();
+                names.sort();
+                v.extend(names);
+            }
+        }
+        v
+    };
+    let a = dir.path().join("a");
+    let table = kd_ok(&[
+        "split",
+        src.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "--val-fraction",
+        "0.3",
+        "--seed",
+        "7",
+    ]);
+    assert!(table.contains("train") && table.contains("val"));
+    let b = dir.path().join("b");
+    kd_ok(&[
+        "split",
+        src.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--val-fraction",
+        "0.3",
+        "--seed",
+        "7",
+        "--link",
+    ]);
+    let c = dir.path().join("c");
+    kd_ok(&[
+        "split",
+        src.to_str().unwrap(),
+        c.to_str().unwrap(),
+        "--val-fraction",
+        "0.3",
+        "--seed",
+        "8",
+    ]);
+    let (la, lb, lc) = (list(&a), list(&b), list(&c));
+    assert_eq!(la, lb, "same seed, same split");
+    assert_ne!(la, lc, "another seed, another split");
+    assert_eq!(la.len(), 30, "every image exactly once");
+    for class in ["0", "1", "2"] {
+        let val: Vec<_> = la
+            .iter()
+            .filter(|p| p.starts_with(&format!("val/{class}/")))
+            .collect();
+        let train: Vec<_> = la
+            .iter()
+            .filter(|p| p.starts_with(&format!("train/{class}/")))
+            .collect();
+        assert_eq!(
+            (val.len(), train.len()),
+            (3, 7),
+            "stratified: 30% of each class"
+        );
+        for v in &val {
+            let name = v.rsplit('/').next().unwrap();
+            assert!(!train.iter().any(|t| t.ends_with(name)), "disjoint");
+        }
+    }
+    let err = kd_err(&["split", src.to_str().unwrap(), a.to_str().unwrap()]);
+    assert!(err.contains("--force"), "{err}");
+    kd_ok(&[
+        "split",
+        src.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "--seed",
+        "8",
+        "--force",
+    ]);
+    assert_eq!(list(&a), lc);
+}
+
+#[test]
+fn models_lists_reference_parameter_counts() {
+    let out = kd_ok(&["models", "--classes", "12"]);
+    assert!(
+        out.contains("resnet18") && out.contains("11182668"),
+        "{out}"
+    );
+    assert!(
+        out.contains("resnet50") && out.contains("23532620"),
+        "{out}"
+    );
+}
+
+#[test]
+fn stats_reports_mnist_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    mnist_subset(dir.path(), 10, 20);
+    let out = kd_ok(&["stats", dir.path().to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mean = v["mean"][0].as_f64().unwrap();
+    let std = v["std"][0].as_f64().unwrap();
+    // MNIST's well-known statistics are mean 0.1307, std 0.3081.
+    assert!((mean - 0.1307).abs() < 0.02, "{mean}");
+    assert!((std - 0.3081).abs() < 0.02, "{std}");
+    assert_eq!(v["images"], 200);
+}

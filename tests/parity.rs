@@ -1,0 +1,193 @@
+//! Parity with the PyTorch references: torchvision ResNet, CosineAnnealingLR, KD losses.
+
+mod common;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::*;
+use kd::losses::{KdConfig, KdLossKind, cross_entropy};
+use kd::models::{ModelSpec, Network, param_count, weights};
+use kd::schedule::CosineSchedule;
+
+fn tiny_resnet(device: &Device) -> Network {
+    let spec = ModelSpec {
+        name: "resnet18".into(),
+        width: Some(8),
+        stem: None,
+    };
+    let mut net = spec.build(12, 64, device).unwrap();
+    weights::load_pytorch(&mut net, &fixture("resnet_tiny.safetensors")).unwrap();
+    net
+}
+
+fn input(
+    fx: &std::collections::HashMap<String, Tensor64>,
+    device: &Device,
+) -> (Tensor<4>, Tensor<1, Int>) {
+    let x = &fx["input"];
+    let data: Vec<f32> = x.data.iter().map(|&v| v as f32).collect();
+    let images = Tensor::from_data(TensorData::new(data, x.shape.clone()), device);
+    let labels: Vec<i64> = fx["labels"].data.iter().map(|&v| v as i64).collect();
+    let n = labels.len();
+    (
+        images,
+        Tensor::from_data(TensorData::new(labels, [n]), device),
+    )
+}
+
+#[test]
+fn resnet_tiny_matches_torchvision_in_eval_and_train_mode() {
+    let fx = read_safetensors(&fixture("resnet_tiny.safetensors"));
+    let device = Device::flex();
+
+    // Eval mode: BatchNorm running statistics.
+    let net = tiny_resnet(&device);
+    assert_eq!(param_count(&net), 177_492);
+    let (x, _) = input(&fx, &device);
+    let eval = values(net.forward(x));
+    let err = rel_err(&eval, &fx["expected_logits_eval"].data);
+    assert!(err < 1e-4, "eval logits rel err {err}");
+
+    // Train mode: batch statistics, loss and gradients.
+    let ad = device.clone().autodiff();
+    let net = tiny_resnet(&ad);
+    let (x, y) = input(&fx, &ad);
+    let logits = net.forward(x);
+    let err = rel_err(&values(logits.clone()), &fx["expected_logits_train"].data);
+    assert!(err < 1e-4, "train logits rel err {err}");
+    let loss = cross_entropy(logits, y);
+    let err = rel_err(&values(loss.clone()), &fx["expected_loss_train"].data);
+    assert!(err < 1e-4, "loss rel err {err}");
+
+    let grads = GradientsParams::from_grads(loss.backward(), &net);
+    let named = named_grads(&net, &grads);
+    let mut checked = 0;
+    for (key, expected) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let torch = &key["grad.".len()..];
+        let burn_name = format!(
+            "ResNet.{}",
+            torch
+                .replace("downsample.0", "downsample.conv")
+                .replace("downsample.1", "downsample.bn")
+                .replace("bn2.weight", "bn2.gamma")
+        );
+        let (shape, actual) = named
+            .get(&burn_name)
+            .or_else(|| named.get(&burn_name["ResNet.".len()..]))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no gradient for {burn_name}; have {:?}",
+                    named.keys().take(5).collect::<Vec<_>>()
+                )
+            });
+        // Burn stores Linear weights as [in, out], PyTorch as [out, in].
+        let actual = if torch == "fc.weight" {
+            let (i, o) = (shape[0], shape[1]);
+            (0..o * i).map(|k| actual[(k % i) * o + k / i]).collect()
+        } else {
+            actual.clone()
+        };
+        let err = rel_err(&actual, &expected.data);
+        assert!(err < 1e-4, "grad {torch} rel err {err}");
+        checked += 1;
+    }
+    assert_eq!(checked, 5, "all listed gradients checked");
+}
+
+#[test]
+fn reference_parameter_counts() {
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())
+            .unwrap();
+    let device = Device::flex();
+    for name in ["resnet18", "resnet34", "resnet50"] {
+        let net = ModelSpec::named(name).build(12, 224, &device).unwrap();
+        assert_eq!(
+            param_count(&net) as u64,
+            counts[format!("{name}_12")].as_u64().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn cosine_schedule_matches_pytorch() {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cosine_lr_seed.json")).unwrap())
+            .unwrap();
+    let s = CosineSchedule {
+        base_lr: fx["base_lr"].as_f64().unwrap(),
+        t_max: fx["T_max"].as_u64().unwrap() as usize,
+        eta_min: fx["eta_min"].as_f64().unwrap(),
+    };
+    let expected = fx["lr_used_in_epoch"].as_array().unwrap();
+    assert_eq!(expected.len(), 50);
+    for (epoch, e) in expected.iter().enumerate() {
+        let e = e.as_f64().unwrap();
+        let got = s.lr(epoch);
+        assert!(
+            (got - e).abs() <= 1e-9 * e.abs().max(1e-9) + 1e-15,
+            "epoch {epoch}: {got} vs {e}"
+        );
+    }
+}
+
+#[test]
+fn kd_losses_match_pytorch_values_and_gradients() {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("kd_loss_vectors.json")).unwrap())
+            .unwrap();
+    let ad = Device::flex().autodiff();
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let b = case["batch"].as_u64().unwrap() as usize;
+        let c = case["num_classes"].as_u64().unwrap() as usize;
+        let flat = |k: &str| -> Vec<f32> {
+            case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                })
+                .collect()
+        };
+        let labels: Vec<i64> = case["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        for (kind, loss_key, grad_key) in [
+            (KdLossKind::Hinton, "loss_hinton", "grad_hinton"),
+            (KdLossKind::Seed, "loss_seed", "grad_seed"),
+        ] {
+            let cfg = KdConfig {
+                temperature: case["T"].as_f64().unwrap(),
+                alpha: case["alpha"].as_f64().unwrap(),
+                loss: kind,
+            };
+            let s = Tensor::<2>::from_data(TensorData::new(flat("student_logits"), [b, c]), &ad)
+                .require_grad();
+            let t = Tensor::<2>::from_data(TensorData::new(flat("teacher_logits"), [b, c]), &ad);
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
+            let parts = cfg.build().loss(s.clone(), t, y);
+            let total = values(parts.total.clone())[0];
+            let expected = case[loss_key].as_f64().unwrap();
+            let name = case["name"].as_str().unwrap();
+            assert!(
+                (total - expected).abs() <= 1e-5 * expected.abs().max(1e-6),
+                "{name} {loss_key}: {total} vs {expected}"
+            );
+            let grads = parts.total.backward();
+            let g = values(s.grad(&grads).unwrap());
+            let eg: Vec<f64> = flat(grad_key).into_iter().map(f64::from).collect();
+            let err = rel_err(&g, &eg);
+            assert!(err < 1e-5, "{name} {grad_key} rel err {err}");
+        }
+    }
+}

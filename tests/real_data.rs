@@ -1,0 +1,108 @@
+//! Learning on real data: a small ResNet on 1,000 MNIST digits at 32x32, then `kd eval`
+//! and `kd predict` on the run agree with what training reported.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn small_resnet_learns_mnist_and_eval_predict_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("digits");
+    mnist_subset(&src, 10, 100);
+    let data = dir.path().join("split");
+    kd_ok(&[
+        "split",
+        src.to_str().unwrap(),
+        data.to_str().unwrap(),
+        "--val-fraction",
+        "0.3",
+    ]);
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    kd_ok(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        "resnet18",
+        "--width",
+        "16",
+        "--stem",
+        "small",
+        "--image-size",
+        "32",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--lr",
+        "2e-3",
+        "--no-augment",
+        "--out",
+        r,
+        "--quiet",
+    ]);
+    for f in [
+        "config.json",
+        "classes.json",
+        "metrics.json",
+        "metrics.csv",
+        "checkpoints/best.bpk",
+        "checkpoints/final.bpk",
+    ] {
+        assert!(run.join(f).is_file(), "{f} written");
+    }
+    let metrics: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.len(), 6);
+    let first = metrics[0]["train_loss"].as_f64().unwrap();
+    let last = metrics[5]["train_loss"].as_f64().unwrap();
+    assert!(last < first * 0.5, "training loss falls: {first} -> {last}");
+    let best = metrics
+        .iter()
+        .map(|m| m["val_accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(best >= 0.90, "best validation accuracy {best} < 90%");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7);
+
+    // kd eval reproduces the best epoch's validation accuracy.
+    let eval: serde_json::Value =
+        serde_json::from_str(&kd_ok(&["eval", "--run", r, "--json"])).unwrap();
+    let acc = eval["accuracy"].as_f64().unwrap();
+    assert!((acc - best).abs() < 1e-9, "eval {acc} vs training {best}");
+    assert_eq!(eval["images"], 300);
+    assert_eq!(eval["confusion"].as_array().unwrap().len(), 10);
+    assert!(run.join("eval/confusion-best.png").is_file());
+    image::open(run.join("eval/confusion-best.png")).expect("readable PNG");
+
+    // kd predict's top-1 over the validation folder gives the same accuracy.
+    let preds: Vec<serde_json::Value> = serde_json::from_str(&kd_ok(&[
+        "predict",
+        "--run",
+        r,
+        data.join("val").to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(preds.len(), 300);
+    let correct = preds
+        .iter()
+        .filter(|p| {
+            let path = std::path::Path::new(p["path"].as_str().unwrap());
+            let truth = path
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap();
+            p["top"][0]["class"] == truth
+        })
+        .count();
+    assert!(
+        (correct as f64 / 300.0 - acc).abs() < 1e-9,
+        "predict {correct}/300 vs eval {acc}"
+    );
+}
