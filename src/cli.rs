@@ -40,6 +40,12 @@ enum Command {
     Predict(PredictArgs),
     /// Architectures kd knows, with parameter counts.
     Models(ModelsArgs),
+    /// Accuracy/loss curves and a results table of several runs.
+    Compare(CompareArgs),
+    /// Run a whole study (split, teacher, student, KD student, comparison) from a TOML file.
+    Run(RunArgs),
+    /// The study on the bundled MNIST digits, small enough for a laptop CPU.
+    Demo(DemoArgs),
     /// Measure training/inference and data-pipeline throughput.
     Bench(bench::BenchArgs),
 }
@@ -188,6 +194,9 @@ struct DistillArgs {
     /// Weight of the soft-target term.
     #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     alpha: f64,
+    /// Compute the teacher's logits once and reuse them each epoch (needs --no-augment).
+    #[arg(long)]
+    cache_teacher: bool,
     /// hinton (KL averaged per sample) or seed (the tutorial's exact formula).
     #[arg(long, value_enum, default_value = "hinton")]
     kd_loss: KdLossArg,
@@ -250,6 +259,41 @@ struct PredictArgs {
 }
 
 #[derive(Debug, Args)]
+struct CompareArgs {
+    /// Run folders.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Folder for accuracy.png, loss.png, results.md and results.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Experiment file (see examples/).
+    config: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// The bundled digits [default: data/mnist5k].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Seed of split, initialisation and augmentation.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
 struct ModelsArgs {
     /// Class count for the parameter counts.
     #[arg(long, default_value_t = 1000)]
@@ -288,6 +332,7 @@ impl Cli {
                     run: a.teacher.clone(),
                     checkpoint: a.teacher_checkpoint.clone(),
                     kd,
+                    cache_logits: a.cache_teacher,
                 };
                 let (config, options, out) = train_config(&a.train, Some(teacher))?;
                 run_training(&config, &out, &options)
@@ -295,6 +340,20 @@ impl Cli {
             Command::Eval(a) => cmd_eval(a),
             Command::Predict(a) => cmd_predict(a),
             Command::Models(a) => cmd_models(a),
+            Command::Compare(a) => {
+                let rows = crate::compare::compare(&a.runs, &a.out)?;
+                print!("{}", crate::compare::results_table(&rows));
+                println!(
+                    "wrote {} (results.md, results.json, accuracy.png, loss.png)",
+                    a.out.display()
+                );
+                Ok(())
+            }
+            Command::Run(a) => {
+                let exp = crate::study::load_experiment(&a.config)?;
+                crate::study::run_experiment(&exp, a.quiet).map(|_| ())
+            }
+            Command::Demo(a) => cmd_demo(a),
             Command::Bench(a) => bench::run(&a),
         }
     }
@@ -643,5 +702,50 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
             crate::models::param_count(&net)
         );
     }
+    Ok(())
+}
+
+/// The bundled demo experiment.
+pub const DEMO_TOML: &str = include_str!("../examples/mnist-demo.toml");
+
+fn cmd_demo(a: DemoArgs) -> Result<()> {
+    let data = match a.data {
+        Some(d) => d,
+        None => {
+            let local = PathBuf::from("data/mnist5k");
+            if local.is_dir() {
+                local
+            } else {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist5k")
+            }
+        }
+    };
+    if !data.is_dir() {
+        bail!(
+            "demo data {} not found: run kd demo from the repository root or pass --data",
+            data.display()
+        );
+    }
+    let mut exp = crate::study::parse_experiment(DEMO_TOML)?;
+    exp.out = a.out.clone();
+    exp.data.path = data.clone();
+    exp.data.seed = a.seed;
+    for c in [&mut exp.teacher, &mut exp.student, &mut exp.kd_student] {
+        c.data = data.clone();
+        c.seed = a.seed;
+    }
+    if let Some(t) = exp.kd_student.teacher.as_mut() {
+        t.run = a.out.join("teacher");
+    }
+    println!(
+        "kd demo: teacher {}, student {} and distilled student on {} ({}x{} px); output {}",
+        exp.teacher.model.name,
+        exp.student.model.name,
+        data.display(),
+        exp.student.image_size,
+        exp.student.image_size,
+        a.out.display()
+    );
+    crate::study::run_experiment(&exp, a.quiet)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod io;
@@ -14,4 +15,5 @@ pub mod models;
 pub mod report;
 pub mod run;
 pub mod schedule;
+pub mod study;
 pub mod train;

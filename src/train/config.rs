@@ -31,6 +31,10 @@ pub struct TeacherConfig {
     pub checkpoint: String,
     /// Distillation loss settings.
     pub kd: KdConfig,
+    /// Compute the teacher's logits once per training image and reuse them every epoch
+    /// (only without random augmentation).
+    #[serde(default)]
+    pub cache_logits: bool,
 }
 
 /// Configuration of `kd train` / `kd distill`. Defaults are the tutorial's recipe.
@@ -142,6 +146,12 @@ impl TrainConfig {
         }
         if let Some(t) = &self.teacher {
             t.kd.validate()?;
+            if t.cache_logits && self.augment.is_random() {
+                bail!(
+                    "--cache-teacher needs a training pipeline without random augmentation (each epoch would \
+                     show the teacher other images): pass --no-augment or drop --cache-teacher"
+                );
+            }
             if t.checkpoint != "best" && t.checkpoint != "final" {
                 bail!(
                     "--teacher-checkpoint '{}' is invalid: use best or final",

@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::{NanPolicy, TeacherConfig, TrainConfig};
@@ -100,7 +100,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     };
 
     let device = default_device();
-    let teacher = load_teacher(&config, &data.classes, &device)?;
+    let teacher = load_teacher(&mut config, &data.classes, &device)?;
 
     if config.mean.is_none() || config.std.is_none() {
         let stats = channel_stats(&train_samples, Some(config.image_size))?;
@@ -118,6 +118,13 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     };
     let train_loader = Loader::new(train_samples, train_t, config.batch_size, true, config.seed);
     let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed);
+
+    let teacher_cache = match (&teacher, &config.teacher) {
+        (Some(t), Some(tc)) if tc.cache_logits => {
+            Some(teacher_logits(&t.net, &train_loader, &device)?)
+        }
+        _ => None,
+    };
 
     let ad = device.clone().autodiff();
     ad.seed(config.seed);
@@ -165,8 +172,23 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             let (loss, parts) = match &teacher {
                 None => (cross_entropy(logits, labels), None),
                 Some(t) => {
-                    let t_logits = t.net.forward(images_tensor(&batch, &device));
-                    let t_logits = Tensor::<2>::from_data(t_logits.into_data(), &ad);
+                    let t_logits = match &teacher_cache {
+                        Some(cache) => {
+                            let rows: Vec<f32> = batch
+                                .indices
+                                .iter()
+                                .flat_map(|&i| cache[i].iter().copied())
+                                .collect();
+                            Tensor::<2>::from_data(
+                                TensorData::new(rows, [batch.len(), n_classes]),
+                                &ad,
+                            )
+                        }
+                        None => {
+                            let l = t.net.forward(images_tensor(&batch, &device));
+                            Tensor::<2>::from_data(l.into_data(), &ad)
+                        }
+                    };
                     let p = t.loss.loss(logits, t_logits, labels);
                     let kd: f32 = p.kd.into_scalar();
                     let ce: f32 = p.ce.into_scalar();
@@ -288,16 +310,30 @@ fn check_resume(
     load_resume(resume_path)
 }
 
-/// Loads the frozen teacher of a distillation config and checks it fits the data.
+/// Loads the frozen teacher of a distillation config and checks it fits the data; the
+/// student takes the teacher's normalization unless one is given (it must then match).
 fn load_teacher(
-    config: &TrainConfig,
+    config: &mut TrainConfig,
     classes: &[String],
     device: &Device,
 ) -> Result<Option<Teacher>> {
-    let Some(tc) = &config.teacher else {
+    let Some(tc) = config.teacher.clone() else {
         return Ok(None);
     };
     let run = Run::open(&tc.run).context("cannot load the teacher")?;
+    for (name, mine, theirs) in [
+        ("mean", &mut config.mean, run.config.mean),
+        ("std", &mut config.std, run.config.std),
+    ] {
+        match (*mine, theirs) {
+            (None, t) => *mine = t,
+            (Some(m), Some(t)) if m != t => bail!(
+                "--{name} {m:?} differs from the teacher's {t:?} ({}): the teacher must see the same normalization; drop --{name}",
+                tc.run.display()
+            ),
+            _ => {}
+        }
+    }
     if run.classes != classes {
         let missing: Vec<_> = classes
             .iter()
@@ -333,6 +369,19 @@ fn load_teacher(
         net,
         loss: tc.kd.build(),
     }))
+}
+
+/// The teacher's logits for every training image (in dataset order), computed once.
+fn teacher_logits(net: &Network, loader: &Loader, device: &Device) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![Vec::new(); loader.len()];
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let rows = crate::eval::logits_rows(net.forward(images_tensor(&batch, device)))?;
+        for (row, &i) in rows.into_iter().zip(&batch.indices) {
+            out[i] = row;
+        }
+    }
+    Ok(out)
 }
 
 fn progress_bar(batches: usize, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {

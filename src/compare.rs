@@ -1,0 +1,185 @@
+//! `kd compare`: accuracy and loss curves of several runs and a results table.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::tensor::{Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::io::{ensure_dir, read_json, write_atomic, write_json};
+use crate::models::param_count;
+use crate::report::{Series, curves_png};
+use crate::run::Run;
+use crate::train::{EpochMetrics, default_device};
+
+/// One row of the results table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRow {
+    /// Label in charts and table ("teacher", "student without KD", "student with KD").
+    pub label: String,
+    /// Run folder.
+    pub run: PathBuf,
+    /// Architecture name.
+    pub network: String,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// Size of the best checkpoint, MB.
+    pub checkpoint_mb: f64,
+    /// Completed epochs.
+    pub epochs: usize,
+    /// Best validation accuracy.
+    pub best_accuracy: f64,
+    /// Last epoch's validation accuracy.
+    pub final_accuracy: f64,
+    /// Macro F1 at the best epoch.
+    pub macro_f1: f64,
+    /// Training wall time, seconds.
+    pub training_seconds: f64,
+    /// Inference images/s of the best checkpoint (batch 32, this machine).
+    pub inference_images_per_second: f64,
+}
+
+/// Label for a run: its role in a distillation study.
+fn label(run: &Run, all: &[Run]) -> String {
+    let role = if run.config.teacher.is_some() {
+        "student with KD"
+    } else if all.iter().any(|r| {
+        r.config
+            .teacher
+            .as_ref()
+            .is_some_and(|t| same_dir(&t.run, &run.dir))
+    }) {
+        "teacher"
+    } else {
+        "student without KD"
+    };
+    format!("{role} ({})", run.config.model.name)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn inference_speed(run: &Run) -> Result<f64> {
+    let device = default_device();
+    let net = run.load_network("best", &device)?;
+    let s = run.config.image_size;
+    let mut times = Vec::new();
+    for i in 0..4 {
+        let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+        let t0 = Instant::now();
+        let _ = net.forward(x).into_data();
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(32.0 / times[times.len() / 2])
+}
+
+/// Compares runs: writes `accuracy.png`, `loss.png`, `results.md` and `results.json` into `out`.
+pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
+    if runs.is_empty() {
+        bail!("no runs given: pass one or more run folders");
+    }
+    let opened: Vec<Run> = runs.iter().map(|r| Run::open(r)).collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    let (mut acc_series, mut loss_series) = (Vec::new(), Vec::new());
+    for run in &opened {
+        let history: Vec<EpochMetrics> = read_json(&run.dir.join("metrics.json"))?;
+        if history.is_empty() {
+            bail!("run {} has no finished epoch yet", run.dir.display());
+        }
+        let label = label(run, &opened);
+        let best = history
+            .iter()
+            .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy))
+            .expect("non-empty");
+        let device = default_device();
+        let net = run.load_network("best", &device)?;
+        let ckpt = run.checkpoint_path("best")?;
+        rows.push(RunRow {
+            label: label.clone(),
+            run: run.dir.clone(),
+            network: run.config.model.name.clone(),
+            parameters: param_count(&net),
+            checkpoint_mb: std::fs::metadata(&ckpt)?.len() as f64 / 1e6,
+            epochs: history.len(),
+            best_accuracy: best.val_accuracy,
+            final_accuracy: history.last().expect("non-empty").val_accuracy,
+            macro_f1: best.val_macro_f1,
+            training_seconds: history.iter().map(|m| m.seconds).sum(),
+            inference_images_per_second: inference_speed(run)?,
+        });
+        acc_series.push(Series {
+            label: label.clone(),
+            points: history
+                .iter()
+                .map(|m| (m.epoch as f64, m.val_accuracy * 100.0))
+                .collect(),
+        });
+        loss_series.push(Series {
+            label: format!("{label} train"),
+            points: history
+                .iter()
+                .map(|m| (m.epoch as f64, m.train_loss))
+                .collect(),
+        });
+        loss_series.push(Series {
+            label: format!("{label} val"),
+            points: history
+                .iter()
+                .map(|m| (m.epoch as f64, m.val_loss))
+                .collect(),
+        });
+    }
+    ensure_dir(out)?;
+    curves_png(
+        &out.join("accuracy.png"),
+        "validation accuracy",
+        "accuracy (%)",
+        &acc_series,
+    )?;
+    curves_png(&out.join("loss.png"), "loss", "loss", &loss_series)?;
+    write_json(&out.join("results.json"), &rows)?;
+    write_atomic(&out.join("results.md"), results_table(&rows).as_bytes())?;
+    Ok(rows)
+}
+
+/// The results as a markdown table.
+pub fn results_table(rows: &[RunRow]) -> String {
+    let mut s = String::from(
+        "| run | network | parameters | checkpoint (MB) | epochs | best val acc | final val acc | macro F1 | training time | inference img/s |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {} | {:.2}% | {:.2}% | {:.4} | {} | {:.0} |\n",
+            r.label,
+            r.network,
+            r.parameters,
+            r.checkpoint_mb,
+            r.epochs,
+            r.best_accuracy * 100.0,
+            r.final_accuracy * 100.0,
+            r.macro_f1,
+            format_duration(r.training_seconds),
+            r.inference_images_per_second
+        );
+    }
+    s
+}
+
+fn format_duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}

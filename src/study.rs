@@ -1,0 +1,257 @@
+//! `kd run experiment.toml` and `kd demo`: the whole study (optional split, teacher,
+//! plain student, distilled student, comparison) from one file. Finished stages are
+//! skipped when rerun; an interrupted stage resumes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::compare::{RunRow, compare, results_table};
+use crate::data::{ImageFolder, LinkMode, stratified_split, write_split};
+use crate::models::ModelSpec;
+use crate::run::{Run, files};
+use crate::train::{TrainConfig, TrainOptions, train};
+
+/// The experiment file's top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExperimentFile {
+    /// Output folder of the study.
+    out: PathBuf,
+    data: DataSection,
+    #[serde(default)]
+    recipe: toml::Table,
+    teacher: toml::Table,
+    student: toml::Table,
+    #[serde(default)]
+    distill: toml::Table,
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A folder with train/ and val/, or a class folder.
+    pub path: PathBuf,
+    /// If set, `kd split` the class folder `path` into this folder first.
+    #[serde(default)]
+    pub split_to: Option<PathBuf>,
+    /// Validation share (split and in-memory split).
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Seed of the split.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_val_fraction() -> f64 {
+    0.3
+}
+fn default_seed() -> u64 {
+    42
+}
+
+/// A parsed experiment: the three training configs and where they go.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Data section.
+    pub data: DataSection,
+    /// Teacher training.
+    pub teacher: TrainConfig,
+    /// Plain student training.
+    pub student: TrainConfig,
+    /// Distilled student training (teacher filled in).
+    pub kd_student: TrainConfig,
+}
+
+/// Stage folders inside the output folder.
+pub const STAGES: [&str; 3] = ["teacher", "student", "kd_student"];
+
+fn merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Turns `model = "x"`, `width`, `stem` of a stage table into a `model` object.
+fn stage_value(table: &toml::Table, stage: &str) -> Result<(ModelSpec, Value)> {
+    let mut v = serde_json::to_value(table)?;
+    let obj = v.as_object_mut().expect("table");
+    let name = obj
+        .remove("model")
+        .and_then(|m| m.as_str().map(str::to_string))
+        .with_context(|| format!("[{stage}] needs model = \"...\" (see `kd models`)"))?;
+    let spec = ModelSpec {
+        name,
+        width: obj
+            .remove("width")
+            .and_then(|w| w.as_u64())
+            .map(|w| w as usize),
+        stem: obj
+            .remove("stem")
+            .map(serde_json::from_value)
+            .transpose()
+            .context("stem must be \"imagenet\" or \"small\"")?,
+    };
+    Ok((spec, v))
+}
+
+/// Reads and validates an experiment file.
+pub fn load_experiment(path: &Path) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read experiment file {}", path.display()))?;
+    parse_experiment(&text).with_context(|| format!("experiment file {}", path.display()))
+}
+
+/// Parses experiment TOML text.
+pub fn parse_experiment(text: &str) -> Result<Experiment> {
+    let file: ExperimentFile = toml::from_str(text)?;
+    let data_dir = file
+        .data
+        .split_to
+        .clone()
+        .unwrap_or_else(|| file.data.path.clone());
+    let recipe = serde_json::to_value(&file.recipe)?;
+    let build = |table: &toml::Table, stage: &str, extra: Option<Value>| -> Result<TrainConfig> {
+        let (spec, over) = stage_value(table, stage)?;
+        let mut v = serde_json::to_value(TrainConfig::recipe(data_dir.clone(), spec))?;
+        merge(
+            &mut v,
+            &serde_json::json!({"val_fraction": file.data.val_fraction, "seed": file.data.seed}),
+        );
+        merge(&mut v, &recipe);
+        merge(&mut v, &over);
+        if let Some(e) = extra {
+            merge(&mut v, &e);
+        }
+        let c: TrainConfig =
+            serde_json::from_value(v).with_context(|| format!("in [{stage}] or [recipe]"))?;
+        c.validate().with_context(|| format!("in [{stage}]"))?;
+        Ok(c)
+    };
+    let teacher = build(&file.teacher, "teacher", None)?;
+    let student = build(&file.student, "student", None)?;
+    let mut distill = serde_json::to_value(&file.distill)?;
+    let d = distill.as_object_mut().expect("table");
+    let kd = serde_json::json!({
+        "temperature": d.remove("temperature").unwrap_or(7.0.into()),
+        "alpha": d.remove("alpha").unwrap_or(0.7.into()),
+        "loss": d.remove("loss").unwrap_or("hinton".into()),
+    });
+    let cache = d.remove("cache_teacher").unwrap_or(false.into());
+    let teacher_cfg = serde_json::json!({"teacher": {
+        "run": file.out.join("teacher"), "checkpoint": "best", "kd": kd, "cache_logits": cache,
+    }});
+    let mut kd_table = file.student.clone();
+    if let toml::Value::Table(overrides) = toml::Value::try_from(&distill)? {
+        kd_table.extend(overrides);
+    }
+    let kd_student = build(&kd_table, "distill", Some(teacher_cfg))?;
+    Ok(Experiment {
+        out: file.out,
+        data: file.data,
+        teacher,
+        student,
+        kd_student,
+    })
+}
+
+/// What happened to a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// Already finished with the same config.
+    Skipped,
+    /// Continued from its last completed epoch.
+    Resumed,
+    /// Trained from scratch.
+    Trained,
+}
+
+fn finished(dir: &Path) -> bool {
+    dir.join(files::CHECKPOINTS).join("final.bpk").is_file()
+}
+
+/// Runs one training stage, skipping or resuming as the folder says.
+pub fn run_stage(config: &TrainConfig, dir: &Path, quiet: bool) -> Result<StageOutcome> {
+    if finished(dir) {
+        let done = Run::open(dir)?;
+        let mut wanted = config.clone();
+        wanted.mean = wanted.mean.or(done.config.mean);
+        wanted.std = wanted.std.or(done.config.std);
+        let diff = wanted.differing_keys(&done.config);
+        if !diff.is_empty() {
+            bail!(
+                "{} was trained with another config ({}): delete that folder to retrain it, or change `out`",
+                dir.display(),
+                diff.join("; ")
+            );
+        }
+        return Ok(StageOutcome::Skipped);
+    }
+    let resumable = dir.join(files::CHECKPOINTS).join(files::RESUME).is_file();
+    if dir.join(files::CONFIG).is_file() && !resumable {
+        // Interrupted before its first epoch finished: nothing worth keeping.
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    let options = TrainOptions {
+        resume: resumable,
+        quiet,
+    };
+    train(config, dir, &options)?;
+    Ok(if resumable {
+        StageOutcome::Resumed
+    } else {
+        StageOutcome::Trained
+    })
+}
+
+/// Runs the whole study; returns the comparison rows.
+pub fn run_experiment(exp: &Experiment, quiet: bool) -> Result<Vec<RunRow>> {
+    if let Some(dst) = &exp.data.split_to {
+        if dst.join("train").is_dir() && dst.join("val").is_dir() {
+            println!("split: {} exists, skipped", dst.display());
+        } else {
+            let folder = ImageFolder::scan(&exp.data.path)?;
+            let split = stratified_split(&folder, exp.data.val_fraction, exp.data.seed)?;
+            write_split(&folder, &split, dst, LinkMode::Copy, false)?;
+            println!(
+                "split: {} train / {} val images into {}",
+                split.train.len(),
+                split.val.len(),
+                dst.display()
+            );
+        }
+    }
+    let configs = [&exp.teacher, &exp.student, &exp.kd_student];
+    for (stage, config) in STAGES.iter().zip(configs) {
+        let dir = exp.out.join(stage);
+        println!("== {stage}: {} -> {}", config.model.name, dir.display());
+        let outcome = run_stage(config, &dir, quiet)?;
+        if outcome == StageOutcome::Skipped {
+            println!("{stage}: finished earlier, skipped");
+        }
+    }
+    let runs: Vec<PathBuf> = STAGES.iter().map(|s| exp.out.join(s)).collect();
+    let report = exp.out.join("report");
+    let rows = compare(&runs, &report)?;
+    println!("\n{}", results_table(&rows));
+    println!(
+        "report: {} (results.md, accuracy.png, loss.png)",
+        report.display()
+    );
+    Ok(rows)
+}
