@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod metrics;
+pub mod teacher;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,12 +25,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::{NanPolicy, TeacherConfig, TrainConfig};
 pub use metrics::EpochMetrics;
+pub use teacher::Teacher;
 
 use crate::data::{Loader, Transform, channel_stats};
 use crate::eval::{evaluate, images_tensor, labels_tensor};
 use crate::io::{ensure_dir, write_atomic, write_json};
-use crate::losses::{DistillLoss, cross_entropy};
-use crate::models::{Network, weights};
+use crate::losses::cross_entropy;
+use crate::models::weights;
 use crate::run::{Run, classes_map, files};
 use checkpoint::{LoopState, load_resume, save_resume};
 
@@ -56,12 +58,6 @@ pub struct TrainSummary {
 /// The compute device of `kd` (the GPU issue adds a choice here).
 pub fn default_device() -> Device {
     Device::flex()
-}
-
-/// A frozen teacher and the loss that uses it.
-struct Teacher {
-    net: Network,
-    loss: Box<dyn DistillLoss>,
 }
 
 /// Trains (or distills into) a model as configured, writing the run folder `out`.
@@ -100,7 +96,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     };
 
     let device = default_device();
-    let teacher = load_teacher(&mut config, &data.classes, &device)?;
+    let teacher = Teacher::load(&mut config, &data.classes, &device)?;
 
     if config.mean.is_none() || config.std.is_none() {
         let stats = channel_stats(&train_samples, Some(config.image_size))?;
@@ -120,9 +116,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed);
 
     let teacher_cache = match (&teacher, &config.teacher) {
-        (Some(t), Some(tc)) if tc.cache_logits => {
-            Some(teacher_logits(&t.net, &train_loader, &device)?)
-        }
+        (Some(t), Some(tc)) if tc.cache_logits => Some(t.logits_of_all(&train_loader)?),
         _ => None,
     };
 
@@ -184,10 +178,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
                                 &ad,
                             )
                         }
-                        None => {
-                            let l = t.net.forward(images_tensor(&batch, &device));
-                            Tensor::<2>::from_data(l.into_data(), &ad)
-                        }
+                        None => Tensor::<2>::from_data(t.logits(&batch).into_data(), &ad),
                     };
                     let p = t.loss.loss(logits, t_logits, labels);
                     let kd: f32 = p.kd.into_scalar();
@@ -308,80 +299,6 @@ fn check_resume(
         );
     }
     load_resume(resume_path)
-}
-
-/// Loads the frozen teacher of a distillation config and checks it fits the data; the
-/// student takes the teacher's normalization unless one is given (it must then match).
-fn load_teacher(
-    config: &mut TrainConfig,
-    classes: &[String],
-    device: &Device,
-) -> Result<Option<Teacher>> {
-    let Some(tc) = config.teacher.clone() else {
-        return Ok(None);
-    };
-    let run = Run::open(&tc.run).context("cannot load the teacher")?;
-    for (name, mine, theirs) in [
-        ("mean", &mut config.mean, run.config.mean),
-        ("std", &mut config.std, run.config.std),
-    ] {
-        match (*mine, theirs) {
-            (None, t) => *mine = t,
-            (Some(m), Some(t)) if m != t => bail!(
-                "--{name} {m:?} differs from the teacher's {t:?} ({}): the teacher must see the same normalization; drop --{name}",
-                tc.run.display()
-            ),
-            _ => {}
-        }
-    }
-    if run.classes != classes {
-        let missing: Vec<_> = classes
-            .iter()
-            .filter(|c| !run.classes.contains(c))
-            .collect();
-        let extra: Vec<_> = run
-            .classes
-            .iter()
-            .filter(|c| !classes.contains(c))
-            .collect();
-        bail!(
-            "teacher {} was trained on other classes than {} (data only: {missing:?}, teacher only: {extra:?}{}): train the teacher on the same class folders",
-            tc.run.display(),
-            config.data.display(),
-            if missing.is_empty() && extra.is_empty() {
-                ", same names in another order"
-            } else {
-                ""
-            }
-        );
-    }
-    if run.config.image_size != config.image_size {
-        bail!(
-            "teacher {} uses image size {} but the student {}: use --image-size {}",
-            tc.run.display(),
-            run.config.image_size,
-            config.image_size,
-            run.config.image_size
-        );
-    }
-    let net = run.load_network(&tc.checkpoint, device)?.valid();
-    Ok(Some(Teacher {
-        net,
-        loss: tc.kd.build(),
-    }))
-}
-
-/// The teacher's logits for every training image (in dataset order), computed once.
-fn teacher_logits(net: &Network, loader: &Loader, device: &Device) -> Result<Vec<Vec<f32>>> {
-    let mut out = vec![Vec::new(); loader.len()];
-    for batch in loader.epoch(0, 0) {
-        let batch = batch?;
-        let rows = crate::eval::logits_rows(net.forward(images_tensor(&batch, device)))?;
-        for (row, &i) in rows.into_iter().zip(&batch.indices) {
-            out[i] = row;
-        }
-    }
-    Ok(out)
 }
 
 fn progress_bar(batches: usize, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {

@@ -1,0 +1,311 @@
+//! Distillation: a frozen teacher, students that move towards it, `kd run` and its checks.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor};
+use common::*;
+use kd::data::{AugmentConfig, Loader};
+use kd::eval::{images_tensor, labels_tensor, logits_rows};
+use kd::losses::{KdConfig, KdLossKind};
+use kd::models::{ModelSpec, Stem, weights};
+use kd::run::Run;
+use kd::train::{Teacher, TeacherConfig, TrainConfig, TrainOptions, dataset, train};
+
+struct Shared {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    teacher: PathBuf,
+}
+
+fn config(data: &Path, width: usize, epochs: usize) -> TrainConfig {
+    let mut c = TrainConfig::recipe(
+        data.to_path_buf(),
+        ModelSpec {
+            name: "resnet18".into(),
+            width: Some(width),
+            stem: Some(Stem::Small),
+        },
+    );
+    c.image_size = 32;
+    c.batch_size = 32;
+    c.epochs = epochs;
+    c.lr = 2e-3;
+    c.t_max = epochs;
+    c.augment = AugmentConfig::none();
+    c
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions {
+        resume: false,
+        quiet: true,
+    }
+}
+
+/// One teacher trained on 600 real digits, shared by the tests of this file.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("digits");
+        mnist_subset(&data, 10, 60);
+        let teacher = dir.path().join("teacher");
+        train(&config(&data, 16, 4), &teacher, &quiet()).unwrap();
+        Shared {
+            _dir: dir,
+            data,
+            teacher,
+        }
+    })
+}
+
+fn kd_config(data: &Path, teacher: &Path, epochs: usize) -> TrainConfig {
+    let mut c = config(data, 4, epochs);
+    c.teacher = Some(TeacherConfig {
+        run: teacher.to_path_buf(),
+        checkpoint: "best".into(),
+        kd: KdConfig {
+            temperature: 4.0,
+            alpha: 0.9,
+            loss: KdLossKind::Hinton,
+        },
+        cache_logits: false,
+    });
+    c
+}
+
+#[test]
+fn teacher_is_bit_identical_after_a_distillation_epoch() {
+    let s = shared();
+    let mut cfg = kd_config(&s.data, &s.teacher, 1);
+    let data = dataset::resolve(&s.data, cfg.val_fraction, cfg.seed).unwrap();
+    let device = Device::flex();
+    let teacher = Teacher::load(&mut cfg, &data.classes, &device)
+        .unwrap()
+        .unwrap();
+    let before = weights::to_bytes(&teacher.net).unwrap();
+    let file_before = std::fs::read(s.teacher.join("checkpoints/best.bpk")).unwrap();
+
+    // One epoch of distillation steps, the teacher seeing every training batch.
+    let run = Run::open(&s.teacher).unwrap();
+    let loader = Loader::new(data.train.clone(), run.eval_transform(), 32, true, 1);
+    let ad = device.clone().autodiff();
+    let mut student = cfg.model.build(10, 32, &ad).unwrap();
+    let mut optim = AdamConfig::new().init();
+    for batch in loader.epoch(0, 0) {
+        let batch = batch.unwrap();
+        let t_logits = Tensor::<2>::from_data(teacher.logits(&batch).into_data(), &ad);
+        let s_logits = student.forward(images_tensor(&batch, &ad));
+        let loss = teacher
+            .loss
+            .loss(s_logits, t_logits, labels_tensor(&batch, &ad))
+            .total;
+        let grads = GradientsParams::from_grads(loss.backward(), &student);
+        student = optim.step(1e-3, student, grads);
+    }
+    let after = weights::to_bytes(&teacher.net).unwrap();
+    assert!(
+        before == after,
+        "teacher weights or BatchNorm statistics changed"
+    );
+
+    // And a real `kd distill` leaves the teacher's files untouched.
+    let out = s._dir.path().join("kd-one-epoch");
+    train(&kd_config(&s.data, &s.teacher, 1), &out, &quiet()).unwrap();
+    assert!(std::fs::read(s.teacher.join("checkpoints/best.bpk")).unwrap() == file_before);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(
+        m[0]["train_kd_loss"].as_f64().unwrap() > 0.0,
+        "KD part logged"
+    );
+    assert!(
+        m[0]["train_ce_loss"].as_f64().unwrap() > 0.0,
+        "CE part logged"
+    );
+}
+
+/// Mean KL(teacher || student) over the validation images.
+fn mean_kl(teacher: &Path, student: &Path) -> f64 {
+    let device = Device::flex();
+    let t = Run::open(teacher).unwrap();
+    let st = Run::open(student).unwrap();
+    let (tn, sn) = (
+        t.load_network("best", &device).unwrap(),
+        st.load_network("best", &device).unwrap(),
+    );
+    let data = dataset::resolve(&t.config.data, t.config.val_fraction, t.config.seed).unwrap();
+    let loader = Loader::new(data.val, t.eval_transform(), 64, false, 0);
+    let (mut kl, mut n) = (0.0, 0);
+    for batch in loader.epoch(0, 0) {
+        let batch = batch.unwrap();
+        let lt = logits_rows(log_softmax(tn.forward(images_tensor(&batch, &device)), 1)).unwrap();
+        let ls = logits_rows(log_softmax(sn.forward(images_tensor(&batch, &device)), 1)).unwrap();
+        for (a, b) in lt.iter().zip(&ls) {
+            kl += a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p.exp() * (p - q)) as f64)
+                .sum::<f64>();
+            n += 1;
+        }
+    }
+    kl / n as f64
+}
+
+#[test]
+fn distilled_student_is_closer_to_the_teacher_than_a_plain_one() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    let distilled = dir.path().join("distilled");
+    train(&config(&s.data, 4, 3), &plain, &quiet()).unwrap();
+    train(&kd_config(&s.data, &s.teacher, 3), &distilled, &quiet()).unwrap();
+    let (kl_plain, kl_kd) = (mean_kl(&s.teacher, &plain), mean_kl(&s.teacher, &distilled));
+    assert!(
+        kl_kd < kl_plain,
+        "KL to teacher: distilled {kl_kd} vs plain {kl_plain}"
+    );
+}
+
+#[test]
+fn teacher_logit_cache_gives_the_same_training() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let cached = dir.path().join("cached");
+    train(&kd_config(&s.data, &s.teacher, 1), &live, &quiet()).unwrap();
+    let mut c = kd_config(&s.data, &s.teacher, 1);
+    c.teacher.as_mut().unwrap().cache_logits = true;
+    train(&c, &cached, &quiet()).unwrap();
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("metrics.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (read(&live), read(&cached));
+    for key in ["train_loss", "val_loss", "val_accuracy"] {
+        let (x, y) = (a[0][key].as_f64().unwrap(), b[0][key].as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{key}: {x} vs {y}"
+        );
+    }
+    // With random augmentation the cache is refused.
+    let mut bad = c.clone();
+    bad.augment = AugmentConfig::default();
+    let err = train(&bad, &dir.path().join("bad"), &quiet()).unwrap_err();
+    assert!(format!("{err:#}").contains("--cache-teacher"), "{err:#}");
+}
+
+#[test]
+fn class_mismatch_between_teacher_and_data_is_a_clear_error() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let three = dir.path().join("three");
+    mnist_subset(&three, 3, 10);
+    let out = dir.path().join("kd");
+    let err = kd_err(&[
+        "distill",
+        "--data",
+        three.to_str().unwrap(),
+        "--teacher",
+        s.teacher.to_str().unwrap(),
+        "--student",
+        "resnet18",
+        "--width",
+        "4",
+        "--stem",
+        "small",
+        "--image-size",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("other classes") && err.contains("teacher only"),
+        "{err}"
+    );
+    assert!(err.contains("\"9\""), "names the differing classes: {err}");
+    assert!(!out.join("checkpoints").exists(), "no training output");
+}
+
+#[test]
+fn kd_run_completes_and_a_rerun_skips_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("digits");
+    mnist_subset(&data, 4, 15);
+    let out = dir.path().join("study");
+    let toml = format!(
+        r#"
+out = "{out}"
+[data]
+path = "{data}"
+split_to = "{split}"
+[recipe]
+image_size = 32
+batch_size = 16
+epochs = 1
+lr = 2e-3
+[recipe.augment]
+blur_kernel = 0
+[teacher]
+model = "resnet18"
+width = 8
+stem = "small"
+[student]
+model = "resnet18"
+width = 4
+stem = "small"
+[distill]
+temperature = 4.0
+alpha = 0.5
+"#,
+        out = out.display(),
+        data = data.display(),
+        split = dir.path().join("split").display()
+    );
+    let file = dir.path().join("exp.toml");
+    std::fs::write(&file, toml).unwrap();
+    let first = kd_ok(&["run", file.to_str().unwrap(), "--quiet"]);
+    for stage in ["teacher", "student", "kd_student"] {
+        assert!(
+            out.join(stage).join("checkpoints/final.bpk").is_file(),
+            "{stage} finished"
+        );
+    }
+    assert!(first.contains("student with KD"), "{first}");
+    for f in ["results.md", "results.json", "accuracy.png", "loss.png"] {
+        assert!(out.join("report").join(f).is_file(), "{f}");
+    }
+    image::open(out.join("report/accuracy.png")).expect("readable PNG");
+    let metrics_before = std::fs::read(out.join("student/metrics.json")).unwrap();
+    let second = kd_ok(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert_eq!(
+        second.matches("finished earlier, skipped").count(),
+        3,
+        "{second}"
+    );
+    assert!(
+        second.contains("split:") && second.contains("skipped"),
+        "{second}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("student/metrics.json")).unwrap(),
+        metrics_before
+    );
+
+    // Editing a finished stage's recipe is refused rather than silently mixed.
+    let edited = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("lr = 2e-3", "lr = 1e-3");
+    std::fs::write(&file, edited).unwrap();
+    let err = kd_err(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert!(
+        err.contains("another config") && err.contains("lr"),
+        "{err}"
+    );
+}
