@@ -14,8 +14,23 @@ fn main() {
         eprintln!("error: internal failure: {msg} (please report this with the command you ran)");
     }));
     let cli = kd::cli::Cli::parse();
+    // First Ctrl-C: finish the current batch, save a resumable state, exit. Second: exit now.
+    let handler = ctrlc::set_handler(|| {
+        static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after the current batch (Ctrl-C again to quit at once)...");
+        kd::train::request_interrupt();
+    });
+    if let Err(e) = handler {
+        eprintln!(
+            "warning: Ctrl-C handling unavailable ({e}); an interrupted run resumes from its last epoch"
+        );
+    }
     if let Err(err) = cli.run() {
         eprintln!("error: {err:#}");
-        std::process::exit(1);
+        let interrupted = err.downcast_ref::<kd::train::Interrupted>().is_some();
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }

@@ -23,6 +23,30 @@ pub struct LoopState {
     pub best_accuracy: f64,
     /// Seconds spent training so far.
     pub seconds: f64,
+    /// The epoch in progress when training was interrupted (Ctrl-C), if any.
+    #[serde(default)]
+    pub partial: Option<EpochProgress>,
+}
+
+/// Running totals of an epoch, enough to continue it after an interruption.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// Batches processed (including skipped ones).
+    pub batches: usize,
+    /// Sum of loss times batch size.
+    pub loss_sum: f64,
+    /// Sum of the weighted KD part times batch size.
+    pub kd_sum: f64,
+    /// Sum of the weighted CE part times batch size.
+    pub ce_sum: f64,
+    /// Images trained on.
+    pub seen: usize,
+    /// Batches skipped for a non-finite loss.
+    pub skipped: usize,
+    /// Training seconds spent in this epoch before the interruption.
+    pub seconds: f64,
 }
 
 /// Everything needed to resume.

@@ -15,11 +15,12 @@ pub mod metrics;
 pub mod teacher;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -27,13 +28,104 @@ pub use config::{NanPolicy, TeacherConfig, TrainConfig};
 pub use metrics::EpochMetrics;
 pub use teacher::Teacher;
 
-use crate::data::{Loader, Transform, channel_stats};
+use crate::data::{Batch, Loader, Transform, channel_stats};
 use crate::eval::{evaluate, images_tensor, labels_tensor};
 use crate::io::{ensure_dir, write_atomic, write_json};
 use crate::losses::cross_entropy;
-use crate::models::weights;
+use crate::metrics::Evaluation;
+use crate::models::{Network, weights};
 use crate::run::{Run, classes_map, files};
-use checkpoint::{LoopState, load_resume, save_resume};
+use checkpoint::{EpochProgress, LoopState, load_resume, save_resume};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running training to stop after its current batch and save a resumable state
+/// (what Ctrl-C does).
+pub fn request_interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Training stopped on request; the state up to the last batch is saved.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "interrupted at epoch {epoch} after batch {batch}; progress saved in {}: continue with --resume",
+    resume.display()
+)]
+pub struct Interrupted {
+    /// 1-based epoch in progress.
+    pub epoch: usize,
+    /// Batches done in that epoch.
+    pub batch: usize,
+    /// The resume file.
+    pub resume: PathBuf,
+}
+
+/// One training step's loss: plain cross-entropy, or a distillation loss with the
+/// teacher's logits (live or cached) for the very same augmented batch.
+struct Step<'a> {
+    teacher: Option<&'a Teacher>,
+    cache: Option<&'a [Vec<f32>]>,
+    n_classes: usize,
+    device: &'a Device,
+}
+
+impl Step<'_> {
+    /// The loss to minimise, and its (KD, CE) parts for distillation.
+    fn loss(&self, model: &Network, batch: &Batch) -> (Tensor<1>, Option<(f32, f32)>) {
+        let logits = model.forward(images_tensor(batch, self.device));
+        let labels = labels_tensor(batch, self.device);
+        let Some(t) = self.teacher else {
+            return (cross_entropy(logits, labels), None);
+        };
+        let t_logits = match self.cache {
+            Some(cache) => {
+                let rows: Vec<f32> = batch
+                    .indices
+                    .iter()
+                    .flat_map(|&i| cache[i].iter().copied())
+                    .collect();
+                Tensor::from_data(
+                    TensorData::new(rows, [batch.len(), self.n_classes]),
+                    self.device,
+                )
+            }
+            None => Tensor::from_data(t.logits(batch).into_data(), self.device),
+        };
+        let p = t.loss.loss(logits, t_logits, labels);
+        let parts = (p.kd.into_scalar(), p.ce.into_scalar());
+        (p.total, Some(parts))
+    }
+}
+
+impl EpochProgress {
+    fn metrics(
+        &self,
+        kd: bool,
+        eval: &Evaluation,
+        lr: f64,
+        seconds: f64,
+        train_seconds: f64,
+    ) -> EpochMetrics {
+        let n = self.seen.max(1) as f64;
+        EpochMetrics {
+            epoch: self.epoch + 1,
+            train_loss: self.loss_sum / n,
+            train_kd_loss: kd.then(|| self.kd_sum / n),
+            train_ce_loss: kd.then(|| self.ce_sum / n),
+            val_loss: eval.loss,
+            val_accuracy: eval.accuracy,
+            val_macro_f1: eval.macro_f1,
+            lr,
+            seconds,
+            images_per_second: self.seen as f64 / train_seconds.max(1e-9),
+            skipped_batches: self.skipped,
+        }
+    }
+}
 
 /// How a training call behaves.
 #[derive(Debug, Clone, Default)]
@@ -130,8 +222,9 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     let mut state = LoopState {
         epochs_done: 0,
         history: Vec::new(),
-        best_accuracy: f64::NEG_INFINITY,
+        best_accuracy: -1.0, // below any accuracy; finite so it survives JSON
         seconds: 0.0,
+        partial: None,
     };
     if let Some(r) = resumed {
         weights::load_bytes(&mut model, r.model, &resume_path)?;
@@ -147,118 +240,111 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     }
 
     let schedule = config.schedule();
+    let ckpt = out.join(files::CHECKPOINTS);
+    let save_state = |model: &Network, optim: &ModuleOptimizer, state: &LoopState| -> Result<()> {
+        let optim_bytes = optim
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("cannot serialise optimizer state: {e:?}"))?;
+        save_resume(
+            &resume_path,
+            &weights::to_bytes(model)?,
+            &optim_bytes,
+            state,
+        )
+    };
     for epoch in state.epochs_done..config.epochs {
-        let start = Instant::now();
         let lr = schedule.lr(epoch);
+        let mut progress = match state.partial.take() {
+            Some(p) if p.epoch == epoch => p,
+            _ => EpochProgress {
+                epoch,
+                ..Default::default()
+            },
+        };
+        let start = Instant::now();
         let bar = progress_bar(
             train_loader.num_batches(),
             epoch,
             config.epochs,
             options.quiet,
         );
-        let (mut loss_sum, mut kd_sum, mut ce_sum, mut seen, mut skipped) =
-            (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
-        for (b, batch) in train_loader.epoch(epoch, 0).enumerate() {
+        bar.set_position(progress.batches as u64);
+        let step = Step {
+            teacher: teacher.as_ref(),
+            cache: teacher_cache.as_deref(),
+            n_classes,
+            device: &ad,
+        };
+        for batch in train_loader.epoch(epoch, progress.batches) {
             let batch = batch?;
-            let images = images_tensor(&batch, &ad);
-            let labels = labels_tensor(&batch, &ad);
-            let logits = model.forward(images);
-            let (loss, parts) = match &teacher {
-                None => (cross_entropy(logits, labels), None),
-                Some(t) => {
-                    let t_logits = match &teacher_cache {
-                        Some(cache) => {
-                            let rows: Vec<f32> = batch
-                                .indices
-                                .iter()
-                                .flat_map(|&i| cache[i].iter().copied())
-                                .collect();
-                            Tensor::<2>::from_data(
-                                TensorData::new(rows, [batch.len(), n_classes]),
-                                &ad,
-                            )
-                        }
-                        None => Tensor::<2>::from_data(t.logits(&batch).into_data(), &ad),
-                    };
-                    let p = t.loss.loss(logits, t_logits, labels);
-                    let kd: f32 = p.kd.into_scalar();
-                    let ce: f32 = p.ce.into_scalar();
-                    (p.total, Some((kd, ce)))
-                }
-            };
+            let (loss, parts) = step.loss(&model, &batch);
             let value: f32 = loss.clone().into_scalar();
-            if !value.is_finite() {
-                match config.nan_policy {
-                    NanPolicy::Stop => bail!(
-                        "training loss became {value} at epoch {} batch {}: lower --lr or check the data; \
-                         the last good checkpoint is kept in {} (or pass --nan-policy skip-batch)",
-                        epoch + 1,
-                        b + 1,
-                        out.join(files::CHECKPOINTS).display()
-                    ),
-                    NanPolicy::SkipBatch => {
-                        skipped += 1;
-                        bar.inc(1);
-                        continue;
-                    }
+            progress.batches += 1;
+            if value.is_finite() {
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+                let n = batch.len() as f64;
+                progress.loss_sum += f64::from(value) * n;
+                if let Some((kd, ce)) = parts {
+                    progress.kd_sum += f64::from(kd) * n;
+                    progress.ce_sum += f64::from(ce) * n;
                 }
+                progress.seen += batch.len();
+            } else if config.nan_policy == NanPolicy::Stop {
+                bail!(
+                    "training loss became {value} at epoch {} batch {}: lower --lr or check the data; \
+                     the last good checkpoint is kept in {} (or pass --nan-policy skip-batch)",
+                    epoch + 1,
+                    progress.batches,
+                    ckpt.display()
+                );
+            } else {
+                progress.skipped += 1;
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            let n = batch.len();
-            loss_sum += f64::from(value) * n as f64;
-            if let Some((kd, ce)) = parts {
-                kd_sum += f64::from(kd) * n as f64;
-                ce_sum += f64::from(ce) * n as f64;
-            }
-            seen += n;
-            let ips = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            let elapsed = progress.seconds + start.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "loss {:.4}  {:.1} img/s",
-                loss_sum / seen as f64,
-                ips
+                progress.loss_sum / progress.seen.max(1) as f64,
+                progress.seen as f64 / elapsed.max(1e-9)
             ));
             bar.inc(1);
+            if interrupted() {
+                bar.abandon();
+                progress.seconds += start.elapsed().as_secs_f64();
+                state.partial = Some(progress.clone());
+                save_state(&model.valid(), &optim, &state)?;
+                return Err(Interrupted {
+                    epoch: epoch + 1,
+                    batch: progress.batches,
+                    resume: resume_path.clone(),
+                }
+                .into());
+            }
         }
         bar.finish_and_clear();
-        let train_seconds = start.elapsed().as_secs_f64();
+        let train_seconds = progress.seconds + start.elapsed().as_secs_f64();
         let valid = model.valid();
         let eval = evaluate(&valid, &val_loader, &data.classes, &device)?;
-        let seconds = start.elapsed().as_secs_f64();
-        let denom = seen.max(1) as f64;
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / denom,
-            train_kd_loss: teacher.as_ref().map(|_| kd_sum / denom),
-            train_ce_loss: teacher.as_ref().map(|_| ce_sum / denom),
-            val_loss: eval.loss,
-            val_accuracy: eval.accuracy,
-            val_macro_f1: eval.macro_f1,
-            lr,
-            seconds,
-            images_per_second: seen as f64 / train_seconds.max(1e-9),
-            skipped_batches: skipped,
-        };
+        let seconds = progress.seconds + start.elapsed().as_secs_f64();
+        let m = progress.metrics(teacher.is_some(), &eval, lr, seconds, train_seconds);
         if !options.quiet {
             print_epoch(&m, config.epochs);
         }
         state.history.push(m);
         state.epochs_done = epoch + 1;
         state.seconds += seconds;
+        // Order matters for a crash at any point: checkpoints and metrics first, the resume
+        // state last, so a resumed run redoes (deterministically) whatever was not recorded.
         let model_bytes = weights::to_bytes(&valid)?;
-        let ckpt = out.join(files::CHECKPOINTS);
         if eval.accuracy > state.best_accuracy {
             state.best_accuracy = eval.accuracy;
             write_atomic(&ckpt.join("best.bpk"), &model_bytes)?;
         }
-        metrics::write_metrics(out, &state.history)?;
-        let optim_bytes = optim
-            .into_bytes()
-            .map_err(|e| anyhow::anyhow!("cannot serialise optimizer state: {e:?}"))?;
-        save_resume(&resume_path, &model_bytes, &optim_bytes, &state)?;
         if state.epochs_done == config.epochs {
             write_atomic(&ckpt.join("final.bpk"), &model_bytes)?;
         }
+        metrics::write_metrics(out, &state.history)?;
+        save_state(&valid, &optim, &state)?;
     }
     Ok(TrainSummary {
         dir: out.to_path_buf(),
