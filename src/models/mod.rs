@@ -1,5 +1,6 @@
 //! Model zoo: architectures by name, building, parameter counts and weight files.
 
+pub mod coatnet;
 pub mod resnet;
 pub mod weights;
 
@@ -8,6 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use coatnet::{CoAtNet, CoAtNetConfig};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
 
 /// Architectures `kd` knows, by name.
