@@ -164,7 +164,7 @@ struct TrainArgs {
     /// Validate on a class-balanced subset of at most N images.
     #[arg(long)]
     val_limit: Option<usize>,
-    /// Start from a PyTorch state dict (.safetensors or .pth, torchvision names).
+    /// Start from a PyTorch state dict (.safetensors or .pth; torchvision or reference CoAtNet names).
     #[arg(long)]
     init_from: Option<PathBuf>,
     /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch.
@@ -696,9 +696,15 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
         format!("params ({})", a.classes)
     );
     for name in KNOWN_MODELS {
-        let net = ModelSpec::named(name).build(a.classes, 224, &device)?;
+        let spec = ModelSpec::named(name);
+        let net = spec.build(a.classes, 224, &device)?;
+        let kind = if spec.is_coatnet() {
+            "teacher (CoAtNet; image size a multiple of 32)"
+        } else {
+            "student/teacher (torchvision ResNet)"
+        };
         println!(
-            "{name:<12} {:>14}  student/teacher (torchvision ResNet)",
+            "{name:<12} {:>14}  {kind}",
             crate::models::param_count(&net)
         );
     }

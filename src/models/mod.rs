@@ -1,5 +1,6 @@
 //! Model zoo: architectures by name, building, parameter counts and weight files.
 
+pub mod coatnet;
 pub mod resnet;
 pub mod weights;
 
@@ -8,10 +9,29 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use coatnet::{CoAtNet, CoAtNetConfig};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
 
 /// Architectures `kd` knows, by name.
-pub const KNOWN_MODELS: &[&str] = &["resnet18", "resnet34", "resnet50"];
+pub const KNOWN_MODELS: &[&str] = &[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "coatnet_0",
+    "coatnet_1",
+    "coatnet_2",
+    "coatnet_3",
+    "coatnet_4",
+];
+
+/// Architecture family and variant, from a model name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    /// ResNet of this depth.
+    ResNet(usize),
+    /// `coatnet_<n>`.
+    CoAtNet(usize),
+}
 
 /// What to build: an architecture name plus optional shape overrides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,9 +40,12 @@ pub struct ModelSpec {
     /// Architecture name, one of [`KNOWN_MODELS`].
     pub name: String,
     /// Base width (first stage); later stages double it. `None` keeps the reference widths.
+    /// ResNet: stages `[w, 2w, 4w, 8w]`. CoAtNet: stages s0..s4 `[w, w, 2w, 4w, 8w]`
+    /// (the variant's block counts and the 8 x 32 attention heads are kept).
     #[serde(default)]
     pub width: Option<usize>,
-    /// ResNet stem; `None` keeps torchvision's (7x7/2 conv + max pool).
+    /// ResNet stem; `None` keeps torchvision's (7x7/2 conv + max pool). CoAtNet has no
+    /// stem option.
     #[serde(default)]
     pub stem: Option<Stem>,
 }
@@ -38,29 +61,71 @@ impl ModelSpec {
     }
 
     /// Checks the name and options without building anything.
+    /// CoAtNet needs an image size that is a multiple of 32.
     pub fn validate(&self, image_size: usize) -> Result<()> {
-        self.resnet_config(2)?;
-        if image_size < 32 {
-            bail!(
-                "image size {image_size} is too small for {}: use at least 32",
-                self.name
-            );
-        }
+        let arch = self.arch()?;
         if self.width == Some(0) {
             bail!("model width must be at least 1");
+        }
+        match arch {
+            Arch::ResNet(_) => {
+                if image_size < 32 {
+                    bail!(
+                        "image size {image_size} is too small for {}: use at least 32",
+                        self.name
+                    );
+                }
+            }
+            Arch::CoAtNet(_) => {
+                if self.stem.is_some() {
+                    bail!(
+                        "the stem option applies to ResNet models only: {} has a fixed stem",
+                        self.name
+                    );
+                }
+                self.coatnet_config(2, image_size)?.validate()?;
+            }
         }
         Ok(())
     }
 
-    fn resnet_config(&self, num_classes: usize) -> Result<ResNetConfig> {
-        let depth = match self.name.as_str() {
-            "resnet18" => 18,
-            "resnet34" => 34,
-            "resnet50" => 50,
+    fn arch(&self) -> Result<Arch> {
+        Ok(match self.name.as_str() {
+            "resnet18" => Arch::ResNet(18),
+            "resnet34" => Arch::ResNet(34),
+            "resnet50" => Arch::ResNet(50),
+            "coatnet_0" => Arch::CoAtNet(0),
+            "coatnet_1" => Arch::CoAtNet(1),
+            "coatnet_2" => Arch::CoAtNet(2),
+            "coatnet_3" => Arch::CoAtNet(3),
+            "coatnet_4" => Arch::CoAtNet(4),
             other => bail!(
                 "unknown model '{other}': choose one of {} (see `kd models`)",
                 KNOWN_MODELS.join(", ")
             ),
+        })
+    }
+
+    /// The CoAtNet this spec builds for `num_classes` classes and square images of side
+    /// `image_size`: the reference variant with the tutorial's head (with bias) and the
+    /// width override applied. Errors for a non-CoAtNet name; the size is not checked here.
+    pub fn coatnet_config(&self, num_classes: usize, image_size: usize) -> Result<CoAtNetConfig> {
+        let Arch::CoAtNet(variant) = self.arch()? else {
+            bail!("{} is not a CoAtNet", self.name);
+        };
+        let mut cfg = CoAtNetConfig::variant(variant)
+            .expect("known variant")
+            .with_head(num_classes, true)
+            .with_image_size(image_size, image_size);
+        if let Some(w) = self.width {
+            cfg.channels = [w, w, 2 * w, 4 * w, 8 * w];
+        }
+        Ok(cfg)
+    }
+
+    fn resnet_config(&self, num_classes: usize) -> Result<ResNetConfig> {
+        let Arch::ResNet(depth) = self.arch()? else {
+            bail!("{} is not a ResNet", self.name);
         };
         let mut cfg = ResNetConfig::torchvision(depth, num_classes).expect("known depth");
         if let Some(w) = self.width {
@@ -78,17 +143,30 @@ impl ModelSpec {
         if num_classes < 2 {
             bail!("a classifier needs at least 2 classes, got {num_classes}");
         }
-        Ok(Network::ResNet(
-            self.resnet_config(num_classes)?.init(device),
-        ))
+        Ok(match self.arch()? {
+            Arch::ResNet(_) => Network::ResNet(self.resnet_config(num_classes)?.init(device)),
+            Arch::CoAtNet(_) => Network::CoAtNet(
+                self.coatnet_config(num_classes, image_size)?
+                    .try_init(device)?,
+            ),
+        })
+    }
+
+    /// Whether this is one of the CoAtNet teachers.
+    pub fn is_coatnet(&self) -> bool {
+        matches!(self.arch(), Ok(Arch::CoAtNet(_)))
     }
 }
 
 /// A classifier network of any supported architecture.
+// One network lives per model, so the ResNet variant's inline layer configs cost nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Network {
     /// torchvision-style ResNet.
     ResNet(ResNet),
+    /// CoAtNet with the reference implementation's structure.
+    CoAtNet(CoAtNet),
 }
 
 impl Network {
@@ -96,12 +174,15 @@ impl Network {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
             Network::ResNet(m) => m.forward(images),
+            Network::CoAtNet(m) => m.forward(images),
         }
     }
 }
 
-/// Number of trainable values (weights and biases; BatchNorm running statistics excluded,
-/// like PyTorch's `sum(p.numel() for p in model.parameters())`).
+/// Number of trainable values (weights and biases; BatchNorm running statistics and integer
+/// buffers such as CoAtNet's `relative_index` excluded, like PyTorch's
+/// `sum(p.numel() for p in model.parameters())`). Reads shapes without initialising lazy
+/// parameters, so counting a large freshly built model allocates nothing.
 pub fn param_count<M: Module>(net: &M) -> usize {
     struct Counter {
         path: Vec<String>,
@@ -120,7 +201,7 @@ pub fn param_count<M: Module>(net: &M) -> usize {
                 Some("running_mean" | "running_var")
             );
             if !running {
-                self.count += param.shape().num_elements();
+                self.count += param.lazy_shape().num_elements();
             }
         }
     }

@@ -1,24 +1,102 @@
 //! Weight files: kd's own checkpoints (burnpack, parameter ids kept for resuming) and
-//! PyTorch state dicts (`.safetensors` or `.pth`) under torchvision's names.
+//! PyTorch state dicts (`.safetensors` or `.pth`) under the reference names (torchvision's
+//! for ResNet, the reference implementation's for CoAtNet).
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::store::{
-    ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, PyTorchToBurnAdapter,
-    PytorchStore, SafetensorsStore,
+    ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 use burn::tensor::Bytes;
 
 use super::Network;
 
-/// Key renames from PyTorch names to kd's: wrapper prefixes and torchvision's numbered
-/// `downsample` Sequential.
-const FROM_TORCH: &[(&str, &str)] = &[
-    (r"^(model|module)\.", ""),
+/// A key rename: regex on the key, replacement (`${1}` for capture groups). Renames are
+/// applied in order, each to the result of the previous ones.
+type Remap = (&'static str, &'static str);
+
+/// Wrapper prefixes stripped from PyTorch keys (`model.`, DataParallel's `module.`).
+const STRIP_WRAPPER: Remap = (r"^(model|module)\.", "");
+
+/// ResNet, PyTorch -> kd: torchvision's numbered `downsample` Sequential.
+const RESNET_FROM_TORCH: &[Remap] = &[
     (r"\.downsample\.0\.", ".downsample.conv."),
     (r"\.downsample\.1\.", ".downsample.bn."),
 ];
+
+/// ResNet, kd -> PyTorch.
+const RESNET_TO_TORCH: &[Remap] = &[
+    (r"\.downsample\.conv\.", ".downsample.0."),
+    (r"\.downsample\.bn\.", ".downsample.1."),
+];
+
+/// CoAtNet, PyTorch -> kd: the reference's numbered Sequentials and `PreNorm` wrappers.
+const COATNET_FROM_TORCH: &[Remap] = &[
+    // conv_3x3_bn: Sequential(conv, bn, gelu)
+    (r"^s0\.(\d+)\.0\.", "s0.${1}.conv."),
+    (r"^s0\.(\d+)\.1\.", "s0.${1}.bn."),
+    // MBConv: PreNorm(BatchNorm, Sequential(...))
+    (r"\.conv\.norm\.", ".pre_norm."),
+    (r"\.conv\.fn\.0\.", ".expand_conv."),
+    (r"\.conv\.fn\.1\.", ".expand_bn."),
+    (r"\.conv\.fn\.3\.", ".dw_conv."),
+    (r"\.conv\.fn\.4\.", ".dw_bn."),
+    (r"\.conv\.fn\.6\.fc\.0\.", ".se.reduce."),
+    (r"\.conv\.fn\.6\.fc\.2\.", ".se.expand."),
+    (r"\.conv\.fn\.7\.", ".project_conv."),
+    (r"\.conv\.fn\.8\.", ".project_bn."),
+    // Transformer: Sequential(Rearrange, PreNorm(LayerNorm, fn), Rearrange)
+    (r"\.attn\.1\.norm\.", ".attn_norm."),
+    (r"\.attn\.1\.fn\.to_out\.0\.", ".attn.to_out."),
+    (r"\.attn\.1\.fn\.", ".attn."),
+    (r"\.ff\.1\.norm\.", ".ff_norm."),
+    (r"\.ff\.1\.fn\.net\.0\.", ".ff.fc1."),
+    (r"\.ff\.1\.fn\.net\.3\.", ".ff.fc2."),
+];
+
+/// CoAtNet, kd -> PyTorch.
+const COATNET_TO_TORCH: &[Remap] = &[
+    (r"^s0\.(\d+)\.conv\.", "s0.${1}.0."),
+    (r"^s0\.(\d+)\.bn\.", "s0.${1}.1."),
+    (r"\.pre_norm\.", ".conv.norm."),
+    (r"\.expand_conv\.", ".conv.fn.0."),
+    (r"\.expand_bn\.", ".conv.fn.1."),
+    (r"\.dw_conv\.", ".conv.fn.3."),
+    (r"\.dw_bn\.", ".conv.fn.4."),
+    (r"\.se\.reduce\.", ".conv.fn.6.fc.0."),
+    (r"\.se\.expand\.", ".conv.fn.6.fc.2."),
+    (r"\.project_conv\.", ".conv.fn.7."),
+    (r"\.project_bn\.", ".conv.fn.8."),
+    (r"\.attn_norm\.", ".attn.1.norm."),
+    (r"\.attn\.to_out\.", ".attn.1.fn.to_out.0."),
+    (
+        r"\.attn\.(to_qkv|relative_bias_table|relative_index)",
+        ".attn.1.fn.${1}",
+    ),
+    (r"\.ff_norm\.", ".ff.1.norm."),
+    (r"\.ff\.fc1\.", ".ff.1.fn.net.0."),
+    (r"\.ff\.fc2\.", ".ff.1.fn.net.3."),
+];
+
+/// Weights kd derives itself, so a state dict may omit them.
+const DERIVED: &[&str] = &["relative_index"];
+
+fn from_torch_remaps(net: &Network) -> impl Iterator<Item = Remap> {
+    let table = match net {
+        Network::ResNet(_) => RESNET_FROM_TORCH,
+        Network::CoAtNet(_) => COATNET_FROM_TORCH,
+    };
+    std::iter::once(STRIP_WRAPPER).chain(table.iter().copied())
+}
+
+fn to_torch_remaps(net: &Network) -> &'static [Remap] {
+    match net {
+        Network::ResNet(_) => RESNET_TO_TORCH,
+        Network::CoAtNet(_) => COATNET_TO_TORCH,
+    }
+}
 
 /// Serialises a network to burnpack bytes.
 pub fn to_bytes(net: &Network) -> Result<Vec<u8>> {
@@ -60,33 +138,42 @@ fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Like [`check_complete`], but a state dict may leave out buffers kd derives itself.
+fn check_complete_torch(mut result: ApplyResult, origin: &Path) -> Result<()> {
+    result
+        .missing
+        .retain(|(name, _)| !DERIVED.iter().any(|d| name.ends_with(d)));
+    check_complete(&result, origin)
+}
+
 /// Initialises `net` from a PyTorch state dict (`.safetensors`, `.pth`, `.pt`) with
 /// torchvision / reference key names. Buffers PyTorch has and kd does not
-/// (`num_batches_tracked`) are ignored; any missing weight is an error.
+/// (`num_batches_tracked`) are ignored, and so may CoAtNet's `relative_index` be missing
+/// (kd computes it); any other missing weight is an error.
 pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let Network::ResNet(inner) = net;
+    let remaps: Vec<Remap> = from_torch_remaps(net).collect();
     let result = match ext {
         "safetensors" => {
             let mut store = SafetensorsStore::from_file(path)
                 .with_from_adapter(PyTorchToBurnAdapter)
                 .allow_partial(true);
-            for (from, to) in FROM_TORCH {
+            for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
-            inner.load_from(&mut store).map_err(|e| {
+            load_into(net, &mut store).map_err(|e| {
                 anyhow::anyhow!("cannot read safetensors file {}: {e}", path.display())
             })?
         }
         "pth" | "pt" | "bin" => {
             let mut store = PytorchStore::from_file(path).allow_partial(true);
-            for (from, to) in FROM_TORCH {
+            for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
-            inner.load_from(&mut store).map_err(|e| {
+            load_into(net, &mut store).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot read PyTorch file {}: {e}. If it holds a whole pickled model (torch.save(model)), \
                      save its state dict instead: torch.save(model.state_dict(), 'weights.pth')",
@@ -105,18 +192,31 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             path.display()
         );
     }
-    check_complete(&result, path)
+    check_complete_torch(result, path)
 }
 
-/// Writes the weights under PyTorch names as safetensors bytes.
+/// Loads the architecture's own module (not the `Network` enum, whose variant would
+/// prefix every key).
+fn load_into<S: ModuleStore>(net: &mut Network, store: &mut S) -> Result<ApplyResult, S::Error> {
+    match net {
+        Network::ResNet(m) => m.load_from(store),
+        Network::CoAtNet(m) => m.load_from(store),
+    }
+}
+
+/// Writes the weights under PyTorch names as safetensors bytes: torchvision's for ResNet;
+/// the reference's for CoAtNet, `relative_index` (int64) included. BatchNorm's
+/// `num_batches_tracked` counters are not written (kd does not track them; PyTorch fills
+/// them in when loading such a state dict).
 pub fn to_pytorch_safetensors(net: &Network) -> Result<Vec<u8>> {
-    let Network::ResNet(inner) = net;
-    let mut store = SafetensorsStore::from_bytes(None)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .with_key_remapping(r"\.downsample\.conv\.", ".downsample.0.")
-        .with_key_remapping(r"\.downsample\.bn\.", ".downsample.1.");
-    inner
-        .save_into(&mut store)
-        .context("cannot export weights")?;
+    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter);
+    for (from, to) in to_torch_remaps(net) {
+        store = store.with_key_remapping(from, *to);
+    }
+    match net {
+        Network::ResNet(m) => m.save_into(&mut store),
+        Network::CoAtNet(m) => m.save_into(&mut store),
+    }
+    .context("cannot export weights")?;
     store.get_bytes().context("cannot export weights")
 }

@@ -1,0 +1,557 @@
+//! CoAtNet-0..4 (convolution + attention) with the structure of the reference PyTorch
+//! implementation that the original tutorial imports as `model.coatnet`: a convolutional
+//! stem `s0`, two MBConv stages `s1`, `s2`, two relative-attention Transformer stages `s3`,
+//! `s4`, global average pooling and a linear head `fc`.
+//!
+//! Field names are Burn-style (`s1.0.expand_conv`, `s3.1.attn.to_qkv`, ...); the regex
+//! tables in [`super::weights`] translate them to and from the reference's state-dict keys
+//! (`s1.0.conv.fn.0`, `s3.1.attn.1.fn.to_qkv`, ...).
+
+use anyhow::{Result, bail};
+use burn::module::{Module, Param, ParamId};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    PaddingConfig2d,
+};
+use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// Image sides must be multiples of this (five stride-2 stages).
+pub const SIZE_MULTIPLE: usize = 32;
+
+/// Shape of a CoAtNet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoAtNetConfig {
+    /// Blocks in stages s0..s4.
+    pub num_blocks: [usize; 5],
+    /// Output channels of stages s0..s4.
+    pub channels: [usize; 5],
+    /// Input image (height, width); both multiples of 32. The relative-position tables
+    /// of the attention stages depend on it.
+    pub image_size: (usize, usize),
+    /// Output classes.
+    pub num_classes: usize,
+    /// Whether `fc` has a bias: the tutorial's replacement head does, the reference's
+    /// 1000-class head does not.
+    pub head_bias: bool,
+    /// Attention heads (8 in the reference).
+    pub heads: usize,
+    /// Width of each head (32 in the reference); the attention's inner width is
+    /// `heads * dim_head` whatever the stage width.
+    pub dim_head: usize,
+}
+
+impl CoAtNetConfig {
+    fn reference(num_blocks: [usize; 5], channels: [usize; 5]) -> Self {
+        Self {
+            num_blocks,
+            channels,
+            image_size: (224, 224),
+            num_classes: 1000,
+            head_bias: false,
+            heads: 8,
+            dim_head: 32,
+        }
+    }
+
+    /// The reference `coatnet_0()`: 224x224, 1000 classes, head without bias.
+    pub fn coatnet_0() -> Self {
+        Self::reference([2, 2, 3, 5, 2], [64, 96, 192, 384, 768])
+    }
+
+    /// The reference `coatnet_1()`.
+    pub fn coatnet_1() -> Self {
+        Self::reference([2, 2, 6, 14, 2], [64, 96, 192, 384, 768])
+    }
+
+    /// The reference `coatnet_2()` (its last stage really has 1026 channels).
+    pub fn coatnet_2() -> Self {
+        Self::reference([2, 2, 6, 14, 2], [128, 128, 256, 512, 1026])
+    }
+
+    /// The reference `coatnet_3()`.
+    pub fn coatnet_3() -> Self {
+        Self::reference([2, 2, 6, 14, 2], [192, 192, 384, 768, 1536])
+    }
+
+    /// The reference `coatnet_4()`.
+    pub fn coatnet_4() -> Self {
+        Self::reference([2, 2, 12, 28, 2], [192, 192, 384, 768, 1536])
+    }
+
+    /// `coatnet_<variant>()` for variant 0..=4.
+    pub fn variant(variant: usize) -> Option<Self> {
+        Some(match variant {
+            0 => Self::coatnet_0(),
+            1 => Self::coatnet_1(),
+            2 => Self::coatnet_2(),
+            3 => Self::coatnet_3(),
+            4 => Self::coatnet_4(),
+            _ => return None,
+        })
+    }
+
+    /// Replaces the head, as the tutorial does (`model.fc = nn.Linear(c, n)` has a bias).
+    pub fn with_head(mut self, num_classes: usize, bias: bool) -> Self {
+        self.num_classes = num_classes;
+        self.head_bias = bias;
+        self
+    }
+
+    /// Sets the input image size `(height, width)`.
+    pub fn with_image_size(mut self, height: usize, width: usize) -> Self {
+        self.image_size = (height, width);
+        self
+    }
+
+    /// Checks the shape: image sides multiples of 32, no empty stage or zero width.
+    pub fn validate(&self) -> Result<()> {
+        let (h, w) = self.image_size;
+        let sides: &[(&str, usize)] = if h == w {
+            &[("image size", h)]
+        } else {
+            &[("image height", h), ("image width", w)]
+        };
+        for &(what, side) in sides {
+            check_side(what, side)?;
+        }
+        if let Some(s) = self.num_blocks.iter().position(|&n| n == 0) {
+            bail!("CoAtNet stage s{s} has no block: use at least 1");
+        }
+        if self.channels.contains(&0) || self.heads == 0 || self.dim_head == 0 {
+            bail!("CoAtNet channels, heads and dim_head must be at least 1");
+        }
+        if self.num_classes == 0 {
+            bail!("a classifier needs at least 1 class");
+        }
+        Ok(())
+    }
+
+    /// Feature-map size `(h, w)` of stage `s<stage>`: the image divided by `2^(stage+1)`.
+    pub fn stage_size(&self, stage: usize) -> (usize, usize) {
+        let f = 1 << (stage + 1);
+        (self.image_size.0 / f, self.image_size.1 / f)
+    }
+
+    /// Builds the network with PyTorch's default initialisation (relative-position bias
+    /// tables start at zero, as in the reference).
+    ///
+    /// # Panics
+    /// If the configuration is invalid (see [`Self::validate`]); use [`Self::try_init`]
+    /// for an error instead.
+    pub fn init(&self, device: &Device) -> CoAtNet {
+        self.try_init(device).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Builds the network, or says why the configuration is invalid.
+    pub fn try_init(&self, device: &Device) -> Result<CoAtNet> {
+        self.validate()?;
+        let c = self.channels;
+        let n = self.num_blocks;
+        let mut s0 = Vec::new();
+        for i in 0..n[0] {
+            let (cin, stride) = if i == 0 { (3, 2) } else { (c[0], 1) };
+            s0.push(ConvBn::new(cin, c[0], stride, device));
+        }
+        let mbconv_stage = |k: usize| -> Vec<MbConv> {
+            (0..n[k])
+                .map(|i| {
+                    let cin = if i == 0 { c[k - 1] } else { c[k] };
+                    MbConv::new(cin, c[k], i == 0, device)
+                })
+                .collect()
+        };
+        let attn_stage = |k: usize| -> Vec<TransformerBlock> {
+            (0..n[k])
+                .map(|i| {
+                    let cin = if i == 0 { c[k - 1] } else { c[k] };
+                    TransformerBlock::new(cin, c[k], self.stage_size(k), i == 0, self, device)
+                })
+                .collect()
+        };
+        Ok(CoAtNet {
+            s0,
+            s1: mbconv_stage(1),
+            s2: mbconv_stage(2),
+            s3: attn_stage(3),
+            s4: attn_stage(4),
+            fc: LinearConfig::new(c[4], self.num_classes)
+                .with_bias(self.head_bias)
+                .init(device),
+        })
+    }
+}
+
+fn check_side(what: &str, side: usize) -> Result<()> {
+    if side == 0 || !side.is_multiple_of(SIZE_MULTIPLE) {
+        let below = side / SIZE_MULTIPLE * SIZE_MULTIPLE;
+        let above = below + SIZE_MULTIPLE;
+        if below == 0 {
+            bail!("{what} {side} is not a multiple of {SIZE_MULTIPLE}: use {above}");
+        }
+        bail!("{what} {side} is not a multiple of {SIZE_MULTIPLE}: use {below} or {above}");
+    }
+    Ok(())
+}
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    device: &Device,
+) -> Conv2d {
+    let pad = k / 2;
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_groups(groups)
+        .with_bias(false)
+        .init(device)
+}
+
+fn max_pool() -> MaxPool2d {
+    MaxPool2dConfig::new([3, 3])
+        .with_strides([2, 2])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init()
+}
+
+fn linear(cin: usize, cout: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(cin, cout).with_bias(bias).init(device)
+}
+
+/// `[b, c, h, w]` -> `[b, h*w, c]` (the reference's `b c ih iw -> b (ih iw) c`).
+fn to_tokens(x: Tensor<4>) -> Tensor<3> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h * w]).swap_dims(1, 2)
+}
+
+/// `[b, h*w, c]` -> `[b, c, h, w]`.
+fn to_map(x: Tensor<3>, h: usize, w: usize) -> Tensor<4> {
+    let [b, _, c] = x.dims();
+    x.swap_dims(1, 2).reshape([b, c, h, w])
+}
+
+/// Mean over the spatial dimensions: `[b, c, h, w]` -> `[b, c]`.
+fn spatial_mean(x: Tensor<4>) -> Tensor<2> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c])
+}
+
+/// Stem block: 3x3 conv (no bias) + BatchNorm + GELU; reference `s0.<i>.0` / `s0.<i>.1`.
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, stride: usize, device: &Device) -> Self {
+        Self {
+            conv: conv(cin, cout, 3, stride, 1, device),
+            bn: BatchNormConfig::new(cout).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        gelu(self.bn.forward(self.conv.forward(x)))
+    }
+}
+
+/// Squeeze-and-excitation without biases; reference `conv.fn.6.fc.0` / `fc.2`.
+#[derive(Module, Debug)]
+pub struct SqueezeExcite {
+    reduce: Linear,
+    expand: Linear,
+}
+
+impl SqueezeExcite {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, _, _] = x.dims();
+        let y = spatial_mean(x.clone());
+        let y = sigmoid(self.expand.forward(gelu(self.reduce.forward(y))));
+        x * y.reshape([b, c, 1, 1])
+    }
+}
+
+/// MBConv block with BatchNorm pre-norm (stages s1, s2).
+#[derive(Module, Debug)]
+pub struct MbConv {
+    /// Shortcut of a downsampling block: max pool then this 1x1 conv (`proj`).
+    proj: Option<Conv2d>,
+    pool: Option<MaxPool2d>,
+    /// `conv.norm`
+    pre_norm: BatchNorm,
+    /// `conv.fn.0`, 1x1, carries the stride when downsampling.
+    expand_conv: Conv2d,
+    /// `conv.fn.1`
+    expand_bn: BatchNorm,
+    /// `conv.fn.3`, depthwise 3x3.
+    dw_conv: Conv2d,
+    /// `conv.fn.4`
+    dw_bn: BatchNorm,
+    /// `conv.fn.6`
+    se: SqueezeExcite,
+    /// `conv.fn.7`, 1x1.
+    project_conv: Conv2d,
+    /// `conv.fn.8`
+    project_bn: BatchNorm,
+}
+
+impl MbConv {
+    fn new(cin: usize, cout: usize, downsample: bool, device: &Device) -> Self {
+        let hidden = cin * 4;
+        let stride = if downsample { 2 } else { 1 };
+        let se_hidden = cin / 4; // int(0.25 * inp)
+        Self {
+            proj: downsample.then(|| conv(cin, cout, 1, 1, 1, device)),
+            pool: downsample.then(max_pool),
+            pre_norm: BatchNormConfig::new(cin).init(device),
+            expand_conv: conv(cin, hidden, 1, stride, 1, device),
+            expand_bn: BatchNormConfig::new(hidden).init(device),
+            dw_conv: conv(hidden, hidden, 3, 1, hidden, device),
+            dw_bn: BatchNormConfig::new(hidden).init(device),
+            se: SqueezeExcite {
+                reduce: linear(hidden, se_hidden, false, device),
+                expand: linear(se_hidden, hidden, false, device),
+            },
+            project_conv: conv(hidden, cout, 1, 1, 1, device),
+            project_bn: BatchNormConfig::new(cout).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let shortcut = match (&self.pool, &self.proj) {
+            (Some(pool), Some(proj)) => proj.forward(pool.forward(x.clone())),
+            _ => x.clone(),
+        };
+        let y = self.pre_norm.forward(x);
+        let y = gelu(self.expand_bn.forward(self.expand_conv.forward(y)));
+        let y = gelu(self.dw_bn.forward(self.dw_conv.forward(y)));
+        let y = self.se.forward(y);
+        let y = self.project_bn.forward(self.project_conv.forward(y));
+        shortcut + y
+    }
+}
+
+/// Multi-head self-attention with a learned relative-position bias; reference `attn.1.fn`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[(2h-1)(2w-1), heads]`
+    relative_bias_table: Param<Tensor<2>>,
+    /// The reference's int64 buffer `[(h*w)^2, 1]`: for query `a` and key `b` (row-major
+    /// positions), the row of `relative_bias_table` for their offset. Derived from the
+    /// map size; kept (and saved) so exports carry every key of the reference.
+    relative_index: Param<Tensor<2, Int>>,
+    to_qkv: Linear,
+    /// `to_out.0`
+    to_out: Linear,
+    heads: usize,
+    dim_head: usize,
+}
+
+/// The reference's `relative_index` for an `h x w` map, flattened:
+/// entry `a*(h*w) + b` is `(ia - ib + h - 1) * (2w - 1) + (ja - jb + w - 1)`.
+pub fn relative_index(h: usize, w: usize) -> Vec<i64> {
+    let n = h * w;
+    let mut out = Vec::with_capacity(n * n);
+    for a in 0..n {
+        let (ia, ja) = ((a / w) as i64, (a % w) as i64);
+        for b in 0..n {
+            let (ib, jb) = ((b / w) as i64, (b % w) as i64);
+            out.push((ia - ib + h as i64 - 1) * (2 * w as i64 - 1) + (ja - jb + w as i64 - 1));
+        }
+    }
+    out
+}
+
+impl Attention {
+    fn new(
+        cin: usize,
+        cout: usize,
+        (h, w): (usize, usize),
+        cfg: &CoAtNetConfig,
+        device: &Device,
+    ) -> Self {
+        let inner = cfg.heads * cfg.dim_head;
+        let n = h * w;
+        let index = Tensor::<2, Int>::from_data(
+            TensorData::new(relative_index(h, w), [n * n, 1]),
+            (device, DType::I64),
+        );
+        Self {
+            relative_bias_table: Initializer::Zeros
+                .init([(2 * h - 1) * (2 * w - 1), cfg.heads], device),
+            relative_index: Param::initialized(ParamId::new(), index),
+            to_qkv: linear(cin, inner * 3, false, device),
+            to_out: linear(inner, cout, true, device),
+            heads: cfg.heads,
+            dim_head: cfg.dim_head,
+        }
+    }
+
+    /// `[b, n, cin]` -> `[b, n, cout]`.
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, _] = x.dims();
+        let (heads, d) = (self.heads, self.dim_head);
+        let split = |t: Tensor<3>| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+        let mut qkv = self.to_qkv.forward(x).chunk(3, 2).into_iter().map(split);
+        let (q, k, v) = (
+            qkv.next().expect("q"),
+            qkv.next().expect("k"),
+            qkv.next().expect("v"),
+        );
+        let dots = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let index = self.relative_index.val().reshape([n * n]);
+        let bias = self
+            .relative_bias_table
+            .val()
+            .select(0, index)
+            .reshape([n, n, heads])
+            .permute([2, 0, 1])
+            .unsqueeze_dim::<4>(0);
+        let attn = softmax(dots + bias, 3);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, heads * d]);
+        self.to_out.forward(out)
+    }
+}
+
+/// Feed-forward `Linear + GELU + Linear`; reference `ff.1.fn.net.0` / `net.3`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// Transformer block with LayerNorm pre-norm (stages s3, s4).
+#[derive(Module, Debug)]
+pub struct TransformerBlock {
+    /// Shortcut of a downsampling block: max pool then this 1x1 conv (`proj`).
+    proj: Option<Conv2d>,
+    /// Max pool of a downsampling block (the reference has two identical ones).
+    pool: Option<MaxPool2d>,
+    /// `attn.1.norm`
+    attn_norm: LayerNorm,
+    /// `attn.1.fn`
+    attn: Attention,
+    /// `ff.1.norm`
+    ff_norm: LayerNorm,
+    /// `ff.1.fn`
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(
+        cin: usize,
+        cout: usize,
+        size: (usize, usize),
+        downsample: bool,
+        cfg: &CoAtNetConfig,
+        device: &Device,
+    ) -> Self {
+        let hidden = cin * 4;
+        Self {
+            proj: downsample.then(|| conv(cin, cout, 1, 1, 1, device)),
+            pool: downsample.then(max_pool),
+            attn_norm: LayerNormConfig::new(cin).init(device),
+            attn: Attention::new(cin, cout, size, cfg, device),
+            ff_norm: LayerNormConfig::new(cout).init(device),
+            ff: FeedForward {
+                fc1: linear(cout, hidden, true, device),
+                fc2: linear(hidden, cout, true, device),
+            },
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let (shortcut, x) = match (&self.pool, &self.proj) {
+            (Some(pool), Some(proj)) => {
+                let pooled = pool.forward(x);
+                (proj.forward(pooled.clone()), pooled)
+            }
+            _ => (x.clone(), x),
+        };
+        let [_, _, h, w] = x.dims();
+        let attn = self.attn.forward(self.attn_norm.forward(to_tokens(x)));
+        let x = shortcut + to_map(attn, h, w);
+        let y = self.ff_norm.forward(to_tokens(x.clone()));
+        let y = self.ff.fc2.forward(gelu(self.ff.fc1.forward(y)));
+        x + to_map(y, h, w)
+    }
+}
+
+/// Reference-compatible CoAtNet.
+#[derive(Module, Debug)]
+pub struct CoAtNet {
+    s0: Vec<ConvBn>,
+    s1: Vec<MbConv>,
+    s2: Vec<MbConv>,
+    s3: Vec<TransformerBlock>,
+    s4: Vec<TransformerBlock>,
+    fc: Linear,
+}
+
+impl CoAtNet {
+    /// Logits `[batch, classes]` for images `[batch, 3, h, w]` of the configured size.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x;
+        for block in &self.s0 {
+            x = block.forward(x);
+        }
+        for block in self.s1.iter().chain(&self.s2) {
+            x = block.forward(x);
+        }
+        for block in self.s3.iter().chain(&self.s4) {
+            x = block.forward(x);
+        }
+        self.fc.forward(spatial_mean(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_index_matches_reference_layout() {
+        // 2x3 map: position a = i*3 + j.
+        let idx = relative_index(2, 3);
+        assert_eq!(idx.len(), 36);
+        // Same position: centre of the (3 x 5) table.
+        assert_eq!(idx[0], 5 + 2);
+        // a = (0,0), b = (1,2): offset (-1, -2) -> (0, 0).
+        assert_eq!(idx[5], 0);
+        // a = (1,2), b = (0,0): offset (1, 2) -> (2, 4).
+        assert_eq!(idx[5 * 6], 2 * 5 + 4);
+    }
+
+    #[test]
+    fn sizes_must_be_multiples_of_32() {
+        let cfg = CoAtNetConfig::coatnet_0().with_image_size(100, 100);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("image size 100") && err.contains("use 96 or 128"),
+            "{err}"
+        );
+        let err = cfg
+            .with_image_size(96, 20)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("image width 20") && err.contains("use 32"),
+            "{err}"
+        );
+        assert!(
+            CoAtNetConfig::coatnet_0()
+                .with_image_size(64, 96)
+                .validate()
+                .is_ok()
+        );
+    }
+}
