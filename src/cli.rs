@@ -40,6 +40,8 @@ enum Command {
     Predict(PredictArgs),
     /// Architectures kd knows, with parameter counts.
     Models(ModelsArgs),
+    /// Write a run's weights as PyTorch-named safetensors (torchvision / reference CoAtNet keys).
+    Export(ExportArgs),
     /// Accuracy/loss curves and a results table of several runs.
     Compare(CompareArgs),
     /// Run a whole study (split, teacher, student, KD student, comparison) from a TOML file.
@@ -294,6 +296,19 @@ struct DemoArgs {
 }
 
 #[derive(Debug, Args)]
+struct ExportArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// best or final.
+    #[arg(long, default_value = "best")]
+    checkpoint: String,
+    /// Output .safetensors file (load in PyTorch with safetensors.torch.load_file).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
 struct ModelsArgs {
     /// Class count for the parameter counts.
     #[arg(long, default_value_t = 1000)]
@@ -340,6 +355,22 @@ impl Cli {
             Command::Eval(a) => cmd_eval(a),
             Command::Predict(a) => cmd_predict(a),
             Command::Models(a) => cmd_models(a),
+            Command::Export(a) => {
+                if a.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                    bail!("--out {} must end in .safetensors", a.out.display());
+                }
+                let run = Run::open(&a.run)?;
+                let net = run.load_network(&a.checkpoint, &default_device())?;
+                let bytes = crate::models::weights::to_pytorch_safetensors(&net)?;
+                crate::io::write_atomic(&a.out, &bytes)?;
+                println!(
+                    "wrote {} ({} classes: {}); in PyTorch: model.load_state_dict(safetensors.torch.load_file(...))",
+                    a.out.display(),
+                    run.classes.len(),
+                    run.classes.join(", ")
+                );
+                Ok(())
+            }
             Command::Compare(a) => {
                 let rows = crate::compare::compare(&a.runs, &a.out)?;
                 print!("{}", crate::compare::results_table(&rows));

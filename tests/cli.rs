@@ -229,3 +229,29 @@ fn stats_reports_mnist_statistics() {
     assert!((std - 0.3081).abs() < 0.02, "{std}");
     assert_eq!(v["images"], 200);
 }
+
+#[test]
+fn shipped_experiments_parse_with_the_tutorial_recipe() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let plants = kd::study::load_experiment(&root.join("examples/plant-seedlings.toml")).unwrap();
+    assert_eq!(plants.teacher.model.name, "coatnet_2");
+    assert_eq!(plants.student.model.name, "resnet18");
+    for c in [&plants.teacher, &plants.student, &plants.kd_student] {
+        assert_eq!(
+            (c.image_size, c.batch_size, c.epochs, c.t_max),
+            (224, 16, 50, 20)
+        );
+        assert_eq!((c.lr, c.eta_min), (1e-4, 1e-9));
+        assert_eq!(c.augment, kd::data::AugmentConfig::default());
+    }
+    let kd = plants.kd_student.teacher.as_ref().unwrap();
+    assert_eq!((kd.kd.temperature, kd.kd.alpha), (7.0, 0.7));
+    assert!(plants.teacher.teacher.is_none() && plants.student.teacher.is_none());
+
+    let demo = kd::study::parse_experiment(kd::cli::DEMO_TOML).unwrap();
+    assert_eq!(demo.student.image_size, 32);
+    assert!(demo.teacher.model.name.starts_with("coatnet"));
+
+    let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
+    assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
+}

@@ -105,4 +105,39 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
         (correct as f64 / 300.0 - acc).abs() < 1e-9,
         "predict {correct}/300 vs eval {acc}"
     );
+
+    // kd export writes PyTorch-named weights that load back to identical logits.
+    let exported = dir.path().join("student.safetensors");
+    kd_ok(&["export", "--run", r, "--out", exported.to_str().unwrap()]);
+    let device = burn::tensor::Device::flex();
+    let run = kd::run::Run::open(&run).unwrap();
+    let original = run.load_network("best", &device).unwrap();
+    let mut reloaded = run.config.model.build(10, 32, &device).unwrap();
+    kd::models::weights::load_pytorch(&mut reloaded, &exported).unwrap();
+    let loader = kd::data::Loader::new(
+        kd::data::ImageFolder::scan(&data.join("val"))
+            .unwrap()
+            .samples,
+        run.eval_transform(),
+        16,
+        false,
+        0,
+    );
+    let batch = loader.epoch(0, 0).next().unwrap().unwrap();
+    let a =
+        kd::eval::logits_rows(original.forward(kd::eval::images_tensor(&batch, &device))).unwrap();
+    let b =
+        kd::eval::logits_rows(reloaded.forward(kd::eval::images_tensor(&batch, &device))).unwrap();
+    assert_eq!(a, b, "exported weights give identical logits");
+    let header_len = u64::from_le_bytes(std::fs::read(&exported).unwrap()[..8].try_into().unwrap());
+    assert!(header_len > 0);
+    let keys = read_safetensors(&exported);
+    assert!(
+        keys.contains_key("layer2.0.downsample.0.weight") && keys.contains_key("bn1.running_var")
+    );
+    assert_eq!(
+        keys["fc.weight"].shape,
+        vec![10, 128],
+        "PyTorch [out, in] layout"
+    );
 }
