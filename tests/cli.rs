@@ -5,7 +5,8 @@ mod common;
 use common::*;
 
 const COMMANDS: &[&str] = &[
-    "split", "stats", "train", "distill", "eval", "predict", "models", "bench",
+    "split", "stats", "train", "distill", "eval", "predict", "models", "bench", "compare", "run",
+    "demo", "export",
 ];
 
 #[test]
