@@ -70,6 +70,9 @@ struct SplitArgs {
     /// Replace a non-empty DST.
     #[arg(long)]
     force: bool,
+    /// Fail on non-image files (default: skip them with a warning).
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +175,9 @@ struct TrainArgs {
     /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch.
     #[arg(long, value_enum)]
     nan_policy: Option<NanArg>,
+    /// Fail on non-image files in the class folders (default: skip them with a warning).
+    #[arg(long)]
+    strict: bool,
     /// Continue the run in --out from its last completed epoch.
     #[arg(long)]
     resume: bool,
@@ -393,6 +399,7 @@ impl Cli {
 fn cmd_split(a: SplitArgs) -> Result<()> {
     crate::data::split::check_val_fraction(a.val_fraction)?;
     let folder = ImageFolder::scan(&a.src)?;
+    crate::train::dataset::report_skipped(&folder.skipped, a.strict)?;
     let split = stratified_split(&folder, a.val_fraction, a.seed)?;
     let mode = if a.link {
         LinkMode::HardLink
@@ -423,12 +430,6 @@ fn cmd_split(a: SplitArgs) -> Result<()> {
         split.val.len(),
         split.train.len() + split.val.len()
     );
-    if !folder.skipped.is_empty() {
-        eprintln!(
-            "warning: skipped {} non-image files (not copied)",
-            folder.skipped.len()
-        );
-    }
     println!("wrote {}", a.dst.display());
     Ok(())
 }
@@ -556,6 +557,7 @@ fn train_config(
     if teacher.is_some() {
         c.teacher = teacher;
     }
+    c.strict |= a.strict;
     let options = TrainOptions {
         resume: a.resume,
         quiet: a.quiet,

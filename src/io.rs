@@ -22,6 +22,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let result = (|| -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
+        if fault_injected(path) {
+            file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
@@ -41,6 +45,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Test hook: `KD_FAULT_DISK_FULL=<substring>` makes writes of matching paths fail half-way
+/// as if the disk were full, to check that nothing half-written is left behind.
+fn fault_injected(path: &Path) -> bool {
+    std::env::var("KD_FAULT_DISK_FULL")
+        .is_ok_and(|pat| !pat.is_empty() && path.to_string_lossy().contains(&pat))
 }
 
 /// Serialises `value` as pretty JSON and writes it atomically.

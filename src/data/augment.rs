@@ -48,6 +48,15 @@ impl RgbImage {
 
 /// Decodes an image file (PNG/JPEG/BMP/WebP; grayscale, RGBA and 16-bit become RGB).
 pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .len();
+    if len == 0 {
+        bail!(
+            "image {} is an empty (0-byte) file: remove or replace it",
+            path.display()
+        );
+    }
     let reader = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()

@@ -111,10 +111,14 @@ pub fn to_bytes(net: &Network) -> Result<Vec<u8>> {
 
 /// Loads burnpack bytes (from [`to_bytes`]) into a network of the same architecture.
 pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()> {
-    let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)));
+    // Partial loading turns a foreign model into a list of missing weights (reported by
+    // `check_complete`) instead of one enormous validation error.
+    let mut store =
+        BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes))).allow_partial(true);
     let result = net.load_from(&mut store).map_err(|e| {
+        let reason: String = e.to_string().chars().take(160).collect();
         anyhow::anyhow!(
-            "checkpoint {} is damaged or not a kd checkpoint ({e}): use another checkpoint or retrain",
+            "checkpoint {} is damaged or not a kd checkpoint ({reason}): use another checkpoint or retrain",
             origin.display()
         )
     })?;
@@ -123,14 +127,16 @@ pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()
 
 fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
     if let Some(err) = result.errors.first() {
+        let err: String = format!("{err}").chars().take(160).collect();
         bail!(
-            "checkpoint {} does not fit this model ({err:?}): it was saved for another architecture or class count",
-            origin.display()
+            "checkpoint {} does not fit this model ({}): it was saved for another architecture or class count",
+            origin.display(),
+            err
         );
     }
     if let Some((name, _)) = result.missing.first() {
         bail!(
-            "checkpoint {} lacks weight '{name}' ({} missing): it was saved for another architecture",
+            "checkpoint {} lacks weight '{name}' ({} missing): it was saved for another architecture or class count",
             origin.display(),
             result.missing.len()
         );

@@ -77,6 +77,9 @@ pub struct TrainConfig {
     pub nan_policy: NanPolicy,
     /// Teacher, for distillation runs.
     pub teacher: Option<TeacherConfig>,
+    /// Fail on non-image files in the class folders instead of skipping them.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 impl TrainConfig {
@@ -101,6 +104,7 @@ impl TrainConfig {
             init_from: None,
             nan_policy: NanPolicy::Stop,
             teacher: None,
+            strict: false,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Resolving a run's data: train/val folders or an in-memory split, subsets, statistics.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use rand::SeedableRng;
@@ -19,7 +19,7 @@ pub struct RunData {
     /// Validation images.
     pub val: Vec<Sample>,
     /// Non-image files that were skipped.
-    pub skipped: usize,
+    pub skipped: Vec<PathBuf>,
 }
 
 /// Reads `dir/train` + `dir/val` when both exist, else splits `dir` in memory.
@@ -47,7 +47,7 @@ pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
         }
         RunData {
             classes: train.classes,
-            skipped: train.skipped.len() + val.skipped.len(),
+            skipped: [train.skipped, val.skipped].concat(),
             train: train.samples,
             val: val.samples,
         }
@@ -56,7 +56,7 @@ pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
         let split = stratified_split(&folder, val_fraction, seed)?;
         RunData {
             classes: folder.classes,
-            skipped: folder.skipped.len(),
+            skipped: folder.skipped,
             train: split.train,
             val: split.val,
         }
@@ -75,6 +75,27 @@ pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
         );
     }
     Ok(data)
+}
+
+/// Refuses skipped non-image files under `strict`, else warns about them (even when quiet).
+pub fn report_skipped(skipped: &[PathBuf], strict: bool) -> Result<()> {
+    let Some(first) = skipped.first() else {
+        return Ok(());
+    };
+    if strict {
+        bail!(
+            "{} is not an image ({} such files; kd reads {}): remove them or drop --strict to skip them",
+            first.display(),
+            skipped.len(),
+            crate::data::folder::IMAGE_EXTENSIONS.join("/")
+        );
+    }
+    eprintln!(
+        "warning: skipped {} non-image files (e.g. {}); pass --strict to fail instead",
+        skipped.len(),
+        first.display()
+    );
+    Ok(())
 }
 
 /// A class-balanced subset of at most `limit` samples, deterministic for a seed.

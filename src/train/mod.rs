@@ -49,6 +49,12 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// Test hook: `KD_FAULT_NAN_AT_BATCH=N` treats the N-th training batch of the run (1-based,
+/// counted across epochs) as if its loss were NaN.
+fn fault_nan_at() -> Option<usize> {
+    std::env::var("KD_FAULT_NAN_AT_BATCH").ok()?.parse().ok()
+}
+
 /// Training stopped on request; the state up to the last batch is saved.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -166,13 +172,8 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         Some(n) => dataset::balanced_subset(&data.val, n_classes, n, config.seed ^ 1),
         None => data.val.clone(),
     };
-    if data.skipped > 0 && !options.quiet {
-        eprintln!(
-            "warning: skipped {} non-image files in {}",
-            data.skipped,
-            config.data.display()
-        );
-    }
+    dataset::report_skipped(&data.skipped, config.strict)?;
+    verify_images(&train_samples, &val_samples)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
     let resumed = if options.resume {
@@ -278,8 +279,11 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         for batch in train_loader.epoch(epoch, progress.batches) {
             let batch = batch?;
             let (loss, parts) = step.loss(&model, &batch);
-            let value: f32 = loss.clone().into_scalar();
+            let mut value: f32 = loss.clone().into_scalar();
             progress.batches += 1;
+            if fault_nan_at() == Some(epoch * train_loader.num_batches() + progress.batches) {
+                value = f32::NAN;
+            }
             if value.is_finite() {
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(lr, model, grads);
@@ -351,6 +355,16 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         history: state.history,
         best_accuracy: state.best_accuracy,
     })
+}
+
+/// Decodes every image once, in parallel, before any training: a corrupt, truncated or
+/// empty file is reported by name now rather than after hours of training.
+fn verify_images(train: &[crate::data::Sample], val: &[crate::data::Sample]) -> Result<()> {
+    use rayon::prelude::*;
+    train
+        .par_iter()
+        .chain(val.par_iter())
+        .try_for_each(|s| crate::data::load_image(&s.path).map(|_| ()))
 }
 
 /// Checks that `out` holds a resumable run made with the same config; fills in the

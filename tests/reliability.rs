@@ -1,0 +1,422 @@
+//! Reliability: bad input fails early and clearly, faults leave nothing half-written,
+//! NaN handling, determinism, and kill -9 at any moment followed by --resume.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const TINY: &[&str] = &[
+    "--model",
+    "resnet18",
+    "--stem",
+    "small",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--lr",
+    "2e-3",
+    "--no-augment",
+    "--quiet",
+];
+
+fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "--data", data, "--out", out];
+    v.extend_from_slice(TINY);
+    v.extend_from_slice(extra);
+    if !extra.contains(&"--width") {
+        v.extend(["--width", "4"]);
+    }
+    v
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn first_png(dir: &Path) -> PathBuf {
+    let mut f: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    f.sort();
+    f.remove(0)
+}
+
+#[test]
+fn bad_images_fail_before_training_and_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cases: [(&str, Box<dyn Fn(&Path)>, &str); 3] = [
+        (
+            "corrupt",
+            Box::new(|p: &Path| {
+                std::fs::write(p, b"\x89PNG\r\n\x1a\nthis is not a png body at all").unwrap()
+            }),
+            "cannot decode",
+        ),
+        (
+            "truncated",
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p).unwrap();
+                std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            "cannot decode",
+        ),
+        (
+            "empty",
+            Box::new(|p: &Path| std::fs::write(p, b"").unwrap()),
+            "0-byte",
+        ),
+    ];
+    for (name, damage, needle) in cases {
+        let data = dir.path().join(name);
+        mnist_subset(&data, 2, 8);
+        let victim = first_png(&data.join("1"));
+        damage(&victim);
+        let err = kd_err(&train_args(s(&data), s(&out), &[]));
+        assert!(
+            err.contains(needle) && err.contains(victim.file_name().unwrap().to_str().unwrap()),
+            "{name}: {err}"
+        );
+        assert!(!out.exists(), "{name}: nothing written");
+    }
+}
+
+#[test]
+fn non_image_files_are_skipped_with_a_warning_or_refused_under_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 8);
+    std::fs::write(data.join("0/notes.txt"), "not an image").unwrap();
+    let out = dir.path().join("run");
+    let err = kd_err(&train_args(
+        s(&data),
+        s(&out),
+        &["--epochs", "1", "--strict"],
+    ));
+    assert!(
+        err.contains("notes.txt") && err.contains("--strict"),
+        "{err}"
+    );
+    let res = kd(&train_args(s(&data), s(&out), &["--epochs", "1"]));
+    assert!(res.status.success());
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("skipped 1 non-image files"), "{stderr}");
+}
+
+#[test]
+fn folder_shapes_mixed_images_and_symlink_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    // No class sub-folders.
+    let flat = dir.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::write(flat.join("a.png"), b"x").unwrap();
+    assert!(kd_err(&["stats", s(&flat)]).contains("no class sub-folders"));
+
+    // train/ and val/ with different classes.
+    let tv = dir.path().join("tv");
+    mnist_subset(&tv.join("train"), 3, 4);
+    mnist_subset(&tv.join("val"), 2, 4);
+    let err = kd_err(&train_args(s(&tv), s(&dir.path().join("r1")), &[]));
+    assert!(
+        err.contains("different classes") && err.contains("\"2\""),
+        "{err}"
+    );
+
+    // Mixed modes (RGBA, 16-bit grey, RGB JPEG, BMP) and sizes, plus a symlink loop.
+    let mixed = dir.path().join("mixed");
+    mnist_subset(&mixed, 2, 6);
+    image::RgbaImage::from_pixel(40, 20, image::Rgba([200, 10, 10, 128]))
+        .save(mixed.join("0/rgba.png"))
+        .unwrap();
+    image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(33, 47, image::Luma([40000u16]))
+        .save(mixed.join("1/grey16.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(50, 50, image::Rgb([1, 200, 3]))
+        .save(mixed.join("0/photo.jpg"))
+        .unwrap();
+    image::RgbImage::from_pixel(9, 70, image::Rgb([9, 9, 9]))
+        .save(mixed.join("1/old.bmp"))
+        .unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(mixed.join("0"), mixed.join("0/loop")).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&kd_ok(&["stats", s(&mixed), "--json"])).unwrap();
+    assert_eq!(stats["images"], 16, "each image once despite the loop");
+    kd_ok(&train_args(
+        s(&mixed),
+        s(&dir.path().join("r2")),
+        &["--epochs", "1"],
+    ));
+}
+
+#[test]
+fn bad_checkpoints_configs_and_outputs_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 3, 10);
+    let a = dir.path().join("a");
+    kd_ok(&train_args(s(&data), s(&a), &["--epochs", "1"]));
+
+    // A checkpoint of another architecture / class count.
+    let b = dir.path().join("b");
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&b),
+        "--model",
+        "coatnet_0",
+        "--width",
+        "8",
+    ];
+    args.extend([
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--quiet",
+    ]);
+    kd_ok(&args);
+    std::fs::copy(
+        a.join("checkpoints/best.bpk"),
+        b.join("checkpoints/best.bpk"),
+    )
+    .unwrap();
+    let err = kd_err(&["eval", "--run", s(&b)]);
+    assert!(
+        err.contains("best.bpk") && err.contains("another architecture"),
+        "{err}"
+    );
+
+    // A truncated checkpoint.
+    let best = a.join("checkpoints/best.bpk");
+    let bytes = std::fs::read(&best).unwrap();
+    std::fs::write(&best, &bytes[..bytes.len() / 3]).unwrap();
+    let err = kd_err(&["eval", "--run", s(&a)]);
+    assert!(err.contains("best.bpk") && err.contains("damaged"), "{err}");
+
+    // --resume with another config.
+    let err = kd_err(&["train", "--out", s(&a), "--resume", "--lr", "0.5"]);
+    assert!(err.contains("differs") && err.contains("lr"), "{err}");
+    // A truncated resume file.
+    let last = a.join("checkpoints/last.kdc");
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &bytes[..bytes.len() - 10]).unwrap();
+    let err = kd_err(&["train", "--out", s(&a), "--resume", "--epochs", "2"]);
+    assert!(
+        err.contains("last.kdc") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // An output folder that cannot be created.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let err = kd_err(&train_args(
+        s(&data),
+        s(&blocker.join("run")),
+        &["--epochs", "1"],
+    ));
+    assert!(err.contains("file/run") || err.contains("file"), "{err}");
+
+    // Distillation values.
+    let kd_out = dir.path().join("kd");
+    for (flag, value) in [
+        ("--temperature", "0"),
+        ("--temperature", "-2"),
+        ("--alpha", "-0.1"),
+    ] {
+        let mut args = vec![
+            "distill",
+            "--data",
+            s(&data),
+            "--teacher",
+            s(&a),
+            "--out",
+            s(&kd_out),
+        ];
+        args.extend(["--student", "resnet18", flag, value]);
+        assert!(kd_err(&args).contains(flag));
+    }
+}
+
+#[test]
+fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 8);
+    let out = dir.path().join("run");
+    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(train_args(s(&data), s(&out), &["--epochs", "1"]))
+        .env("KD_FAULT_DISK_FULL", "best.bpk")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains("best.bpk") && stderr.contains("No space left"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "no partial or temporary checkpoint: {left:?}"
+    );
+}
+
+#[test]
+fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 24); // 34 training images: 3 batches of 16 per epoch
+    let stop = dir.path().join("stop");
+    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(train_args(s(&data), s(&stop), &["--epochs", "2"]))
+        .env("KD_FAULT_NAN_AT_BATCH", "5")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("NaN at epoch 2 batch 2"),
+        "{stderr}"
+    );
+    assert!(stop.join("checkpoints/best.bpk").is_file(), "epoch 1 kept");
+    let m: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(stop.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m.len(), 1);
+
+    let skip = dir.path().join("skip");
+    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(train_args(
+            s(&data),
+            s(&skip),
+            &["--epochs", "2", "--nan-policy", "skip-batch"],
+        ))
+        .env("KD_FAULT_NAN_AT_BATCH", "5")
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let m: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(skip.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            m[0]["skipped_batches"].as_u64(),
+            m[1]["skipped_batches"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+}
+
+/// Metrics without the timing fields, and the exported weights.
+fn outcome(run: &Path, dir: &Path) -> (Vec<serde_json::Value>, Vec<(String, Vec<f64>)>) {
+    let mut m: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    for e in &mut m {
+        let o = e.as_object_mut().unwrap();
+        o.remove("seconds");
+        o.remove("images_per_second");
+    }
+    let file = dir.join(format!(
+        "{}.safetensors",
+        run.file_name().unwrap().to_str().unwrap()
+    ));
+    kd_ok(&[
+        "export",
+        "--run",
+        s(run),
+        "--checkpoint",
+        "final",
+        "--out",
+        s(&file),
+    ]);
+    let mut w: Vec<(String, Vec<f64>)> = read_safetensors(&file)
+        .into_iter()
+        .map(|(k, t)| (k, t.data))
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    (m, w)
+}
+
+#[test]
+fn same_seed_is_bit_identical_and_kill_9_then_resume_ends_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 4, 100);
+    let args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = train_args(s(&data), s(out), &["--epochs", "3", "--width", "8"])
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        v.retain(|x| x != "--no-augment"); // keep augmentation: its randomness must replay too
+        v
+    };
+    let reference = dir.path().join("reference");
+    let t0 = std::time::Instant::now();
+    assert!(
+        Command::new(env!("CARGO_BIN_EXE_kd"))
+            .args(args(&reference))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let full = t0.elapsed();
+    let expected = outcome(&reference, dir.path());
+
+    let again = dir.path().join("again");
+    assert!(
+        Command::new(env!("CARGO_BIN_EXE_kd"))
+            .args(args(&again))
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        outcome(&again, dir.path()),
+        expected,
+        "same seed and config: bit-identical"
+    );
+
+    for (i, fraction) in [0.15, 0.45, 0.8].into_iter().enumerate() {
+        let run = dir.path().join(format!("killed{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kd"))
+            .args(args(&run))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(fraction));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let resumable = run.join("checkpoints/last.kdc").is_file();
+        let status = if resumable {
+            Command::new(env!("CARGO_BIN_EXE_kd"))
+                .args(["train", "--out", s(&run), "--resume", "--quiet"])
+                .status()
+        } else {
+            // Killed before the first epoch finished: nothing to resume, start over.
+            let _ = std::fs::remove_dir_all(&run);
+            Command::new(env!("CARGO_BIN_EXE_kd"))
+                .args(args(&run))
+                .status()
+        };
+        assert!(status.unwrap().success());
+        assert_eq!(
+            outcome(&run, dir.path()),
+            expected,
+            "killed at {fraction} of the run (resumable: {resumable})"
+        );
+    }
+}
