@@ -51,7 +51,8 @@ fn first_png(dir: &Path) -> PathBuf {
 fn bad_images_fail_before_training_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let cases: [(&str, Box<dyn Fn(&Path)>, &str); 3] = [
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: [(&str, Damage, &str); 3] = [
         (
             "corrupt",
             Box::new(|p: &Path| {
