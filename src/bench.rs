@@ -24,6 +24,8 @@ pub enum BenchMode {
     Train,
     /// Forward only, inference mode.
     Eval,
+    /// A distillation step: the teacher's inference forward plus the student's training step.
+    Distill,
 }
 
 /// Options of `kd bench`.
@@ -56,6 +58,12 @@ pub struct BenchArgs {
     /// Use the small-image stem.
     #[arg(long)]
     pub small_stem: bool,
+    /// Teacher architecture for --mode distill.
+    #[arg(long, default_value = "coatnet_0")]
+    pub teacher: String,
+    /// Teacher base width override for --mode distill.
+    #[arg(long)]
+    pub teacher_width: Option<usize>,
     /// Instead of a model, measure decode + augment images/s of this image folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -140,15 +148,40 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
     let mut times = Vec::new();
     match a.mode {
-        BenchMode::Train => {
+        BenchMode::Train | BenchMode::Distill => {
             let ad = device.clone().autodiff();
             let mut model = spec.build(a.classes, s, &ad)?;
+            let teacher = match a.mode {
+                BenchMode::Distill => Some(
+                    ModelSpec {
+                        name: a.teacher.clone(),
+                        width: a.teacher_width,
+                        stem: None,
+                    }
+                    .build(a.classes, s, &device)?
+                    .valid(),
+                ),
+                _ => None,
+            };
+            let kd = crate::losses::KdConfig::default().build();
             let mut optim = AdamConfig::new().init();
             for step in 0..a.warmup + a.steps {
-                let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &ad);
+                let data: Vec<f32> = (0..b * 3 * s * s)
+                    .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+                    .collect();
+                let x = Tensor::<4>::from_data(TensorData::new(data.clone(), [b, 3, s, s]), &ad);
                 let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
                 let t0 = Instant::now();
-                let loss = cross_entropy(model.forward(x), y);
+                let logits = model.forward(x);
+                let loss = match &teacher {
+                    Some(t) => {
+                        let tx =
+                            Tensor::<4>::from_data(TensorData::new(data, [b, 3, s, s]), &device);
+                        let tl = Tensor::<2>::from_data(t.forward(tx).into_data(), &ad);
+                        kd.loss(logits, tl, y).total
+                    }
+                    None => cross_entropy(logits, y),
+                };
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(1e-4, model, grads);
                 let _: f32 = loss.into_scalar();
@@ -173,15 +206,11 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     }
     let sps = median(times);
     Ok(BenchResult {
-        what: format!(
-            "{} {}",
-            a.model,
-            if a.mode == BenchMode::Train {
-                "train step"
-            } else {
-                "inference"
-            }
-        ),
+        what: match a.mode {
+            BenchMode::Train => format!("{} train step", a.model),
+            BenchMode::Eval => format!("{} inference", a.model),
+            BenchMode::Distill => format!("{} -> {} distillation step", a.teacher, a.model),
+        },
         device: "flex (CPU)".into(),
         batch: b,
         image_size: s,

@@ -13,14 +13,21 @@ use proptest::prelude::*;
 
 fn real_png() -> Vec<u8> {
     let dir = common::mnist().join("3");
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     files.sort();
     std::fs::read(&files[0]).unwrap()
 }
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200),
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
         failure_persistence: None,
         ..ProptestConfig::default()
     }
