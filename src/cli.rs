@@ -633,15 +633,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn check_classes(run: &Run, classes: &[String], dir: &Path) -> Result<()> {
     if run.classes != classes {
-        let missing: Vec<_> = classes
-            .iter()
-            .filter(|c| !run.classes.contains(c))
-            .collect();
-        let extra: Vec<_> = run
-            .classes
-            .iter()
-            .filter(|c| !classes.contains(c))
-            .collect();
+        let (missing, extra) = crate::data::folder::class_difference(classes, &run.classes);
         bail!(
             "{} has other classes than run {} (data only: {missing:?}, run only: {extra:?}): evaluate on data with the run's classes",
             dir.display(),

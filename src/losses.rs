@@ -86,73 +86,38 @@ impl KdConfig {
 
     /// The loss object for these settings.
     pub fn build(&self) -> Box<dyn DistillLoss> {
-        let soft = SoftTargets {
+        Box::new(SoftTargets {
             temperature: self.temperature,
             alpha: self.alpha,
-        };
-        match self.loss {
-            KdLossKind::Hinton => Box::new(Hinton(soft)),
-            KdLossKind::Seed => Box::new(SeedLoss(soft)),
-        }
+            kind: self.loss,
+        })
     }
 }
 
-/// Shared soft-target computation.
+/// Soft-target distillation, `alpha * T^2 * KL / norm + (1 - alpha) * CE`. Hinton's loss
+/// averages KL per sample (`norm = batch`); the tutorial's `KLDivLoss()` averages over
+/// batch and classes and doubles it (`norm = batch * classes / 2`).
 #[derive(Debug, Clone, Copy)]
 struct SoftTargets {
     temperature: f64,
     alpha: f64,
+    kind: KdLossKind,
 }
 
-impl SoftTargets {
-    /// Sum over batch and classes of `p_t * (log p_t - log p_s)` at temperature T.
-    fn kl_sum(&self, student: Tensor<2>, teacher: Tensor<2>) -> Tensor<1> {
-        let t = self.temperature;
-        let log_ps = log_softmax(student.div_scalar(t), 1);
+impl DistillLoss for SoftTargets {
+    fn loss(&self, student: Tensor<2>, teacher: Tensor<2>, labels: Tensor<1, Int>) -> LossParts {
+        let (t, alpha) = (self.temperature, self.alpha);
+        let [batch, classes] = student.dims();
+        let norm = match self.kind {
+            KdLossKind::Hinton => batch as f64,
+            KdLossKind::Seed => (batch * classes) as f64 / 2.0,
+        };
+        // Sum over batch and classes of p_t * (log p_t - log p_s) at temperature T.
+        let log_ps = log_softmax(student.clone().div_scalar(t), 1);
         let teacher = teacher.div_scalar(t);
         let log_pt = log_softmax(teacher.clone(), 1);
-        let pt = softmax(teacher, 1);
-        (pt * (log_pt - log_ps)).sum()
-    }
-}
-
-/// Hinton's loss with KL averaged per sample.
-struct Hinton(SoftTargets);
-
-impl DistillLoss for Hinton {
-    fn loss(&self, student: Tensor<2>, teacher: Tensor<2>, labels: Tensor<1, Int>) -> LossParts {
-        let SoftTargets {
-            temperature: t,
-            alpha,
-        } = self.0;
-        let [batch, _] = student.dims();
-        let kd = self
-            .0
-            .kl_sum(student.clone(), teacher)
-            .mul_scalar(alpha * t * t / batch as f64);
-        let ce = cross_entropy(student, labels).mul_scalar(1.0 - alpha);
-        LossParts {
-            total: kd.clone() + ce.clone(),
-            kd,
-            ce,
-        }
-    }
-}
-
-/// The tutorial's loss (KLDivLoss 'mean' reduction, factor 2).
-struct SeedLoss(SoftTargets);
-
-impl DistillLoss for SeedLoss {
-    fn loss(&self, student: Tensor<2>, teacher: Tensor<2>, labels: Tensor<1, Int>) -> LossParts {
-        let SoftTargets {
-            temperature: t,
-            alpha,
-        } = self.0;
-        let [batch, classes] = student.dims();
-        let kd = self
-            .0
-            .kl_sum(student.clone(), teacher)
-            .mul_scalar(2.0 * alpha * t * t / (batch * classes) as f64);
+        let kl_sum = (softmax(teacher, 1) * (log_pt - log_ps)).sum();
+        let kd = kl_sum.mul_scalar(alpha * t * t / norm);
         let ce = cross_entropy(student, labels).mul_scalar(1.0 - alpha);
         LossParts {
             total: kd.clone() + ce.clone(),

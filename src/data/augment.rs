@@ -239,41 +239,37 @@ fn reflect(i: isize, n: usize) -> usize {
 /// GaussianBlur with a separable kernel and reflect padding.
 pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage {
     let k = gaussian_kernel(kernel_size, sigma);
-    let r = (kernel_size / 2) as isize;
     let (w, h) = (img.width, img.height);
-    let mut tmp = vec![0.0; img.data.len()];
-    for y in 0..h {
-        for x in 0..w {
-            let mut acc = [0.0f32; 3];
-            for (j, kv) in k.iter().enumerate() {
-                let sx = reflect(x as isize + j as isize - r, w);
-                let s = (y * w + sx) * 3;
-                for (a, v) in acc.iter_mut().zip(&img.data[s..s + 3]) {
-                    *a += kv * v;
-                }
-            }
-            tmp[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&acc);
-        }
+    let rows = blur_pass(&img.data, w, h, &k, true);
+    RgbImage {
+        width: w,
+        height: h,
+        data: blur_pass(&rows, w, h, &k, false),
     }
-    let mut out = vec![0.0; img.data.len()];
+}
+
+/// One 1-D convolution pass of an HWC image along x (`horizontal`) or y.
+fn blur_pass(src: &[f32], w: usize, h: usize, k: &[f32], horizontal: bool) -> Vec<f32> {
+    let r = (k.len() / 2) as isize;
+    let mut out = vec![0.0; src.len()];
     for y in 0..h {
         for x in 0..w {
             let mut acc = [0.0f32; 3];
             for (j, kv) in k.iter().enumerate() {
-                let sy = reflect(y as isize + j as isize - r, h);
-                let s = (sy * w + x) * 3;
-                for (a, v) in acc.iter_mut().zip(&tmp[s..s + 3]) {
+                let offset = j as isize - r;
+                let s = if horizontal {
+                    y * w + reflect(x as isize + offset, w)
+                } else {
+                    reflect(y as isize + offset, h) * w + x
+                } * 3;
+                for (a, v) in acc.iter_mut().zip(&src[s..s + 3]) {
                     *a += kv * v;
                 }
             }
             out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&acc);
         }
     }
-    RgbImage {
-        width: w,
-        height: h,
-        data: out,
-    }
+    out
 }
 
 fn gray(p: &[f32]) -> f32 {

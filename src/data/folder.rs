@@ -39,6 +39,15 @@ pub fn is_image_file(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Classes only in `a` and only in `b` (for error messages about mismatched class sets).
+pub fn class_difference<'a>(
+    a: &'a [String],
+    b: &'a [String],
+) -> (Vec<&'a String>, Vec<&'a String>) {
+    let only = |x: &'a [String], y: &'a [String]| x.iter().filter(|c| !y.contains(c)).collect();
+    (only(a, b), only(b, a))
+}
+
 /// Sorted names of the sub-folders of `root` (the class names).
 pub fn class_names(root: &Path) -> Result<Vec<String>> {
     if !root.exists() {

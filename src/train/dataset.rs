@@ -29,16 +29,8 @@ pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
         let train = ImageFolder::scan(&train_dir)?;
         let val = ImageFolder::scan(&val_dir)?;
         if train.classes != val.classes {
-            let only_train: Vec<_> = train
-                .classes
-                .iter()
-                .filter(|c| !val.classes.contains(c))
-                .collect();
-            let only_val: Vec<_> = val
-                .classes
-                .iter()
-                .filter(|c| !train.classes.contains(c))
-                .collect();
+            let (only_train, only_val) =
+                crate::data::folder::class_difference(&train.classes, &val.classes);
             bail!(
                 "{} and {} have different classes (only in train: {only_train:?}, only in val: {only_val:?}): give both the same class folders",
                 train_dir.display(),

@@ -47,15 +47,7 @@ impl Teacher {
             }
         }
         if run.classes != classes {
-            let missing: Vec<_> = classes
-                .iter()
-                .filter(|c| !run.classes.contains(c))
-                .collect();
-            let extra: Vec<_> = run
-                .classes
-                .iter()
-                .filter(|c| !classes.contains(c))
-                .collect();
+            let (missing, extra) = crate::data::folder::class_difference(classes, &run.classes);
             bail!(
                 "teacher {} was trained on other classes than {} (data only: {missing:?}, teacher only: {extra:?}{}): train the teacher on the same class folders",
                 tc.run.display(),
