@@ -271,7 +271,7 @@ struct CompareArgs {
     /// Run folders.
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// Folder for accuracy.png, loss.png, results.md and results.json.
+    /// Folder for accuracy.png, loss.png, train_loss.png, results.md and results.json.
     #[arg(long)]
     out: PathBuf,
 }
@@ -381,7 +381,7 @@ impl Cli {
                 let rows = crate::compare::compare(&a.runs, &a.out)?;
                 print!("{}", crate::compare::results_table(&rows));
                 println!(
-                    "wrote {} (results.md, results.json, accuracy.png, loss.png)",
+                    "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
                     a.out.display()
                 );
                 Ok(())

@@ -81,14 +81,16 @@ fn inference_speed(run: &Run) -> Result<f64> {
     Ok(32.0 / times[times.len() / 2])
 }
 
-/// Compares runs: writes `accuracy.png`, `loss.png`, `results.md` and `results.json` into `out`.
+/// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
+/// `results.md` and `results.json` into `out`.
 pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
     if runs.is_empty() {
         bail!("no runs given: pass one or more run folders");
     }
     let opened: Vec<Run> = runs.iter().map(|r| Run::open(r)).collect::<Result<_>>()?;
     let mut rows = Vec::new();
-    let (mut acc_series, mut loss_series) = (Vec::new(), Vec::new());
+    let (mut acc_series, mut val_loss_series, mut train_loss_series) =
+        (Vec::new(), Vec::new(), Vec::new());
     for run in &opened {
         let history: Vec<EpochMetrics> = read_json(&run.dir.join("metrics.json"))?;
         if history.is_empty() {
@@ -115,27 +117,13 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             training_seconds: history.iter().map(|m| m.seconds).sum(),
             inference_images_per_second: inference_speed(run)?,
         });
-        acc_series.push(Series {
+        let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
-            points: history
-                .iter()
-                .map(|m| (m.epoch as f64, m.val_accuracy * 100.0))
-                .collect(),
-        });
-        loss_series.push(Series {
-            label: format!("{label} train"),
-            points: history
-                .iter()
-                .map(|m| (m.epoch as f64, m.train_loss))
-                .collect(),
-        });
-        loss_series.push(Series {
-            label: format!("{label} val"),
-            points: history
-                .iter()
-                .map(|m| (m.epoch as f64, m.val_loss))
-                .collect(),
-        });
+            points: history.iter().map(|m| (m.epoch as f64, f(m))).collect(),
+        };
+        acc_series.push(series(|m| m.val_accuracy * 100.0));
+        val_loss_series.push(series(|m| m.val_loss));
+        train_loss_series.push(series(|m| m.train_loss));
     }
     ensure_dir(out)?;
     curves_png(
@@ -144,7 +132,19 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
         "accuracy (%)",
         &acc_series,
     )?;
-    curves_png(&out.join("loss.png"), "loss", "loss", &loss_series)?;
+    curves_png(
+        &out.join("loss.png"),
+        "validation loss (cross-entropy)",
+        "loss",
+        &val_loss_series,
+    )?;
+    // Not comparable across runs: a KD run's objective includes the soft-target term.
+    curves_png(
+        &out.join("train_loss.png"),
+        "training loss (each run's objective)",
+        "loss",
+        &train_loss_series,
+    )?;
     write_json(&out.join("results.json"), &rows)?;
     write_atomic(&out.join("results.md"), results_table(&rows).as_bytes())?;
     Ok(rows)

@@ -250,7 +250,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool) -> Result<Vec<RunRow>> {
     let rows = compare(&runs, &report)?;
     println!("\n{}", results_table(&rows));
     println!(
-        "report: {} (results.md, accuracy.png, loss.png)",
+        "report: {} (results.md, accuracy.png, loss.png, train_loss.png)",
         report.display()
     );
     Ok(rows)

@@ -278,7 +278,13 @@ alpha = 0.5
         );
     }
     assert!(first.contains("student with KD"), "{first}");
-    for f in ["results.md", "results.json", "accuracy.png", "loss.png"] {
+    for f in [
+        "results.md",
+        "results.json",
+        "accuracy.png",
+        "loss.png",
+        "train_loss.png",
+    ] {
         assert!(out.join("report").join(f).is_file(), "{f}");
     }
     image::open(out.join("report/accuracy.png")).expect("readable PNG");

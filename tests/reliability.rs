@@ -420,4 +420,38 @@ fn same_seed_is_bit_identical_and_kill_9_then_resume_ends_the_same() {
             "killed at {fraction} of the run (resumable: {resumable})"
         );
     }
+
+    // Ctrl-C (SIGINT): stops after the current batch with a resumable mid-epoch state.
+    let run = dir.path().join("interrupted");
+    let child = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(args(&run))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(full.mul_f64(0.6));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("run finished before the interrupt arrived; nothing to resume");
+    } else {
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        assert!(
+            stderr.contains("interrupted at epoch") && stderr.contains("--resume"),
+            "{stderr}"
+        );
+        let status = Command::new(env!("CARGO_BIN_EXE_kd"))
+            .args(["train", "--out", s(&run), "--resume", "--quiet"])
+            .status();
+        assert!(status.unwrap().success());
+    }
+    assert_eq!(
+        outcome(&run, dir.path()),
+        expected,
+        "interrupted with Ctrl-C, then resumed"
+    );
 }
