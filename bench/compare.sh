@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Side-by-side throughput of kd (Burn) and PyTorch on this machine, same models and
+# settings, one after the other. Needs a Python with torch and torchvision:
+#   PYTHON=/path/to/python bench/compare.sh
+# Prints a markdown table with the ratio kd / PyTorch. CASES_FILE=path replaces the list of
+# "model mode batch size" lines below (e.g. "coatnet_2 train 16 224").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+STEPS=${STEPS:-5}
+cargo build --release --quiet
+KD=target/release/kd
+field() { "$PYTHON" -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+default_cases() {
+  cat <<'CASES'
+resnet18 train 64 64
+resnet18 train 128 32
+resnet18 train 16 224
+resnet18 eval 16 224
+coatnet_0 train 16 224
+CASES
+}
+echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |"
+echo "|---|---:|---:|---:|---:|---:|"
+{ if [ -n "${CASES_FILE:-}" ]; then cat "$CASES_FILE"; else default_cases; fi; } |
+while read -r model mode batch size; do
+  [ -z "$model" ] && continue
+  kd_ips=$($KD bench --model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS" --json | field images_per_second)
+  pt_ips=$("$PYTHON" bench/pytorch_reference.py --model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS" | field images_per_second)
+  ratio=$("$PYTHON" -c "print(f'{$kd_ips / $pt_ips:.2f}x')")
+  printf '| %s %s | %s | %s | %.1f | %.1f | %s |\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio"
+done
