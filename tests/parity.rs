@@ -191,3 +191,29 @@ fn kd_losses_match_pytorch_values_and_gradients() {
         }
     }
 }
+
+#[test]
+fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
+    // Written by `torch.save(state_dict)` from the same weights as resnet_tiny.safetensors.
+    let fx = read_safetensors(&fixture("resnet_tiny.safetensors"));
+    let device = Device::flex();
+    let spec = ModelSpec {
+        name: "resnet18".into(),
+        width: Some(8),
+        stem: None,
+    };
+    let mut net = spec.build(12, 64, &device).unwrap();
+    weights::load_pytorch(&mut net, &fixture("resnet_tiny_state_dict.pth")).unwrap();
+    let (x, _) = input(&fx, &device);
+    let err = rel_err(&values(net.forward(x)), &fx["expected_logits_eval"].data);
+    assert!(err < 1e-4, "eval logits from .pth rel err {err}");
+
+    // `torch.save(model)` pickles the whole module: refused with the fix.
+    let mut net = spec.build(12, 64, &device).unwrap();
+    let err = weights::load_pytorch(&mut net, &fixture("whole_tiny_module.pth")).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("whole_tiny_module.pth") && msg.contains("state_dict"),
+        "{msg}"
+    );
+}

@@ -194,8 +194,14 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
     };
     if result.applied.is_empty() {
         bail!(
-            "no weight in {} matches this model: check the architecture and key names",
-            path.display()
+            "no weight in {} matches this model: check the architecture and key names{}",
+            path.display(),
+            if ext == "safetensors" {
+                ""
+            } else {
+                "; if the file holds a whole pickled model (torch.save(model)), save its state dict \
+                 instead: torch.save(model.state_dict(), 'weights.pth')"
+            }
         );
     }
     check_complete_torch(result, path)
