@@ -216,7 +216,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     let ad = device.clone().autodiff();
     ad.seed(config.seed);
     let mut model = config.model.build(n_classes, config.image_size, &ad)?;
-    if let Some(init) = &config.init_from {
+    if let (Some(init), None) = (&config.init_from, &resumed) {
         weights::load_pytorch(&mut model, init)?;
     }
     let mut optim = AdamConfig::new().init();
