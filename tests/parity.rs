@@ -2,10 +2,9 @@
 
 mod common;
 
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::*;
-use kd::losses::{KdConfig, KdLossKind, cross_entropy};
+use kd::losses::{KdConfig, KdLossKind};
 use kd::models::{ModelSpec, Network, param_count, weights};
 use kd::schedule::CosineSchedule;
 
@@ -20,77 +19,16 @@ fn tiny_resnet(device: &Device) -> Network {
     net
 }
 
-fn input(
-    fx: &std::collections::HashMap<String, Tensor64>,
-    device: &Device,
-) -> (Tensor<4>, Tensor<1, Int>) {
-    let x = &fx["input"];
-    let data: Vec<f32> = x.data.iter().map(|&v| v as f32).collect();
-    let images = Tensor::from_data(TensorData::new(data, x.shape.clone()), device);
-    let labels: Vec<i64> = fx["labels"].data.iter().map(|&v| v as i64).collect();
-    let n = labels.len();
-    (
-        images,
-        Tensor::from_data(TensorData::new(labels, [n]), device),
-    )
-}
-
 #[test]
 fn resnet_tiny_matches_torchvision_in_eval_and_train_mode() {
-    let fx = read_safetensors(&fixture("resnet_tiny.safetensors"));
-    let device = Device::flex();
-
-    // Eval mode: BatchNorm running statistics.
-    let net = tiny_resnet(&device);
-    assert_eq!(param_count(&net), 177_492);
-    let (x, _) = input(&fx, &device);
-    let eval = values(net.forward(x));
-    let err = rel_err(&eval, &fx["expected_logits_eval"].data);
-    assert!(err < 1e-4, "eval logits rel err {err}");
-
-    // Train mode: batch statistics, loss and gradients.
-    let ad = device.clone().autodiff();
-    let net = tiny_resnet(&ad);
-    let (x, y) = input(&fx, &ad);
-    let logits = net.forward(x);
-    let err = rel_err(&values(logits.clone()), &fx["expected_logits_train"].data);
-    assert!(err < 1e-4, "train logits rel err {err}");
-    let loss = cross_entropy(logits, y);
-    let err = rel_err(&values(loss.clone()), &fx["expected_loss_train"].data);
-    assert!(err < 1e-4, "loss rel err {err}");
-
-    let grads = GradientsParams::from_grads(loss.backward(), &net);
-    let named = named_grads(&net, &grads);
-    let mut checked = 0;
-    for (key, expected) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
-        let torch = &key["grad.".len()..];
-        let burn_name = format!(
-            "ResNet.{}",
-            torch
-                .replace("downsample.0", "downsample.conv")
-                .replace("downsample.1", "downsample.bn")
-                .replace("bn2.weight", "bn2.gamma")
-        );
-        let (shape, actual) = named
-            .get(&burn_name)
-            .or_else(|| named.get(&burn_name["ResNet.".len()..]))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no gradient for {burn_name}; have {:?}",
-                    named.keys().take(5).collect::<Vec<_>>()
-                )
-            });
-        // Burn stores Linear weights as [in, out], PyTorch as [out, in].
-        let actual = if torch == "fc.weight" {
-            let (i, o) = (shape[0], shape[1]);
-            (0..o * i).map(|k| actual[(k % i) * o + k / i]).collect()
-        } else {
-            actual.clone()
-        };
-        let err = rel_err(&actual, &expected.data);
-        assert!(err < 1e-4, "grad {torch} rel err {err}");
-        checked += 1;
-    }
+    assert_eq!(param_count(&tiny_resnet(&Device::flex())), 177_492);
+    let checked = check_fixture_parity("resnet_tiny.safetensors", tiny_resnet, |torch| {
+        let name = torch
+            .replace("downsample.0", "downsample.conv")
+            .replace("downsample.1", "downsample.bn")
+            .replace("bn2.weight", "bn2.gamma");
+        (name, torch == "fc.weight")
+    });
     assert_eq!(checked, 5, "all listed gradients checked");
 }
 
@@ -204,7 +142,7 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     };
     let mut net = spec.build(12, 64, &device).unwrap();
     weights::load_pytorch(&mut net, &fixture("resnet_tiny_state_dict.pth")).unwrap();
-    let (x, _) = input(&fx, &device);
+    let (x, _) = fixture_input(&fx, &device);
     let err = rel_err(&values(net.forward(x)), &fx["expected_logits_eval"].data);
     assert!(err < 1e-4, "eval logits from .pth rel err {err}");
 

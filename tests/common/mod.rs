@@ -171,3 +171,74 @@ pub fn mnist_subset(dst: &Path, classes: usize, per_class: usize) {
         }
     }
 }
+
+/// The fixture's `input` images and `labels` as tensors on `device`.
+pub fn fixture_input(
+    fx: &HashMap<String, Tensor64>,
+    device: &burn::tensor::Device,
+) -> (Tensor<4>, Tensor<1, burn::tensor::Int>) {
+    use burn::tensor::TensorData;
+    let x = &fx["input"];
+    let data: Vec<f32> = x.data.iter().map(|&v| v as f32).collect();
+    let images = Tensor::from_data(TensorData::new(data, x.shape.clone()), device);
+    let labels: Vec<i64> = fx["labels"].data.iter().map(|&v| v as i64).collect();
+    let n = labels.len();
+    (
+        images,
+        Tensor::from_data(TensorData::new(labels, [n]), device),
+    )
+}
+
+/// Checks a network against a PyTorch parity fixture: eval-mode logits (plain device,
+/// BatchNorm running statistics), train-mode logits, the loss and every `grad.*` tensor,
+/// each within 1e-4 relative error. `build` makes the network with the fixture's weights on
+/// a device; `kd_name` maps a PyTorch parameter name to kd's path and whether it is a Linear
+/// weight (stored transposed, [in, out], in Burn). Returns the number of gradients checked.
+pub fn check_fixture_parity(
+    file: &str,
+    build: impl Fn(&burn::tensor::Device) -> kd::models::Network,
+    kd_name: impl Fn(&str) -> (String, bool),
+) -> usize {
+    let fx = read_safetensors(&fixture(file));
+    let device = burn::tensor::Device::flex();
+    let (x, _) = fixture_input(&fx, &device);
+    let err = rel_err(
+        &values(build(&device).forward(x)),
+        &fx["expected_logits_eval"].data,
+    );
+    assert!(err < 1e-4, "{file}: eval logits rel err {err}");
+
+    let ad = device.autodiff();
+    let net = build(&ad);
+    let (x, y) = fixture_input(&fx, &ad);
+    let logits = net.forward(x);
+    let err = rel_err(&values(logits.clone()), &fx["expected_logits_train"].data);
+    assert!(err < 1e-4, "{file}: train logits rel err {err}");
+    let loss = kd::losses::cross_entropy(logits, y);
+    let err = rel_err(&values(loss.clone()), &fx["expected_loss_train"].data);
+    assert!(err < 1e-4, "{file}: loss rel err {err}");
+
+    let grads = GradientsParams::from_grads(loss.backward(), &net);
+    let named = named_grads(&net, &grads);
+    let mut checked = 0;
+    for (key, expected) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let torch = &key["grad.".len()..];
+        let (name, transposed) = kd_name(torch);
+        let (shape, actual) = named
+            .iter()
+            // Paths start with the `Network` variant: "ResNet.conv1.weight".
+            .find(|(k, _)| *k == &name || k.split_once('.').map(|(_, rest)| rest) == Some(&name))
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("{file}: no gradient for {name}"));
+        let actual: Vec<f64> = if transposed {
+            let (i, o) = (shape[0], shape[1]);
+            (0..o * i).map(|k| actual[(k % i) * o + k / i]).collect()
+        } else {
+            actual.clone()
+        };
+        let err = rel_err(&actual, &expected.data);
+        assert!(err < 1e-4, "{file}: grad {torch} rel err {err}");
+        checked += 1;
+    }
+    checked
+}
