@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::io::{ensure_dir, read_json, write_atomic, write_json};
-use crate::models::param_count;
+use crate::models::{Network, param_count};
 use crate::report::{Series, curves_png};
 use crate::run::Run;
 use crate::train::{EpochMetrics, default_device};
@@ -64,13 +64,11 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn inference_speed(run: &Run) -> Result<f64> {
-    let device = default_device();
-    let net = run.load_network("best", &device)?;
-    let s = run.config.image_size;
+/// Median images/s of batch-32 inference at `s` x `s` on `device`.
+fn inference_speed(net: &Network, s: usize, device: &Device) -> f64 {
     let mut times = Vec::new();
     for i in 0..4 {
-        let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), device);
         let t0 = Instant::now();
         let _ = net.forward(x).into_data();
         if i > 0 {
@@ -78,7 +76,7 @@ fn inference_speed(run: &Run) -> Result<f64> {
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok(32.0 / times[times.len() / 2])
+    32.0 / times[times.len() / 2]
 }
 
 /// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
@@ -115,7 +113,7 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             final_accuracy: history.last().expect("non-empty").val_accuracy,
             macro_f1: best.val_macro_f1,
             training_seconds: history.iter().map(|m| m.seconds).sum(),
-            inference_images_per_second: inference_speed(run)?,
+            inference_images_per_second: inference_speed(&net, run.config.image_size, &device),
         });
         let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
