@@ -10,7 +10,18 @@ use crate::losses::cross_entropy;
 use crate::metrics::{ConfusionMatrix, Evaluation};
 use crate::models::Network;
 
-/// Images of a batch as a tensor on `device`.
+/// Moves a batch's images into a tensor on `device` (no copy of the pixel array; the
+/// batch keeps its labels and indices).
+pub fn take_images_tensor(batch: &mut Batch, device: &Device) -> Tensor<4> {
+    let (h, w) = batch.size;
+    let n = batch.len();
+    Tensor::from_data(
+        TensorData::new(std::mem::take(&mut batch.images), [n, 3, h, w]),
+        device,
+    )
+}
+
+/// Images of a batch as a tensor on `device` (a copy; the batch keeps its images).
 pub fn images_tensor(batch: &Batch, device: &Device) -> Tensor<4> {
     let (h, w) = batch.size;
     Tensor::from_data(
@@ -44,8 +55,8 @@ pub fn evaluate(
     let mut confusion = ConfusionMatrix::new(classes.len());
     let mut loss_sum = 0.0f64;
     for batch in loader.epoch(0, 0) {
-        let batch = batch?;
-        let logits = net.forward(images_tensor(&batch, device));
+        let mut batch = batch?;
+        let logits = net.forward(take_images_tensor(&mut batch, device));
         let loss: f32 = cross_entropy(logits.clone(), labels_tensor(&batch, device)).into_scalar();
         loss_sum += f64::from(loss) * batch.len() as f64;
         for (row, &label) in logits_rows(logits)?.iter().zip(&batch.labels) {
@@ -95,8 +106,8 @@ pub fn predict(
 ) -> Result<Vec<Prediction>> {
     let mut out = Vec::with_capacity(loader.len());
     for batch in loader.epoch(0, 0) {
-        let batch = batch?;
-        let probs = softmax(net.forward(images_tensor(&batch, device)), 1);
+        let mut batch = batch?;
+        let probs = softmax(net.forward(take_images_tensor(&mut batch, device)), 1);
         for (row, &i) in logits_rows(probs)?.iter().zip(&batch.indices) {
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));

@@ -29,7 +29,7 @@ pub use metrics::EpochMetrics;
 pub use teacher::Teacher;
 
 use crate::data::{Batch, Loader, Transform, channel_stats};
-use crate::eval::{evaluate, images_tensor, labels_tensor};
+use crate::eval::{evaluate, labels_tensor, take_images_tensor};
 use crate::io::{ensure_dir, write_atomic, write_json};
 use crate::losses::cross_entropy;
 use crate::metrics::Evaluation;
@@ -80,11 +80,12 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// The loss to minimise, and its (KD, CE) parts for distillation.
-    fn loss(&self, model: &Network, batch: &Batch) -> (Tensor<1>, Option<(f32, f32)>) {
-        let logits = model.forward(images_tensor(batch, self.device));
+    /// The loss to minimise, and its (KD, CE) parts for distillation. Consumes the batch's
+    /// images (moved into the student's input tensor).
+    fn loss(&self, model: &Network, batch: &mut Batch) -> (Tensor<1>, Option<(f32, f32)>) {
         let labels = labels_tensor(batch, self.device);
         let Some(t) = self.teacher else {
+            let logits = model.forward(take_images_tensor(batch, self.device));
             return (cross_entropy(logits, labels), None);
         };
         let t_logits = match self.cache {
@@ -99,8 +100,10 @@ impl Step<'_> {
                     self.device,
                 )
             }
+            // The teacher sees exactly the student's (augmented) images.
             None => Tensor::from_data(t.logits(batch).into_data(), self.device),
         };
+        let logits = model.forward(take_images_tensor(batch, self.device));
         let p = t.loss.loss(logits, t_logits, labels);
         let parts = (p.kd.into_scalar(), p.ce.into_scalar());
         (p.total, Some(parts))
@@ -277,8 +280,8 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             device: &ad,
         };
         for batch in train_loader.epoch(epoch, progress.batches) {
-            let batch = batch?;
-            let (loss, parts) = step.loss(&model, &batch);
+            let mut batch = batch?;
+            let (loss, parts) = step.loss(&model, &mut batch);
             let mut value: f32 = loss.clone().into_scalar();
             progress.batches += 1;
             if fault_nan_at() == Some(epoch * train_loader.num_batches() + progress.batches) {
