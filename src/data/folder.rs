@@ -109,15 +109,6 @@ impl ImageFolder {
             skipped,
         })
     }
-
-    /// Number of images in each class.
-    pub fn class_counts(&self) -> Vec<usize> {
-        let mut counts = vec![0; self.classes.len()];
-        for s in &self.samples {
-            counts[s.label] += 1;
-        }
-        counts
-    }
 }
 
 /// Recursively collects image files; follows symlinks but never enters a folder twice.
