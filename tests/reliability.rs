@@ -33,6 +33,15 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
     v
 }
 
+/// Runs `kd` with one fault-injection variable set.
+fn kd_with_fault(args: &[&str], var: &str, value: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(args)
+        .env(var, value)
+        .output()
+        .unwrap()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -254,11 +263,11 @@ fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
     let data = dir.path().join("d");
     mnist_subset(&data, 2, 8);
     let out = dir.path().join("run");
-    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
-        .args(train_args(s(&data), s(&out), &["--epochs", "1"]))
-        .env("KD_FAULT_DISK_FULL", "best.bpk")
-        .output()
-        .unwrap();
+    let res = kd_with_fault(
+        &train_args(s(&data), s(&out), &["--epochs", "1"]),
+        "KD_FAULT_DISK_FULL",
+        "best.bpk",
+    );
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
     assert!(
@@ -282,11 +291,11 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
     let data = dir.path().join("d");
     mnist_subset(&data, 2, 24); // 34 training images: 3 batches of 16 per epoch
     let stop = dir.path().join("stop");
-    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
-        .args(train_args(s(&data), s(&stop), &["--epochs", "2"]))
-        .env("KD_FAULT_NAN_AT_BATCH", "5")
-        .output()
-        .unwrap();
+    let res = kd_with_fault(
+        &train_args(s(&data), s(&stop), &["--epochs", "2"]),
+        "KD_FAULT_NAN_AT_BATCH",
+        "5",
+    );
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(
         !res.status.success() && stderr.contains("NaN at epoch 2 batch 2"),
@@ -298,15 +307,15 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
     assert_eq!(m.len(), 1);
 
     let skip = dir.path().join("skip");
-    let res = Command::new(env!("CARGO_BIN_EXE_kd"))
-        .args(train_args(
+    let res = kd_with_fault(
+        &train_args(
             s(&data),
             s(&skip),
             &["--epochs", "2", "--nan-policy", "skip-batch"],
-        ))
-        .env("KD_FAULT_NAN_AT_BATCH", "5")
-        .output()
-        .unwrap();
+        ),
+        "KD_FAULT_NAN_AT_BATCH",
+        "5",
+    );
     assert!(
         res.status.success(),
         "{}",
