@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod compare;
+pub mod conv;
 pub mod data;
 pub mod eval;
 pub mod io;

@@ -10,6 +10,8 @@
 use anyhow::{Result, bail};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+
+use crate::conv::conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -259,7 +261,7 @@ impl ConvBn {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        gelu(self.bn.forward(self.conv.forward(x)))
+        gelu(self.bn.forward(conv2d(&self.conv, x)))
     }
 }
 
@@ -327,14 +329,14 @@ impl MbConv {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match (&self.pool, &self.proj) {
-            (Some(pool), Some(proj)) => proj.forward(pool.forward(x.clone())),
+            (Some(pool), Some(proj)) => conv2d(proj, pool.forward(x.clone())),
             _ => x.clone(),
         };
         let y = self.pre_norm.forward(x);
-        let y = gelu(self.expand_bn.forward(self.expand_conv.forward(y)));
-        let y = gelu(self.dw_bn.forward(self.dw_conv.forward(y)));
+        let y = gelu(self.expand_bn.forward(conv2d(&self.expand_conv, y)));
+        let y = gelu(self.dw_bn.forward(conv2d(&self.dw_conv, y)));
         let y = self.se.forward(y);
-        let y = self.project_bn.forward(self.project_conv.forward(y));
+        let y = self.project_bn.forward(conv2d(&self.project_conv, y));
         shortcut + y
     }
 }
@@ -472,7 +474,7 @@ impl TransformerBlock {
         let (shortcut, x) = match (&self.pool, &self.proj) {
             (Some(pool), Some(proj)) => {
                 let pooled = pool.forward(x);
-                (proj.forward(pooled.clone()), pooled)
+                (conv2d(proj, pooled.clone()), pooled)
             }
             _ => (x.clone(), x),
         };

@@ -1,0 +1,438 @@
+//! The f32 kernels behind [`super::GemmConv`] on the flex backend: im2col, col2im, layout
+//! permutes (all parallel over rows with rayon) and the `gemm` crate for the products.
+
+use burn::backend::TensorMetadata;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{Bytes, DType, Shape};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Shapes, stride and padding of one convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_channels: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    out_height: usize,
+    out_width: usize,
+}
+
+impl Geometry {
+    /// The geometry of `x [B, C, H, W]` convolved with `weight [O, C, kh, kw]`.
+    pub fn new<T: TensorMetadata>(
+        x: &T,
+        weight: &T,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> Self {
+        let [batch, channels, height, width] = x.shape().dims();
+        let [out_channels, weight_channels, kh, kw] = weight.shape().dims();
+        assert_eq!(
+            channels, weight_channels,
+            "gemm_conv2d: input has {channels} channels, weight expects {weight_channels}"
+        );
+        let out = |size: usize, k: usize, s: usize, p: usize| {
+            assert!(
+                size + 2 * p >= k,
+                "gemm_conv2d: kernel {k} larger than padded input"
+            );
+            (size + 2 * p - k) / s + 1
+        };
+        Self {
+            batch,
+            channels,
+            height,
+            width,
+            out_channels,
+            kernel: [kh, kw],
+            stride,
+            padding,
+            out_height: out(height, kh, stride[0], padding[0]),
+            out_width: out(width, kw, stride[1], padding[1]),
+        }
+    }
+
+    /// Rows of the im2col matrix: `C · kh · kw`.
+    fn rows(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output pixels of one image.
+    fn out_plane(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    /// Output positions `o` (along one axis) whose input index `o·s + k − p` is inside `0..size`.
+    fn valid(out: usize, size: usize, k: usize, s: usize, p: usize) -> (usize, usize) {
+        // o·s + k ≥ p  and  o·s + k − p ≤ size − 1
+        let lo = p.saturating_sub(k).div_ceil(s);
+        let hi = if size + p > k {
+            ((size + p - k - 1) / s + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+fn f32_data(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "gemm_conv2d runs in f32 only");
+    t.to_contiguous()
+}
+
+fn tensor(data: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(Shape::new(dims)),
+        DType::F32,
+    )
+}
+
+/// Floats in one chunk's im2col matrix (about 2 MiB, so that it stays in cache while the
+/// GEMM reads it).
+const CHUNK_FLOATS: usize = 1 << 19;
+
+/// A run of whole images `first..first + count` processed together.
+#[derive(Clone, Copy)]
+struct Chunk {
+    first: usize,
+    count: usize,
+}
+
+impl Geometry {
+    /// Images per chunk: as many as fit in [`CHUNK_FLOATS`] of im2col, at least one.
+    fn images_per_chunk(&self) -> usize {
+        (CHUNK_FLOATS / (self.rows() * self.out_plane()).max(1)).clamp(1, self.batch.max(1))
+    }
+
+    /// Whether the GEMMs should use all threads themselves: only when there are fewer chunks
+    /// than threads to spread the chunks over.
+    fn gemm_in_parallel(&self) -> bool {
+        self.batch.div_ceil(self.images_per_chunk()) < rayon::current_num_threads()
+    }
+}
+
+/// im2col of one chunk into the zeroed `col [C·kh·kw, count·Ho·Wo]`:
+/// `col[(c, i, j), (b, oh, ow)] = x[first + b, c, oh·sh + i − ph, ow·sw + j − pw]` (0 outside).
+fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
+    let (plane, in_plane) = (g.out_plane(), g.height * g.width);
+    let n = chunk.count * plane;
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    for (row, dst) in col.chunks_mut(n).enumerate() {
+        let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+        let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
+        let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        for b in 0..chunk.count {
+            let src = &x[((chunk.first + b) * g.channels + c) * in_plane..][..in_plane];
+            let dst = &mut dst[b * plane..][..plane];
+            for oh in oh_lo..oh_hi {
+                let src_row = &src[(oh * sh + i - ph) * g.width..][..g.width];
+                let dst_row = &mut dst[oh * g.out_width..][..g.out_width];
+                if sw == 1 {
+                    let start = ow_lo + j - pw;
+                    dst_row[ow_lo..ow_hi].copy_from_slice(&src_row[start..start + ow_hi - ow_lo]);
+                } else {
+                    for ow in ow_lo..ow_hi {
+                        dst_row[ow] = src_row[ow * sw + j - pw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds one chunk's `dcol` into its images' gradient
+/// `dx [count, C, H, W]` (which starts at zero).
+fn col2im(dcol: &[f32], g: &Geometry, chunk: Chunk, dx: &mut [f32]) {
+    let (plane, in_plane) = (g.out_plane(), g.height * g.width);
+    let n = chunk.count * plane;
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    for (row, src) in dcol.chunks(n).enumerate() {
+        let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+        let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
+        let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        for b in 0..chunk.count {
+            let src = &src[b * plane..][..plane];
+            let dst = &mut dx[(b * g.channels + c) * in_plane..][..in_plane];
+            for oh in oh_lo..oh_hi {
+                let src_row = &src[oh * g.out_width..][..g.out_width];
+                let dst_row = &mut dst[(oh * sh + i - ph) * g.width..][..g.width];
+                if sw == 1 {
+                    let start = ow_lo + j - pw;
+                    let dst_run = &mut dst_row[start..start + ow_hi - ow_lo];
+                    for (d, s) in dst_run.iter_mut().zip(&src_row[ow_lo..ow_hi]) {
+                        *d += s;
+                    }
+                } else {
+                    for ow in ow_lo..ow_hi {
+                        dst_row[ow * sw + j - pw] += src_row[ow];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[A, B, P] → [B, A, P]` for contiguous blocks of `P` elements, into `dst`.
+fn swap_outer(src: &[f32], a: usize, b: usize, p: usize, dst: &mut [f32]) {
+    for bi in 0..b {
+        for ai in 0..a {
+            dst[(bi * a + ai) * p..][..p].copy_from_slice(&src[(ai * b + bi) * p..][..p]);
+        }
+    }
+}
+
+/// A strided matrix operand: `data[row · rs + col · cs]`.
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: isize,
+    cs: isize,
+}
+
+/// `dst[m × n] (+)= lhs[m × k] · rhs[k × n]`, `dst` row-major; adds to `dst` when
+/// `accumulate`. The product is computed in the orientation that puts the larger side on
+/// `gemm`'s row dimension, where it runs fastest.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n);
+    let parallelism = if parallel && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // Row-major dst: row stride n, column stride 1.
+    let (dst_rs, dst_cs) = (n as isize, 1isize);
+    // SAFETY: every operand slice covers the strided ranges that gemm reads or writes
+    // (checked by the callers' shapes); `dst` does not alias `lhs` or `rhs`.
+    unsafe {
+        if m >= n {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dst_cs,
+                dst_rs,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.cs,
+                lhs.rs,
+                rhs.data.as_ptr(),
+                rhs.cs,
+                rhs.rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        } else {
+            // dstᵀ[n × m] = rhsᵀ[n × k] · lhsᵀ[k × m]
+            gemm::gemm(
+                n,
+                m,
+                k,
+                dst.as_mut_ptr(),
+                dst_rs,
+                dst_cs,
+                accumulate,
+                rhs.data.as_ptr(),
+                rhs.rs,
+                rhs.cs,
+                lhs.data.as_ptr(),
+                lhs.rs,
+                lhs.cs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+}
+
+/// `y [B, O, Ho, Wo] = conv(x, weight)`, one chunk of images per rayon task.
+pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
+    let (x, weight) = (f32_data(x), f32_data(weight));
+    let (x, w) = (x.storage::<f32>(), weight.storage::<f32>());
+    let (k, o, plane) = (g.rows(), g.out_channels, g.out_plane());
+    let per_chunk = g.images_per_chunk();
+    let parallel = g.gemm_in_parallel();
+    let mut out = vec![0.0f32; g.batch * o * plane];
+    out.par_chunks_mut(per_chunk * o * plane)
+        .enumerate()
+        .for_each(|(index, out)| {
+            let chunk = Chunk {
+                first: index * per_chunk,
+                count: out.len() / (o * plane),
+            };
+            let n = chunk.count * plane;
+            let mut col = vec![0.0f32; k * n];
+            im2col(x, g, chunk, &mut col);
+            let w = Mat {
+                data: w,
+                rs: k as isize,
+                cs: 1,
+            };
+            let col = Mat {
+                data: &col,
+                rs: n as isize,
+                cs: 1,
+            };
+            if chunk.count == 1 {
+                matmul((o, n, k), out, w, col, false, parallel);
+            } else {
+                let mut y = vec![0.0f32; o * n];
+                matmul((o, n, k), &mut y, w, col, false, parallel);
+                swap_outer(&y, o, chunk.count, plane, out);
+            }
+        });
+    tensor(out, [g.batch, o, g.out_height, g.out_width])
+}
+
+/// Gradients of `x` and `weight` given the output gradient `grad [B, O, Ho, Wo]`.
+pub fn backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    g: &Geometry,
+    need_x: bool,
+    need_w: bool,
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let (x, weight, grad) = (f32_data(x), f32_data(weight), f32_data(grad));
+    let (x, w, dy) = (
+        x.storage::<f32>(),
+        weight.storage::<f32>(),
+        grad.storage::<f32>(),
+    );
+    let (k, o, plane) = (g.rows(), g.out_channels, g.out_plane());
+    let per_chunk = g.images_per_chunk();
+    let parallel = g.gemm_in_parallel();
+    let chunks: Vec<Chunk> = (0..g.batch)
+        .step_by(per_chunk)
+        .map(|first| Chunk {
+            first,
+            count: per_chunk.min(g.batch - first),
+        })
+        .collect();
+    // One chunk's output gradient as a matrix [O × count·P] (copied only for several images).
+    let dy_chunk = |chunk: Chunk| -> Cow<[f32]> {
+        let src = &dy[chunk.first * o * plane..][..chunk.count * o * plane];
+        if chunk.count == 1 {
+            Cow::Borrowed(src)
+        } else {
+            let mut m = vec![0.0f32; src.len()];
+            swap_outer(src, chunk.count, o, plane, &mut m);
+            Cow::Owned(m)
+        }
+    };
+
+    let grad_w = need_w.then(|| {
+        // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K]
+        let dw = chunks
+            .par_iter()
+            .fold(
+                || vec![0.0f32; o * k],
+                |mut dw, &chunk| {
+                    let n = chunk.count * plane;
+                    let mut col = vec![0.0f32; k * n];
+                    im2col(x, g, chunk, &mut col);
+                    let dy = dy_chunk(chunk);
+                    let dy = Mat {
+                        data: &dy,
+                        rs: n as isize,
+                        cs: 1,
+                    };
+                    let col_t = Mat {
+                        data: &col,
+                        rs: 1,
+                        cs: n as isize,
+                    };
+                    matmul((o, k, n), &mut dw, dy, col_t, true, parallel);
+                    dw
+                },
+            )
+            .reduce(
+                || vec![0.0f32; o * k],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
+    });
+
+    let grad_x = need_x.then(|| {
+        let in_image = g.channels * g.height * g.width;
+        let mut dx = vec![0.0f32; g.batch * in_image];
+        dx.par_chunks_mut(per_chunk * in_image)
+            .zip(&chunks)
+            .for_each(|(dx, &chunk)| {
+                // dcol[K × n] = Wᵀ[K × O] · dY[O × n]
+                let n = chunk.count * plane;
+                let dy = dy_chunk(chunk);
+                let dy = Mat {
+                    data: &dy,
+                    rs: n as isize,
+                    cs: 1,
+                };
+                let w_t = Mat {
+                    data: w,
+                    rs: 1,
+                    cs: k as isize,
+                };
+                let mut dcol = vec![0.0f32; k * n];
+                matmul((k, n, o), &mut dcol, w_t, dy, false, parallel);
+                col2im(&dcol, g, chunk, dx);
+            });
+        tensor(dx, [g.batch, g.channels, g.height, g.width])
+    });
+    (grad_x, grad_w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Geometry;
+
+    #[test]
+    fn valid_ranges_match_a_brute_force_scan() {
+        for size in 1..9 {
+            for k in 0..4 {
+                for s in 1..4 {
+                    for p in 0..3 {
+                        if size + 2 * p < k + 1 {
+                            continue;
+                        }
+                        let out = (size + 2 * p - (k + 1)) / s + 1;
+                        let brute: Vec<usize> = (0..out)
+                            .filter(|&o| {
+                                let i = (o * s + k) as isize - p as isize;
+                                i >= 0 && i < size as isize
+                            })
+                            .collect();
+                        let (lo, hi) = Geometry::valid(out, size, k, s, p);
+                        assert_eq!((lo..hi).collect::<Vec<_>>(), brute, "{size} {k} {s} {p}");
+                    }
+                }
+            }
+        }
+    }
+}
