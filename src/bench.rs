@@ -12,9 +12,9 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::data::{AugmentConfig, ImageFolder, Loader, Transform};
+use crate::device::ComputeArgs;
 use crate::losses::cross_entropy;
 use crate::models::{ModelSpec, Stem};
-use crate::train::default_device;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -70,6 +70,8 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// One benchmark result.
@@ -79,6 +81,8 @@ pub struct BenchResult {
     pub what: String,
     /// Backend.
     pub device: String,
+    /// Precision of convolutions and linear layers.
+    pub precision: String,
     /// Batch size.
     pub batch: usize,
     /// Image side.
@@ -119,7 +123,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         println!(
-            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}), peak RSS {}",
+            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}, {}), peak RSS {}",
             result.what,
             result.images_per_second,
             result.seconds_per_step,
@@ -128,6 +132,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             result.image_size,
             result.threads,
             result.device,
+            result.precision,
             result
                 .peak_rss_mib
                 .map(|m| format!("{m:.0} MiB"))
@@ -138,7 +143,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 }
 
 fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
-    let device = default_device();
+    let precision = a.compute.precision.unwrap_or_default();
+    let device = crate::device::open(a.compute.device, precision)?;
+    crate::device::set_precision(precision);
     let spec = ModelSpec {
         name: a.model.clone(),
         width: a.width,
@@ -211,7 +218,8 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
             BenchMode::Eval => format!("{} inference", a.model),
             BenchMode::Distill => format!("{} -> {} distillation step", a.teacher, a.model),
         },
-        device: "flex (CPU)".into(),
+        device: crate::device::describe(a.compute.device),
+        precision: precision.to_string(),
         batch: b,
         image_size: s,
         images_per_second: b as f64 / sps,
@@ -252,6 +260,7 @@ fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
     Ok(BenchResult {
         what: "decode + augment (tutorial pipeline)".into(),
         device: "CPU threads".into(),
+        precision: "-".into(),
         batch: a.batch,
         image_size: a.image_size,
         images_per_second: a.batch as f64 / sps,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::data::{
     AugmentConfig, ImageFolder, LinkMode, Loader, channel_stats, stratified_split, write_split,
 };
+use crate::device::ComputeArgs;
 use crate::eval::{evaluate, predict};
 use crate::io::{ensure_dir, write_json};
 use crate::losses::{KdConfig, KdLossKind};
@@ -15,6 +16,7 @@ use crate::models::{KNOWN_MODELS, ModelSpec, Stem};
 use crate::run::Run;
 use crate::train::{NanPolicy, TeacherConfig, TrainConfig, TrainOptions, default_device, train};
 use crate::{bench, report};
+use burn::tensor::Device;
 
 /// Knowledge distillation for image classifiers.
 #[derive(Debug, Parser)]
@@ -184,6 +186,8 @@ struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +249,8 @@ struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +270,8 @@ struct PredictArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +291,8 @@ struct RunArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +309,8 @@ struct DemoArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -387,8 +399,9 @@ impl Cli {
                 Ok(())
             }
             Command::Run(a) => {
-                let exp = crate::study::load_experiment(&a.config)?;
-                crate::study::run_experiment(&exp, a.quiet).map(|_| ())
+                let mut exp = crate::study::load_experiment(&a.config)?;
+                exp.set_precision(a.compute.precision);
+                crate::study::run_experiment(&exp, a.quiet, a.compute.device).map(|_| ())
             }
             Command::Demo(a) => cmd_demo(a),
             Command::Bench(a) => bench::run(&a),
@@ -558,9 +571,13 @@ fn train_config(
         c.teacher = teacher;
     }
     c.strict |= a.strict;
+    if let Some(p) = a.compute.precision {
+        c.precision = p;
+    }
     let options = TrainOptions {
         resume: a.resume,
         quiet: a.quiet,
+        device: a.compute.device,
     };
     Ok((c, options, a.out.clone()))
 }
@@ -575,9 +592,17 @@ fn run_training(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Res
     Ok(())
 }
 
+/// The device and precision of an eval/predict call: `--precision`, else the run's own.
+fn open_for_run(compute: &ComputeArgs, run: &Run) -> Result<Device> {
+    let precision = compute.precision.unwrap_or(run.config.precision);
+    let device = crate::device::open(compute.device, precision)?;
+    crate::device::set_precision(precision);
+    Ok(device)
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
-    let device = default_device();
+    let device = open_for_run(&a.compute, &run)?;
     let samples = match &a.data {
         None => {
             let data = crate::train::dataset::resolve(
@@ -674,7 +699,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
             );
         }
     }
-    let device = default_device();
+    let device = open_for_run(&a.compute, &run)?;
     let net = run.load_network(&a.checkpoint, &device)?;
     let loader = Loader::new(samples, run.eval_transform(), 32, false, 0);
     let preds = predict(&net, &loader, &run.classes, a.top_k, &device)?;
@@ -777,6 +802,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         exp.student.image_size,
         a.out.display()
     );
-    crate::study::run_experiment(&exp, a.quiet)?;
+    exp.set_precision(a.compute.precision);
+    crate::study::run_experiment(&exp, a.quiet, a.compute.device)?;
     Ok(())
 }

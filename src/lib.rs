@@ -3,11 +3,13 @@
 //! Split an image folder, train a teacher and a student, distill the teacher into the
 //! student with Hinton's loss, and evaluate and compare the results.
 
+pub mod autocast;
 pub mod bench;
 pub mod cli;
 pub mod compare;
 pub mod conv;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod io;
 pub mod losses;

@@ -2,6 +2,7 @@
 //! plain student, distilled student, comparison) from one file. Finished stages are
 //! skipped when rerun; an interrupted stage resumes.
 
+use crate::device::DeviceSpec;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -186,7 +187,12 @@ fn finished(dir: &Path) -> bool {
 }
 
 /// Runs one training stage, skipping or resuming as the folder says.
-pub fn run_stage(config: &TrainConfig, dir: &Path, quiet: bool) -> Result<StageOutcome> {
+pub fn run_stage(
+    config: &TrainConfig,
+    dir: &Path,
+    quiet: bool,
+    device: DeviceSpec,
+) -> Result<StageOutcome> {
     if finished(dir) {
         let done = Run::open(dir)?;
         let mut wanted = config.clone();
@@ -210,6 +216,7 @@ pub fn run_stage(config: &TrainConfig, dir: &Path, quiet: bool) -> Result<StageO
     let options = TrainOptions {
         resume: resumable,
         quiet,
+        device,
     };
     train(config, dir, &options)?;
     Ok(if resumable {
@@ -219,8 +226,19 @@ pub fn run_stage(config: &TrainConfig, dir: &Path, quiet: bool) -> Result<StageO
     })
 }
 
-/// Runs the whole study; returns the comparison rows.
-pub fn run_experiment(exp: &Experiment, quiet: bool) -> Result<Vec<RunRow>> {
+impl Experiment {
+    /// Overrides every stage's precision (`--precision` of `kd run` / `kd demo`).
+    pub fn set_precision(&mut self, precision: Option<crate::device::Precision>) {
+        if let Some(p) = precision {
+            for c in [&mut self.teacher, &mut self.student, &mut self.kd_student] {
+                c.precision = p;
+            }
+        }
+    }
+}
+
+/// Runs the whole study on `device`; returns the comparison rows.
+pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Result<Vec<RunRow>> {
     if let Some(dst) = &exp.data.split_to {
         if dst.join("train").is_dir() && dst.join("val").is_dir() {
             println!("split: {} exists, skipped", dst.display());
@@ -240,7 +258,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool) -> Result<Vec<RunRow>> {
     for (stage, config) in STAGES.iter().zip(configs) {
         let dir = exp.out.join(stage);
         println!("== {stage}: {} -> {}", config.model.name, dir.display());
-        let outcome = run_stage(config, &dir, quiet)?;
+        let outcome = run_stage(config, &dir, quiet, device)?;
         if outcome == StageOutcome::Skipped {
             println!("{stage}: finished earlier, skipped");
         }

@@ -182,8 +182,15 @@ pub fn gemm_applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
         && on_flex_f32(x)
 }
 
-/// `conv.forward(x)`, through the batch-wide GEMM convolution where it applies.
+/// `conv.forward(x)`, through the batch-wide GEMM convolution where it applies, or in the
+/// autocast precision (`--precision`) when that is not f32.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if let Some(dtype) = crate::device::precision().compute_dtype() {
+        return match symmetric_padding(conv) {
+            Some(padding) => crate::autocast::conv2d(conv, x, padding, dtype),
+            None => conv.forward(x),
+        };
+    }
     let Some([pad_h, pad_w]) = symmetric_padding(conv).filter(|_| gemm_applies(conv, &x)) else {
         return conv.forward(x);
     };

@@ -11,6 +11,7 @@ use anyhow::{Result, bail};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 
+use crate::autocast;
 use crate::conv::conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{
@@ -402,13 +403,16 @@ impl Attention {
         let [b, n, _] = x.dims();
         let (heads, d) = (self.heads, self.dim_head);
         let split = |t: Tensor<3>| t.reshape([b, n, heads, d]).swap_dims(1, 2);
-        let mut qkv = self.to_qkv.forward(x).chunk(3, 2).into_iter().map(split);
+        let mut qkv = autocast::linear(&self.to_qkv, x)
+            .chunk(3, 2)
+            .into_iter()
+            .map(split);
         let (q, k, v) = (
             qkv.next().expect("q"),
             qkv.next().expect("k"),
             qkv.next().expect("v"),
         );
-        let dots = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let dots = autocast::matmul(q, k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
         let index = self.relative_index.val().reshape([n * n]);
         let bias = self
             .relative_bias_table
@@ -418,8 +422,10 @@ impl Attention {
             .permute([2, 0, 1])
             .unsqueeze_dim::<4>(0);
         let attn = softmax(dots + bias, 3);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, heads * d]);
-        self.to_out.forward(out)
+        let out = autocast::matmul(attn, v)
+            .swap_dims(1, 2)
+            .reshape([b, n, heads * d]);
+        autocast::linear(&self.to_out, out)
     }
 }
 
@@ -482,7 +488,7 @@ impl TransformerBlock {
         let attn = self.attn.forward(self.attn_norm.forward(to_tokens(x)));
         let x = shortcut + to_map(attn, h, w);
         let y = self.ff_norm.forward(to_tokens(x.clone()));
-        let y = self.ff.fc2.forward(gelu(self.ff.fc1.forward(y)));
+        let y = autocast::linear(&self.ff.fc2, gelu(autocast::linear(&self.ff.fc1, y)));
         x + to_map(y, h, w)
     }
 }

@@ -1,5 +1,6 @@
 //! The full effective configuration of a run: enough to repeat it.
 
+use crate::device::Precision;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
@@ -80,6 +81,9 @@ pub struct TrainConfig {
     /// Fail on non-image files in the class folders instead of skipping them.
     #[serde(default)]
     pub strict: bool,
+    /// Precision of convolutions and linear layers (f32, or bf16/f16 autocast).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -105,6 +109,7 @@ impl TrainConfig {
             nan_policy: NanPolicy::Stop,
             teacher: None,
             strict: false,
+            precision: Precision::F32,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod metrics;
 pub mod teacher;
 
+use crate::device::DeviceSpec;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -143,6 +144,8 @@ pub struct TrainOptions {
     pub resume: bool,
     /// No progress bar or per-epoch lines.
     pub quiet: bool,
+    /// Where to compute.
+    pub device: DeviceSpec,
 }
 
 /// What a finished run reports.
@@ -156,7 +159,7 @@ pub struct TrainSummary {
     pub best_accuracy: f64,
 }
 
-/// The compute device of `kd` (the GPU issue adds a choice here).
+/// The CPU device, for work that needs no `--device` choice (export, parameter counts).
 pub fn default_device() -> Device {
     Device::flex()
 }
@@ -191,7 +194,8 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         None
     };
 
-    let device = default_device();
+    let device = crate::device::open(options.device, config.precision)?;
+    crate::device::set_precision(config.precision);
     let teacher = Teacher::load(&mut config, &data.classes, &device)?;
 
     if config.mean.is_none() || config.std.is_none() {

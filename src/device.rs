@@ -1,0 +1,180 @@
+//! Where `kd` computes (`--device cpu|cuda[:N]`) and in which precision (`--precision`).
+//!
+//! Mixed precision works like PyTorch's autocast: the device keeps f32 as its float type, so
+//! parameters, optimizer state, BatchNorm statistics and loss reductions stay f32, while the
+//! convolutions and linear layers cast their inputs and weights to bf16/f16, compute there,
+//! and hand f32 back (see [`crate::conv`]). Burn 0.22 has no loss scaling, so f16 gradients
+//! can underflow; bf16 has f32's range and needs none.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Device, FloatDType};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// A compute device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU, through Burn's flex backend.
+    #[default]
+    Cpu,
+    /// NVIDIA GPU number N (needs a build with `--features cuda`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown device '{s}': use cpu, cuda or cuda:N (e.g. cuda:0)");
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Self::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Precision of the convolutions and linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bfloat16 autocast (f32 range; no loss scaling needed).
+    Bf16,
+    /// float16 autocast (no loss scaling in Burn 0.22: gradients may underflow).
+    F16,
+}
+
+impl Precision {
+    /// The dtype the heavy products run in; `None` for f32.
+    pub fn compute_dtype(self) -> Option<FloatDType> {
+        match self {
+            Self::F32 => None,
+            Self::Bf16 => Some(FloatDType::BF16),
+            Self::F16 => Some(FloatDType::F16),
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// `--device` and `--precision`, shared by the commands that compute.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ComputeArgs {
+    /// cpu, or cuda[:N] for NVIDIA GPU N (a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::from_str)]
+    pub device: DeviceSpec,
+    /// Precision of convolutions and linear layers [default: f32, or the run's for eval/predict].
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+}
+
+static AUTOCAST: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the process-wide autocast precision used by the models' convolutions and linear layers.
+pub fn set_precision(precision: Precision) {
+    AUTOCAST.store(precision as u8, Ordering::Relaxed);
+}
+
+/// The current autocast precision.
+pub fn precision() -> Precision {
+    match AUTOCAST.load(Ordering::Relaxed) {
+        1 => Precision::Bf16,
+        2 => Precision::F16,
+        _ => Precision::F32,
+    }
+}
+
+/// Opens `spec` for computing in `precision`; the error says how to fix an unusable choice.
+pub fn open(spec: DeviceSpec, precision: Precision) -> Result<Device> {
+    let device = match spec {
+        DeviceSpec::Cpu => Device::flex(),
+        DeviceSpec::Cuda(index) => open_cuda(index)?,
+    };
+    if !device.supports_dtype(precision.dtype()) {
+        bail!("device {spec} cannot compute in {precision}: use --precision f32");
+    }
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(index: usize) -> Result<Device> {
+    use burn::tensor::DeviceType;
+    let found = Device::enumerate(DeviceType::Cuda).into_vec().len();
+    if found == 0 {
+        bail!(
+            "no CUDA device found (no NVIDIA driver, libcuda.so or GPU on this machine): use --device cpu"
+        );
+    }
+    if index >= found {
+        bail!(
+            "cuda:{index} does not exist: this machine has {found} CUDA device(s), cuda:0..cuda:{}",
+            found - 1
+        );
+    }
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_index: usize) -> Result<Device> {
+    bail!(
+        "this kd was built without CUDA support: rebuild with `cargo build --release --features cuda` (see the README), or use --device cpu"
+    )
+}
+
+/// A short description of `device` for logs and benchmark tables.
+pub fn describe(spec: DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::Cpu => "flex (CPU)".into(),
+        DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("CUDA".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        let err = "tpu".parse::<DeviceSpec>().unwrap_err();
+        assert!(err.contains("use cpu, cuda or cuda:N"), "{err}");
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+}
