@@ -11,7 +11,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::data::{AugmentConfig, ImageFolder, Loader, Transform};
+use crate::data::{AugmentConfig, CacheMode, ImageFolder, Loader, Transform};
 use crate::device::ComputeArgs;
 use crate::losses::cross_entropy;
 use crate::models::{ModelSpec, Stem};
@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// Instead of a model, measure decode + augment images/s of this image folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// With --data: time an epoch served from the image cache (after one pass fills it).
+    #[arg(long, value_enum, default_value = "off")]
+    pub cache_images: CacheMode,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -237,8 +240,15 @@ fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
         mean: [0.5; 3],
         std: [0.25; 3],
     };
-    let loader = Loader::new(folder.samples, transform, a.batch, true, 0);
-    let order = loader.epoch_order(0);
+    let loader = Loader::new(folder.samples, transform, a.batch, true, 0)
+        .with_cache(a.cache_images, 1 << 20);
+    if a.cache_images != CacheMode::Off {
+        // Fill the cache with one untimed pass, as the first epoch of training would.
+        for chunk in loader.epoch_order(0).chunks(a.batch) {
+            loader.load_batch(chunk, 0)?;
+        }
+    }
+    let order = loader.epoch_order(1);
     let mut times = Vec::new();
     let batches: Vec<&[usize]> = order.chunks(a.batch).take(a.warmup + a.steps).collect();
     if batches.len() <= a.warmup {
@@ -251,14 +261,18 @@ fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
     }
     for (i, chunk) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let batch = loader.load_batch(chunk, 0)?;
+        let batch = loader.load_batch(chunk, 1)?;
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64() / batch.len() as f64 * a.batch as f64);
         }
     }
     let sps = median(times);
     Ok(BenchResult {
-        what: "decode + augment (tutorial pipeline)".into(),
+        what: match a.cache_images {
+            CacheMode::Off => "decode + augment (tutorial pipeline)".into(),
+            CacheMode::Decoded => "augment from the decoded-image cache".into(),
+            CacheMode::Resized => "augment from the resized-image cache".into(),
+        },
         device: "CPU threads".into(),
         precision: "-".into(),
         batch: a.batch,

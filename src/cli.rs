@@ -180,6 +180,12 @@ struct TrainArgs {
     /// Fail on non-image files in the class folders (default: skip them with a warning).
     #[arg(long)]
     strict: bool,
+    /// Keep images in memory after the first epoch: decoded (exact) or resized (augment after resize).
+    #[arg(long, value_enum)]
+    cache_images: Option<crate::data::CacheMode>,
+    /// Memory budget of each image cache in MiB [default: 4096].
+    #[arg(long)]
+    cache_mib: Option<usize>,
     /// Continue the run in --out from its last completed epoch.
     #[arg(long)]
     resume: bool,
@@ -573,6 +579,12 @@ fn train_config(
     c.strict |= a.strict;
     if let Some(p) = a.compute.precision {
         c.precision = p;
+    }
+    if let Some(m) = a.cache_images {
+        c.cache_images = m;
+    }
+    if let Some(m) = a.cache_mib {
+        c.cache_mib = m;
     }
     let options = TrainOptions {
         resume: a.resume,

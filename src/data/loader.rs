@@ -15,7 +15,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::augment::{Transform, load_image};
+use super::augment::Transform;
+use super::cache::{CacheMode, ImageCache};
 use super::folder::Sample;
 
 /// A batch ready for the model: images as normalized NCHW `f32`, labels, and indices of
@@ -63,6 +64,7 @@ pub struct Loader {
     shuffle: bool,
     seed: u64,
     prefetch: usize,
+    cache: Arc<ImageCache>,
 }
 
 impl Loader {
@@ -81,7 +83,29 @@ impl Loader {
             shuffle,
             seed,
             prefetch: 2,
+            cache: Arc::new(ImageCache::new(CacheMode::Off, 0, (0, 0), 0)),
         }
+    }
+
+    /// Keeps decoded images in memory (up to `budget_mib`) for the following epochs.
+    pub fn with_cache(mut self, mode: CacheMode, budget_mib: usize) -> Self {
+        let samples = if mode == CacheMode::Off {
+            0
+        } else {
+            self.samples.len()
+        };
+        self.cache = Arc::new(ImageCache::new(
+            mode,
+            samples,
+            self.transform.size,
+            budget_mib,
+        ));
+        self
+    }
+
+    /// The image cache (empty unless [`Loader::with_cache`] turned it on).
+    pub fn cache(&self) -> &ImageCache {
+        &self.cache
     }
 
     /// Number of images.
@@ -126,7 +150,7 @@ impl Loader {
             .par_chunks_mut(per)
             .zip(indices.par_iter())
             .try_for_each(|(out, &i)| -> Result<()> {
-                let img = load_image(&self.samples[i].path)?;
+                let img = self.cache.get(i, &self.samples[i].path)?;
                 let mut rng =
                     ChaCha8Rng::seed_from_u64(mix_seed(self.seed, epoch as u64, i as u64));
                 self.transform.apply(img, &mut rng, out);

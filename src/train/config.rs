@@ -1,5 +1,6 @@
 //! The full effective configuration of a run: enough to repeat it.
 
+use crate::data::CacheMode;
 use crate::device::Precision;
 use std::path::PathBuf;
 
@@ -84,6 +85,16 @@ pub struct TrainConfig {
     /// Precision of convolutions and linear layers (f32, or bf16/f16 autocast).
     #[serde(default)]
     pub precision: Precision,
+    /// Keep decoded (or decoded and resized) training images in memory after the first epoch.
+    #[serde(default)]
+    pub cache_images: CacheMode,
+    /// Memory budget in MiB of each image cache (training, validation).
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
+}
+
+fn default_cache_mib() -> usize {
+    4096
 }
 
 impl TrainConfig {
@@ -110,6 +121,8 @@ impl TrainConfig {
             teacher: None,
             strict: false,
             precision: Precision::F32,
+            cache_images: CacheMode::Off,
+            cache_mib: default_cache_mib(),
         }
     }
 

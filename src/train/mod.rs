@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod metrics;
 pub mod teacher;
 
+use crate::data::CacheMode;
 use crate::device::DeviceSpec;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,8 +213,15 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         augment: Some(config.augment.clone()),
         ..eval_t.clone()
     };
-    let train_loader = Loader::new(train_samples, train_t, config.batch_size, true, config.seed);
-    let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed);
+    let train_loader = Loader::new(train_samples, train_t, config.batch_size, true, config.seed)
+        .with_cache(config.cache_images, config.cache_mib);
+    // Validation images are always cached as decoded (exact), so that `kd eval` agrees.
+    let val_cache = match config.cache_images {
+        CacheMode::Off => CacheMode::Off,
+        _ => CacheMode::Decoded,
+    };
+    let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed)
+        .with_cache(val_cache, config.cache_mib);
 
     let teacher_cache = match (&teacher, &config.teacher) {
         (Some(t), Some(tc)) if tc.cache_logits => Some(t.logits_of_all(&train_loader)?),
