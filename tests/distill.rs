@@ -42,8 +42,8 @@ fn config(data: &Path, width: usize, epochs: usize) -> TrainConfig {
 
 fn quiet() -> TrainOptions {
     TrainOptions {
-        resume: false,
         quiet: true,
+        ..TrainOptions::default()
     }
 }
 

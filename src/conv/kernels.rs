@@ -97,6 +97,9 @@ fn tensor(data: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
 /// GEMM reads it).
 const CHUNK_FLOATS: usize = 1 << 19;
 
+/// Groups of chunks whose weight gradients are summed separately (then in order).
+const WEIGHT_GROUPS: usize = 4;
+
 /// A run of whole images `first..first + count` processed together.
 #[derive(Clone, Copy)]
 struct Chunk {
@@ -346,12 +349,15 @@ pub fn backward(
     };
 
     let grad_w = need_w.then(|| {
-        // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K]
-        let dw = chunks
-            .par_iter()
-            .fold(
-                || vec![0.0f32; o * k],
-                |mut dw, &chunk| {
+        // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K]. The chunks are summed in
+        // WEIGHT_GROUPS fixed groups, then the groups in order, so the result does not depend
+        // on thread scheduling (a resumed run replays bit for bit).
+        let per_group = chunks.len().div_ceil(WEIGHT_GROUPS);
+        let partials: Vec<Vec<f32>> = chunks
+            .par_chunks(per_group)
+            .map(|group| {
+                let mut dw = vec![0.0f32; o * k];
+                for &chunk in group {
                     let n = chunk.count * plane;
                     let mut col = vec![0.0f32; k * n];
                     im2col(x, g, chunk, &mut col);
@@ -367,16 +373,15 @@ pub fn backward(
                         cs: n as isize,
                     };
                     matmul((o, k, n), &mut dw, dy, col_t, true, parallel);
-                    dw
-                },
-            )
-            .reduce(
-                || vec![0.0f32; o * k],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                dw
+            })
+            .collect();
+        let mut partials = partials.into_iter();
+        let mut dw = partials.next().unwrap_or_else(|| vec![0.0f32; o * k]);
+        for partial in partials {
+            dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+        }
         tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
     });
 
