@@ -93,9 +93,9 @@ fn tensor(data: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
     )
 }
 
-/// Floats in one chunk's im2col matrix (about 2 MiB, so that it stays in cache while the
+/// Floats in one chunk's im2col matrix (1 MiB, so that it stays in cache while the
 /// GEMM reads it).
-const CHUNK_FLOATS: usize = 1 << 19;
+const CHUNK_FLOATS: usize = 1 << 18;
 
 /// Groups of chunks whose weight gradients are summed separately (then in order).
 const WEIGHT_GROUPS: usize = 4;
