@@ -2,8 +2,9 @@
 //! permutes (all parallel over rows with rayon) and the `gemm` crate for the products.
 
 use burn::backend::TensorMetadata;
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{Bytes, DType, Shape};
+use burn::backend::flex::FlexTensor;
+
+use crate::flex::{f32_contiguous, f32_tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -78,19 +79,6 @@ impl Geometry {
         };
         (lo.min(hi), hi)
     }
-}
-
-fn f32_data(t: &FlexTensor) -> FlexTensor {
-    assert_eq!(t.dtype(), DType::F32, "gemm_conv2d runs in f32 only");
-    t.to_contiguous()
-}
-
-fn tensor(data: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(data),
-        Layout::contiguous(Shape::new(dims)),
-        DType::F32,
-    )
 }
 
 /// Floats in one chunk's im2col matrix (1 MiB, so that it stays in cache while the
@@ -274,7 +262,7 @@ fn matmul(
 
 /// `y [B, O, Ho, Wo] = conv(x, weight)`, one chunk of images per rayon task.
 pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
-    let (x, weight) = (f32_data(x), f32_data(weight));
+    let (x, weight) = (f32_contiguous(x), f32_contiguous(weight));
     let (x, w) = (x.storage::<f32>(), weight.storage::<f32>());
     let (k, o, plane) = (g.rows(), g.out_channels, g.out_plane());
     let per_chunk = g.images_per_chunk();
@@ -308,7 +296,7 @@ pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor 
                 swap_outer(&y, o, chunk.count, plane, out);
             }
         });
-    tensor(out, [g.batch, o, g.out_height, g.out_width])
+    f32_tensor(out, [g.batch, o, g.out_height, g.out_width])
 }
 
 /// Gradients of `x` and `weight` given the output gradient `grad [B, O, Ho, Wo]`.
@@ -320,7 +308,11 @@ pub fn backward(
     need_x: bool,
     need_w: bool,
 ) -> (Option<FlexTensor>, Option<FlexTensor>) {
-    let (x, weight, grad) = (f32_data(x), f32_data(weight), f32_data(grad));
+    let (x, weight, grad) = (
+        f32_contiguous(x),
+        f32_contiguous(weight),
+        f32_contiguous(grad),
+    );
     let (x, w, dy) = (
         x.storage::<f32>(),
         weight.storage::<f32>(),
@@ -382,7 +374,7 @@ pub fn backward(
         for partial in partials {
             dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
         }
-        tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
+        f32_tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
     });
 
     let grad_x = need_x.then(|| {
@@ -408,7 +400,7 @@ pub fn backward(
                 matmul((k, n, o), &mut dcol, w_t, dy, false, parallel);
                 col2im(&dcol, g, chunk, dx);
             });
-        tensor(dx, [g.batch, g.channels, g.height, g.width])
+        f32_tensor(dx, [g.batch, g.channels, g.height, g.width])
     });
     (grad_x, grad_w)
 }

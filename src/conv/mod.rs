@@ -23,10 +23,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
 pub use kernels::Geometry;
 
@@ -168,18 +168,13 @@ fn symmetric_padding(conv: &Conv2d) -> Option<[usize; 2]> {
     }
 }
 
-/// Whether `x` lives on the flex CPU backend (with or without autodiff) as f32.
-fn on_flex_f32(x: &Tensor<4>) -> bool {
-    matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_)) && x.dtype() == DType::F32
-}
-
 /// Whether [`conv2d`] runs `conv` on `x` through the batch-wide GEMM convolution (flex device,
 /// f32, no groups or dilation, symmetric padding) rather than Burn's `conv2d`.
 pub fn gemm_applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
     conv.groups == 1
         && conv.dilation == [1, 1]
         && symmetric_padding(conv).is_some()
-        && on_flex_f32(x)
+        && crate::flex::is_flex_f32(x)
 }
 
 /// `conv.forward(x)`, through the batch-wide GEMM convolution where it applies, or in the

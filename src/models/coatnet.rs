@@ -13,6 +13,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 
 use crate::autocast;
 use crate::conv::conv2d;
+use crate::norm::batch_norm;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -262,7 +263,7 @@ impl ConvBn {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        gelu(self.bn.forward(conv2d(&self.conv, x)))
+        gelu(batch_norm(&self.bn, conv2d(&self.conv, x)))
     }
 }
 
@@ -333,11 +334,11 @@ impl MbConv {
             (Some(pool), Some(proj)) => conv2d(proj, pool.forward(x.clone())),
             _ => x.clone(),
         };
-        let y = self.pre_norm.forward(x);
-        let y = gelu(self.expand_bn.forward(conv2d(&self.expand_conv, y)));
-        let y = gelu(self.dw_bn.forward(conv2d(&self.dw_conv, y)));
+        let y = batch_norm(&self.pre_norm, x);
+        let y = gelu(batch_norm(&self.expand_bn, conv2d(&self.expand_conv, y)));
+        let y = gelu(batch_norm(&self.dw_bn, conv2d(&self.dw_conv, y)));
         let y = self.se.forward(y);
-        let y = self.project_bn.forward(conv2d(&self.project_conv, y));
+        let y = batch_norm(&self.project_bn, conv2d(&self.project_conv, y));
         shortcut + y
     }
 }

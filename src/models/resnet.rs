@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 
 use crate::conv::conv2d;
+use crate::norm::batch_norm;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
@@ -179,13 +180,13 @@ impl Block {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward(conv2d(&d.conv, x.clone())),
+            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(self.bn1.forward(conv2d(&self.conv1, x)));
-        out = self.bn2.forward(conv2d(&self.conv2, out));
+        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv2d(conv3, relu(out)));
+            out = batch_norm(bn3, conv2d(conv3, relu(out)));
         }
         relu(out + identity)
     }
@@ -208,7 +209,7 @@ pub struct ResNet {
 impl ResNet {
     /// Logits `[batch, classes]` for images `[batch, 3, h, w]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        let mut x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }

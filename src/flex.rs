@@ -1,0 +1,52 @@
+//! Small helpers shared by kd's own flex (CPU) kernels in [`crate::conv`] and [`crate::norm`].
+
+use burn::backend::DispatchDevice;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{Bytes, DType, Shape, Tensor};
+
+/// Whether `x` lives on the flex CPU backend (with or without autodiff) as f32.
+pub fn is_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_)) && x.dtype() == DType::F32
+}
+
+/// `t` as a contiguous f32 tensor (no copy when it already is one).
+pub fn f32_contiguous(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "kd's flex kernels run in f32 only");
+    t.to_contiguous()
+}
+
+/// A contiguous f32 flex tensor of shape `dims` holding `data`.
+pub fn f32_tensor(data: Vec<f32>, dims: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(dims.into()),
+        DType::F32,
+    )
+}
+
+/// A raw pointer that rayon tasks may share, each writing a disjoint set of elements.
+#[derive(Clone, Copy)]
+pub struct SharedOut(*mut f32);
+
+// SAFETY: users write disjoint elements from different threads (see each call site) and the
+// buffer outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Shares `buf` for disjoint writes.
+    pub fn new(buf: &mut [f32]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
+    /// The `len` elements at `offset`.
+    ///
+    /// # Safety
+    /// The range must lie inside the shared buffer and no other task may access it while the
+    /// returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+}
