@@ -1,10 +1,15 @@
-//! The batch-wide GEMM convolution (`kd::conv`) against Burn's own `conv2d`: outputs and the
-//! gradients of input, weight and bias, over strides, paddings, kernel sizes, non-square images
-//! and batches that run as one image per chunk or several images per chunk.
+//! kd's own CPU kernels against Burn's generic implementations.
+//!
+//! - The batch-wide GEMM convolution (`kd::conv`) against Burn's `conv2d`: outputs and the
+//!   gradients of input, weight and bias, over strides, paddings, kernel sizes, non-square
+//!   images and batches that run as one image per chunk or several images per chunk.
+//! - The fused training BatchNorm (`kd::norm`) against Burn's `BatchNorm`: outputs, running
+//!   statistics and the gradients of input, gamma and beta.
 
 mod common;
 
-use burn::nn::PaddingConfig2d;
+use burn::module::Module;
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::nn::conv::Conv2dConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{rel_err, values};
@@ -99,4 +104,58 @@ fn depthwise_and_same_padded_convolutions_stay_on_burn() {
     assert!(!kd::conv::gemm_applies(&depthwise, &x));
     assert!(!kd::conv::gemm_applies(&same, &x));
     assert_eq!(kd::conv::conv2d(&same, x).dims(), [1, 4, 8, 8]);
+}
+
+/// Output, running mean/var after the step, and gradients of x, gamma and beta.
+fn batch_norm_results(bn: &BatchNorm, x: &Tensor<4>, probe: &Tensor<4>, ours: bool) -> [Vec<f64>; 6] {
+    let y = if ours {
+        kd::norm::batch_norm(bn, x.clone())
+    } else {
+        bn.forward(x.clone())
+    };
+    let grads = (y.clone() * probe.clone()).sum().backward();
+    [
+        values(y),
+        values(bn.running_mean.value()),
+        values(bn.running_var.value()),
+        values(x.grad(&grads).unwrap()),
+        values(bn.gamma.val().grad(&grads).unwrap()),
+        values(bn.beta.val().grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
+    let device = Device::flex().autodiff();
+    for [b, c, h, w] in [[4, 3, 5, 7], [16, 8, 8, 8], [2, 5, 1, 1]] {
+        let x: Tensor<4> =
+            Tensor::random([b, c, h, w], Distribution::Normal(1.5, 2.0), &device).require_grad();
+        let probe: Tensor<4> = Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let gamma: Tensor<1> = Tensor::random([c], Distribution::Normal(1.0, 0.3), &device);
+        let beta: Tensor<1> = Tensor::random([c], Distribution::Normal(0.0, 0.3), &device);
+        let fresh = || {
+            let mut bn: BatchNorm = BatchNormConfig::new(c).init(&device);
+            bn.gamma = bn.gamma.map(|_| gamma.clone().require_grad());
+            bn.beta = bn.beta.map(|_| beta.clone().require_grad());
+            bn
+        };
+        let (burn_bn, our_bn) = (fresh(), fresh());
+        assert!(kd::norm::fused_applies(&our_bn, &x), "not routed to the fused kernel");
+        let burn = batch_norm_results(&burn_bn, &x, &probe, false);
+        let ours = batch_norm_results(&our_bn, &x, &probe, true);
+        let names = ["output", "running mean", "running var", "input grad", "gamma grad", "beta grad"];
+        for (what, (burn, ours)) in names.iter().zip(burn.iter().zip(&ours)) {
+            let err = rel_err(ours, burn);
+            assert!(err < 1e-5, "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}");
+        }
+    }
+}
+
+#[test]
+fn batch_norm_in_inference_stays_on_burn() {
+    let device = Device::flex().autodiff();
+    let bn: BatchNorm = BatchNormConfig::new(3).init(&device);
+    let x: Tensor<4> = Tensor::zeros([2, 3, 4, 4], &device);
+    assert!(!kd::norm::fused_applies(&bn.clone().no_grad().valid(), &x.clone().inner()));
+    assert!(kd::norm::fused_applies(&bn, &x));
 }
