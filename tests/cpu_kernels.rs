@@ -9,8 +9,8 @@
 mod common;
 
 use burn::module::Module;
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::nn::conv::Conv2dConfig;
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{rel_err, values};
 
@@ -107,7 +107,12 @@ fn depthwise_and_same_padded_convolutions_stay_on_burn() {
 }
 
 /// Output, running mean/var after the step, and gradients of x, gamma and beta.
-fn batch_norm_results(bn: &BatchNorm, x: &Tensor<4>, probe: &Tensor<4>, ours: bool) -> [Vec<f64>; 6] {
+fn batch_norm_results(
+    bn: &BatchNorm,
+    x: &Tensor<4>,
+    probe: &Tensor<4>,
+    ours: bool,
+) -> [Vec<f64>; 6] {
     let y = if ours {
         kd::norm::batch_norm(bn, x.clone())
     } else {
@@ -127,10 +132,12 @@ fn batch_norm_results(bn: &BatchNorm, x: &Tensor<4>, probe: &Tensor<4>, ours: bo
 #[test]
 fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
     let device = Device::flex().autodiff();
-    for [b, c, h, w] in [[4, 3, 5, 7], [16, 8, 8, 8], [2, 5, 1, 1]] {
+    // (With 2 values per channel the input gradient is exactly 0 and only rounding is left.)
+    for [b, c, h, w] in [[4, 3, 5, 7], [16, 8, 8, 8], [3, 5, 2, 1]] {
         let x: Tensor<4> =
             Tensor::random([b, c, h, w], Distribution::Normal(1.5, 2.0), &device).require_grad();
-        let probe: Tensor<4> = Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let probe: Tensor<4> =
+            Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device);
         let gamma: Tensor<1> = Tensor::random([c], Distribution::Normal(1.0, 0.3), &device);
         let beta: Tensor<1> = Tensor::random([c], Distribution::Normal(0.0, 0.3), &device);
         let fresh = || {
@@ -140,22 +147,43 @@ fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
             bn
         };
         let (burn_bn, our_bn) = (fresh(), fresh());
-        assert!(kd::norm::fused_applies(&our_bn, &x), "not routed to the fused kernel");
+        assert!(
+            kd::norm::fused_applies(&our_bn, &x),
+            "not routed to the fused kernel"
+        );
         let burn = batch_norm_results(&burn_bn, &x, &probe, false);
         let ours = batch_norm_results(&our_bn, &x, &probe, true);
-        let names = ["output", "running mean", "running var", "input grad", "gamma grad", "beta grad"];
+        let names = [
+            "output",
+            "running mean",
+            "running var",
+            "input grad",
+            "gamma grad",
+            "beta grad",
+        ];
         for (what, (burn, ours)) in names.iter().zip(burn.iter().zip(&ours)) {
             let err = rel_err(ours, burn);
-            assert!(err < 1e-5, "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}");
+            assert!(
+                err < 1e-5,
+                "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}"
+            );
         }
     }
 }
 
 #[test]
-fn batch_norm_in_inference_stays_on_burn() {
+fn batch_norm_inference_matches_burn() {
     let device = Device::flex().autodiff();
     let bn: BatchNorm = BatchNormConfig::new(3).init(&device);
-    let x: Tensor<4> = Tensor::zeros([2, 3, 4, 4], &device);
-    assert!(!kd::norm::fused_applies(&bn.clone().no_grad().valid(), &x.clone().inner()));
-    assert!(kd::norm::fused_applies(&bn, &x));
+    // One training step gives the running statistics non-trivial values.
+    let x: Tensor<4> = Tensor::random([4, 3, 5, 5], Distribution::Normal(2.0, 3.0), &device);
+    let _ = kd::norm::batch_norm(&bn, x.clone());
+    let bn = bn.valid();
+    let x = x.inner();
+    assert!(!kd::norm::fused_applies(&bn, &x));
+    let err = rel_err(
+        &values(kd::norm::batch_norm(&bn, x.clone())),
+        &values(bn.forward(x)),
+    );
+    assert!(err < 1e-6, "inference batch norm differs: {err:.1e}");
 }

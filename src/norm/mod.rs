@@ -170,10 +170,17 @@ pub fn fused_applies<const D: usize>(bn: &BatchNorm, x: &Tensor<D>) -> bool {
 }
 
 /// `bn.forward(x)`, through the fused kernel when training on the flex device in f32.
-/// Updates the running statistics exactly as Burn's `BatchNorm` does.
+/// Updates the running statistics exactly as Burn's `BatchNorm` does. In inference the
+/// running statistics fold into one scale and shift per channel (two passes over `x`
+/// instead of Burn's four).
 pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     if !fused_applies(bn, &x) {
-        return bn.forward(x);
+        let training = x.device().is_autodiff() && bn.training.is_enabled();
+        return if training || !crate::flex::is_flex_f32(&x) {
+            bn.forward(x)
+        } else {
+            inference(bn, x)
+        };
     }
     let device = x.device();
     let (out, mean, variance) = <Dispatch as FusedBatchNorm>::fused_batch_norm_train(
@@ -198,4 +205,22 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     bn.running_mean.update(running_mean.detach());
     bn.running_var.update(running_var.detach());
     Tensor::<D>::from_dispatch(out)
+}
+
+/// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics, as `x · scale + shift`.
+fn inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    let channels = bn.gamma.dims()[0];
+    let mut dims = [1; D];
+    dims[1] = channels;
+    let inv_std = bn
+        .running_var
+        .value()
+        .to_device(&device)
+        .add_scalar(bn.epsilon)
+        .sqrt()
+        .recip();
+    let scale = bn.gamma.val() * inv_std;
+    let shift = bn.beta.val() - bn.running_mean.value().to_device(&device) * scale.clone();
+    x * scale.reshape(dims) + shift.reshape(dims)
 }
