@@ -3,13 +3,21 @@
 # settings, one after the other. Needs a Python with torch and torchvision:
 #   PYTHON=/path/to/python bench/compare.sh
 # Prints a markdown table with the ratio kd / PyTorch. CASES_FILE=path replaces the list of
-# "model mode batch size" lines below (e.g. "coatnet_2 train 16 224").
+# "model mode batch size [teacher]" lines below (e.g. "coatnet_2 train 16 224",
+# "resnet18 distill 128 224 coatnet_2").
+# DEVICE=cuda runs both sides on the GPU; PRECISION=bf16 is kd's bf16 autocast against
+# PyTorch's autocast bf16 + channels_last. KD=path uses a prebuilt kd (e.g. a --features cuda
+# build carried to a GPU machine) instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-5}
-cargo build --release --quiet
-KD=target/release/kd
+DEVICE=${DEVICE:-cpu}
+PRECISION=${PRECISION:-f32}
+if [ -z "${KD:-}" ]; then
+  cargo build --release --quiet
+  KD=target/release/kd
+fi
 field() { "$PYTHON" -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 default_cases() {
   cat <<'CASES'
@@ -20,13 +28,18 @@ resnet18 eval 16 224
 coatnet_0 train 16 224
 CASES
 }
+echo "device $DEVICE, precision $PRECISION, median of $STEPS steps"
+echo
 echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |"
 echo "|---|---:|---:|---:|---:|---:|"
 { if [ -n "${CASES_FILE:-}" ]; then cat "$CASES_FILE"; else default_cases; fi; } |
-while read -r model mode batch size; do
+while read -r model mode batch size teacher; do
   [ -z "$model" ] && continue
-  kd_ips=$($KD bench --model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS" --json | field images_per_second)
-  pt_ips=$("$PYTHON" bench/pytorch_reference.py --model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS" | field images_per_second)
+  teacher=${teacher:-coatnet_0}
+  common=(--model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS"
+          --teacher "$teacher" --device "$DEVICE" --precision "$PRECISION")
+  kd_ips=$($KD bench "${common[@]}" --json | field images_per_second)
+  pt_ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" | field images_per_second)
   ratio=$("$PYTHON" -c "print(f'{$kd_ips / $pt_ips:.2f}x')")
   printf '| %s %s | %s | %s | %.1f | %.1f | %s |\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio"
 done

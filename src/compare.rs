@@ -100,7 +100,12 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy))
             .expect("non-empty");
         let device = default_device();
+        // Inference speed in the precision the run was trained in, on the CPU.
+        let previous = crate::device::precision();
+        crate::device::set_precision(run.config.precision);
         let net = run.load_network("best", &device)?;
+        let speed = inference_speed(&net, run.config.image_size, &device);
+        crate::device::set_precision(previous);
         let ckpt = run.checkpoint_path("best")?;
         rows.push(RunRow {
             label: label.clone(),
@@ -113,7 +118,7 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             final_accuracy: history.last().expect("non-empty").val_accuracy,
             macro_f1: best.val_macro_f1,
             training_seconds: history.iter().map(|m| m.seconds).sum(),
-            inference_images_per_second: inference_speed(&net, run.config.image_size, &device),
+            inference_images_per_second: speed,
         });
         let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
