@@ -85,6 +85,9 @@ impl Geometry {
 /// GEMM reads it).
 const CHUNK_FLOATS: usize = 1 << 18;
 
+/// The number of chunks is rounded up to a multiple of this (see `images_per_chunk`).
+const CHUNK_MULTIPLE: usize = 4;
+
 /// Groups of chunks whose weight gradients are summed separately (then in order).
 const WEIGHT_GROUPS: usize = 4;
 
@@ -96,9 +99,15 @@ struct Chunk {
 }
 
 impl Geometry {
-    /// Images per chunk: as many as fit in [`CHUNK_FLOATS`] of im2col, at least one.
+    /// Images per chunk: about [`CHUNK_FLOATS`] of im2col each, at least one image, and a
+    /// chunk count that is a multiple of [`CHUNK_MULTIPLE`] so that the chunks spread evenly
+    /// over 1, 2 or 4 threads. The chunking depends on the shapes only, never on the thread
+    /// count, so results are the same on every machine.
     fn images_per_chunk(&self) -> usize {
-        (CHUNK_FLOATS / (self.rows() * self.out_plane()).max(1)).clamp(1, self.batch.max(1))
+        let batch = self.batch.max(1);
+        let total = batch * (self.rows() * self.out_plane()).max(1);
+        let chunks = total.div_ceil(CHUNK_FLOATS).next_multiple_of(CHUNK_MULTIPLE);
+        batch.div_ceil(chunks.min(batch))
     }
 
     /// Whether the GEMMs should use all threads themselves: only when there are fewer chunks
