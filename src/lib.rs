@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod flex;
+pub mod gelu;
 pub mod io;
 pub mod losses;
 pub mod metrics;

@@ -5,6 +5,7 @@
 //!   images and batches that run as one image per chunk or several images per chunk.
 //! - The fused training BatchNorm (`kd::norm`) against Burn's `BatchNorm`: outputs, running
 //!   statistics and the gradients of input, gamma and beta.
+//! - The vectorised GELU (`kd::gelu`) against Burn's `gelu`: outputs and input gradients.
 
 mod common;
 
@@ -186,4 +187,28 @@ fn batch_norm_inference_matches_burn() {
         &values(bn.forward(x)),
     );
     assert!(err < 1e-6, "inference batch norm differs: {err:.1e}");
+}
+
+#[test]
+fn vectorised_gelu_matches_burn() {
+    let device = Device::flex().autodiff();
+    let x: Tensor<3> =
+        Tensor::random([4, 33, 65], Distribution::Normal(0.0, 3.0), &device).require_grad();
+    let probe: Tensor<3> = Tensor::random([4, 33, 65], Distribution::Normal(0.0, 1.0), &device);
+    assert!(kd::gelu::fast_applies(&x));
+    let run = |ours: bool| {
+        let y = if ours {
+            kd::gelu::gelu(x.clone())
+        } else {
+            burn::tensor::activation::gelu(x.clone())
+        };
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        (values(y), values(x.grad(&grads).unwrap()))
+    };
+    let ((y_burn, g_burn), (y_ours, g_ours)) = (run(false), run(true));
+    let (ey, eg) = (rel_err(&y_ours, &y_burn), rel_err(&g_ours, &g_burn));
+    assert!(
+        ey < 1e-6 && eg < 1e-6,
+        "gelu differs: output {ey:.1e}, gradient {eg:.1e}"
+    );
 }

@@ -106,7 +106,9 @@ impl Geometry {
     fn images_per_chunk(&self) -> usize {
         let batch = self.batch.max(1);
         let total = batch * (self.rows() * self.out_plane()).max(1);
-        let chunks = total.div_ceil(CHUNK_FLOATS).next_multiple_of(CHUNK_MULTIPLE);
+        let chunks = total
+            .div_ceil(CHUNK_FLOATS)
+            .next_multiple_of(CHUNK_MULTIPLE);
         batch.div_ceil(chunks.min(batch))
     }
 

@@ -13,13 +13,14 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 
 use crate::autocast;
 use crate::conv::conv2d;
+use crate::gelu::gelu;
 use crate::norm::batch_norm;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     PaddingConfig2d,
 };
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
