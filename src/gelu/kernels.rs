@@ -21,10 +21,13 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `e^x` for `x` in [-87, 88] (clamped), relative error about 2e-7.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // Round x·log2(e) to the nearest integer with the 1.5·2^23 trick (no libm call).
+    let x = x.max(-87.0).min(88.0);
+    // Round x·log2(e) to the nearest integer n with the 1.5·2^23 trick: adding MAGIC leaves n
+    // in the low mantissa bits, so both n and 2^n come out of bit operations (a float-to-int
+    // conversion would check each lane for overflow and stop the loop from vectorising).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * LOG2_E + (MAGIC + 127.0);
+    let n = shifted - (MAGIC + 127.0);
     let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2 / 2
     // Taylor series of e^r to r^7: truncation error below 1e-8 for |r| <= 0.35.
     let p = 1.0 / 5040.0;
@@ -35,7 +38,9 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // The low bits of `shifted` hold 127 + n: move them into the exponent field.
+    let two_to_n = f32::from_bits(shifted.to_bits().wrapping_sub(MAGIC.to_bits()) << 23);
+    p * two_to_n
 }
 
 /// `erfc(|z|)` by the Chebyshev fit of Numerical Recipes (`erfcc`, fractional error < 1.2e-7).
@@ -195,6 +200,11 @@ mod tests {
             worst_dx = worst_dx.max((dx as f64 - (cdf + x64 * pdf)).abs());
         }
         assert!(worst_y < 1e-6, "gelu error {worst_y:e}");
+        // NaN stays NaN (the NaN policy must still see it), infinities saturate.
+        let mut out = [0.0f32; 3];
+        forward_simd(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY], &mut out);
+        assert!(out[0].is_nan());
+        assert_eq!(out[1], f32::INFINITY);
         assert!(worst_dx < 1e-6, "gelu derivative error {worst_dx:e}");
     }
 }
