@@ -3,6 +3,8 @@
 //! - The batch-wide GEMM convolution (`kd::conv`) against Burn's `conv2d`: outputs and the
 //!   gradients of input, weight and bias, over strides, paddings, kernel sizes, non-square
 //!   images and batches that run as one image per chunk or several images per chunk.
+//! - The direct depthwise convolution (`kd::conv`, groups = channels) against Burn's grouped
+//!   `conv2d`: outputs and the gradients of input, weight and bias.
 //! - The fused training BatchNorm (`kd::norm`) against Burn's `BatchNorm`: outputs, running
 //!   statistics and the gradients of input, gamma and beta.
 //! - The vectorised GELU (`kd::gelu`) against Burn's `gelu`: outputs and input gradients.
@@ -93,18 +95,74 @@ fn gemm_convolution_without_autodiff_matches_burn() {
 }
 
 #[test]
-fn depthwise_and_same_padded_convolutions_stay_on_burn() {
+fn depthwise_convolution_matches_burn_forward_and_backward() {
+    let device = Device::flex().autodiff();
+    // (batch, channels, height, width, kernel, stride, padding)
+    for (b, c, h, w, k, s, p) in [
+        (2, 6, 9, 7, 3, 1, 1),
+        (3, 4, 10, 11, 3, 2, 1),
+        (2, 5, 8, 8, 5, 1, 2),
+        (1, 3, 6, 6, 3, 1, 0),
+        (2, 8, 28, 28, 3, 1, 1),
+    ] {
+        let conv = Conv2dConfig::new([c, c], [k, k])
+            .with_groups(c)
+            .with_stride([s, s])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .init(&device);
+        let x: Tensor<4> =
+            Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        assert!(
+            kd::conv::depthwise_applies(&conv, &x),
+            "not routed to the depthwise kernel"
+        );
+        assert!(!kd::conv::gemm_applies(&conv, &x));
+        let out = [b, c, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1];
+        let probe: Tensor<4> = Tensor::random(out, Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| {
+            let y = if ours {
+                kd::conv::conv2d(&conv, x.clone())
+            } else {
+                conv.forward(x.clone())
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            [
+                values(y),
+                values(x.grad(&grads).unwrap()),
+                values(conv.weight.val().grad(&grads).unwrap()),
+                values(conv.bias.as_ref().unwrap().val().grad(&grads).unwrap()),
+            ]
+        };
+        let (burn, ours) = (run(false), run(true));
+        for (what, (burn, ours)) in ["output", "input grad", "weight grad", "bias grad"]
+            .iter()
+            .zip(burn.iter().zip(&ours))
+        {
+            let err = rel_err(ours, burn);
+            assert!(
+                err < 1e-5,
+                "depthwise {what} differs ({err:.1e}) for b{b} c{c} {h}x{w} k{k} s{s} p{p}"
+            );
+        }
+    }
+}
+
+#[test]
+fn same_padded_and_grouped_convolutions_stay_on_burn() {
     let device = Device::flex();
     let x: Tensor<4> = Tensor::zeros([1, 4, 8, 8], &device);
-    let depthwise = Conv2dConfig::new([4, 4], [3, 3])
-        .with_groups(4)
+    let grouped = Conv2dConfig::new([4, 4], [3, 3])
+        .with_groups(2)
         .init(&device);
     let same = Conv2dConfig::new([4, 4], [3, 3])
         .with_padding(PaddingConfig2d::Same)
         .init(&device);
-    assert!(!kd::conv::gemm_applies(&depthwise, &x));
-    assert!(!kd::conv::gemm_applies(&same, &x));
-    assert_eq!(kd::conv::conv2d(&same, x).dims(), [1, 4, 8, 8]);
+    for conv in [&grouped, &same] {
+        assert!(!kd::conv::gemm_applies(conv, &x));
+        assert!(!kd::conv::depthwise_applies(conv, &x));
+    }
+    assert_eq!(kd::conv::conv2d(&same, x.clone()).dims(), [1, 4, 8, 8]);
+    assert_eq!(kd::conv::conv2d(&grouped, x).dims(), [1, 4, 6, 6]);
 }
 
 /// Output, running mean/var after the step, and gradients of x, gamma and beta.

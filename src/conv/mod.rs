@@ -15,6 +15,7 @@
 //! lives on the flex device in f32 with a plain geometry (no groups, no dilation, symmetric
 //! padding); everything else (CUDA, bf16, depthwise convolutions) uses Burn's own `conv2d`.
 
+mod depthwise;
 mod kernels;
 
 use burn::backend::autodiff::NodeId;
@@ -28,6 +29,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
+pub use depthwise::{Depthwise, DepthwiseConv, DepthwiseConvKernels};
 pub use kernels::Geometry;
 
 /// The batch-wide GEMM convolution as a backend operation (no bias, no groups, no dilation).
@@ -177,6 +179,21 @@ pub fn gemm_applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
         && crate::flex::is_flex_f32(x)
 }
 
+/// Whether [`conv2d`] runs `conv` on `x` through the direct depthwise kernel: one filter per
+/// channel (`groups` = input = output channels), square kernel, stride and padding.
+pub fn depthwise_applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
+    let [out_channels, per_group, kh, kw] = conv.weight.dims();
+    let channels = x.dims()[1];
+    conv.groups == channels
+        && out_channels == channels
+        && per_group == 1
+        && kh == kw
+        && conv.dilation == [1, 1]
+        && conv.stride[0] == conv.stride[1]
+        && matches!(symmetric_padding(conv), Some([p, q]) if p == q)
+        && crate::flex::is_flex_f32(x)
+}
+
 /// `conv.forward(x)`, through the batch-wide GEMM convolution where it applies, or in the
 /// autocast precision (`--precision`) when that is not f32.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
@@ -186,19 +203,28 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             None => conv.forward(x),
         };
     }
-    let Some([pad_h, pad_w]) = symmetric_padding(conv).filter(|_| gemm_applies(conv, &x)) else {
+    let out = if depthwise_applies(conv, &x) {
+        let [padding, _] = symmetric_padding(conv).expect("checked by depthwise_applies");
+        Tensor::<4>::from_dispatch(<Dispatch as DepthwiseConv>::depthwise_conv2d(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            conv.stride[0],
+            padding,
+        ))
+    } else if let Some([pad_h, pad_w]) = symmetric_padding(conv).filter(|_| gemm_applies(conv, &x))
+    {
+        let [stride_h, stride_w] = conv.stride;
+        Tensor::<4>::from_dispatch(<Dispatch as GemmConv>::gemm_conv2d(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+        ))
+    } else {
         return conv.forward(x);
     };
-    let [stride_h, stride_w] = conv.stride;
-    let out = <Dispatch as GemmConv>::gemm_conv2d(
-        x.into_dispatch(),
-        conv.weight.val().into_dispatch(),
-        stride_h,
-        stride_w,
-        pad_h,
-        pad_w,
-    );
-    let out = Tensor::<4>::from_dispatch(out);
     match &conv.bias {
         Some(bias) => {
             let channels = bias.dims()[0];
