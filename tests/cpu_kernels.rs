@@ -18,7 +18,9 @@ use burn::tensor::{Device, Distribution, Tensor};
 use common::{rel_err, values};
 
 /// (batch, in, out, height, width, kernel, stride, padding)
-const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+const CASES: &[Case] = &[
     (3, 4, 8, 9, 7, 3, 1, 1),    // several images per chunk, odd sizes
     (2, 3, 16, 20, 20, 7, 2, 3), // ResNet stem, stride 2
     (4, 8, 12, 6, 6, 1, 2, 0),   // 1x1 downsample, stride 2

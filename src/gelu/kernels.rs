@@ -21,7 +21,7 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `e^x` for `x` in [-87, 88] (clamped), relative error about 2e-7.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0);
     // Round x·log2(e) to the nearest integer n with the 1.5·2^23 trick: adding MAGIC leaves n
     // in the low mantissa bits, so both n and 2^n come out of bit operations (a float-to-int
     // conversion would check each lane for overflow and stop the loop from vectorising).
@@ -51,7 +51,7 @@ fn erfc_abs(z: f32) -> f32 {
     let p = 0.170_872_77;
     let p = p * t - 0.822_152_23;
     let p = p * t + 1.488_515_9;
-    let p = p * t - 1.135_203_98;
+    let p = p * t - 1.135_204;
     let p = p * t + 0.278_868_07;
     let p = p * t - 0.186_288_06;
     let p = p * t + 0.096_784_18;
