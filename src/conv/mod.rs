@@ -1,19 +1,22 @@
-//! 2-D convolution for the CPU (`flex`) backend, lowered as one GEMM over the whole batch.
+//! 2-D convolution for the CPU (`flex`) backend, lowered to large GEMMs over chunks of images.
 //!
 //! Burn 0.22.1's flex convolution runs one small GEMM per image and per tile of 512 output
 //! pixels, and computes the weight gradient as a convolution whose "kernel" is the output
 //! gradient, i.e. a GEMM whose narrow side is the 3x3 kernel (9 columns). Both shapes keep the
 //! GEMM microkernels on edge tiles, so ResNet-18 training ran at about a third of what the same
-//! GEMM library reaches on large products. Here every convolution pass is one large product:
+//! GEMM library reaches on large products. Here each pass over a chunk of whole images (about
+//! 1 MiB of im2col) is one large product:
 //!
-//! - forward: `col[C·kh·kw, B·Ho·Wo]` (im2col of the whole batch), `y = W · col`;
-//! - weight gradient: `dW = dY · colᵀ`;
+//! - forward: `col[C·kh·kw, n·Ho·Wo]` (im2col of the chunk), `y = W · col`;
+//! - weight gradient: `dW += dY · colᵀ`;
 //! - input gradient: `dcol = Wᵀ · dY`, scattered back with col2im.
 //!
-//! The operation is a Burn backend extension (`#[backend_extension]`) with a hand-written
-//! backward pass on `Autodiff<Flex>`. [`conv2d`] routes a `Conv2d` module to it when the tensor
-//! lives on the flex device in f32 with a plain geometry (no groups, no dilation, symmetric
-//! padding); everything else (CUDA, bf16, depthwise convolutions) uses Burn's own `conv2d`.
+//! Depthwise convolutions (one filter per channel, CoAtNet's MBConv) use direct stencils
+//! instead (`depthwise.rs`). Both are Burn backend extensions (`#[backend_extension]`) with
+//! hand-written backward passes on `Autodiff<Flex>`. [`conv2d`] routes a `Conv2d` module to
+//! them when the tensor lives on the flex device in f32 with a plain geometry (no dilation,
+//! symmetric padding, no groups or one group per channel); everything else (CUDA, bf16 autocast,
+//! other grouped convolutions) uses Burn's own `conv2d`.
 
 mod depthwise;
 mod kernels;
