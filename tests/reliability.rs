@@ -464,3 +464,43 @@ fn same_seed_is_bit_identical_and_kill_9_then_resume_ends_the_same() {
         "interrupted with Ctrl-C, then resumed"
     );
 }
+
+#[test]
+fn image_cache_runs_resume_bit_identical() {
+    // A run stopped in its second epoch (injected NaN, --nan-policy stop) and resumed, with
+    // the resized-image cache on (empty again after the restart), ends exactly like an
+    // uninterrupted run: cached and freshly decoded images are the same pixels.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 24); // 34 training images: 3 batches of 16 per epoch
+    let args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = train_args(s(&data), s(out), &["--epochs", "3"])
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        v.retain(|x| x != "--no-augment");
+        v.extend(["--cache-images", "resized"].map(String::from));
+        v
+    };
+    let reference = dir.path().join("reference");
+    let status = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(args(&reference))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["cache_images"], "resized");
+
+    let stopped = dir.path().join("stopped");
+    let argv = args(&stopped);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let res = kd_with_fault(&argv, "KD_FAULT_NAN_AT_BATCH", "5");
+    assert!(!res.status.success(), "the injected NaN stops the run");
+    kd_ok(&["train", "--out", s(&stopped), "--resume", "--quiet"]);
+    assert_eq!(
+        outcome(&stopped, dir.path()),
+        outcome(&reference, dir.path())
+    );
+}
