@@ -174,7 +174,8 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
                 _ => None,
             };
             let kd = crate::losses::KdConfig::default().build();
-            let mut optim = AdamConfig::new().init();
+            // PyTorch's Adam defaults, as in bench/pytorch_reference.py.
+            let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
             for step in 0..a.warmup + a.steps {
                 let data: Vec<f32> = (0..b * 3 * s * s)
                     .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)

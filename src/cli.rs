@@ -111,6 +111,9 @@ struct TrainArgs {
     /// Adam learning rate [default: 1e-4].
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
+    /// Adam epsilon [default: 1e-8, PyTorch's].
+    #[arg(long, allow_negative_numbers = true)]
+    adam_epsilon: Option<f64>,
     /// Cosine schedule T_max in epochs [default: 20].
     #[arg(long)]
     t_max: Option<usize>,
@@ -513,6 +516,7 @@ fn train_config(
         epochs,
         batch_size,
         lr,
+        adam_epsilon,
         t_max,
         eta_min,
         image_size,

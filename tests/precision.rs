@@ -40,6 +40,8 @@ fn bf16_autocast_learns_and_is_recorded() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["precision"], "bf16");
+    // The recipe's Adam is PyTorch's: epsilon 1e-8 (Burn's default would be 1e-5).
+    assert_eq!(config["adam_epsilon"].as_f64(), Some(1e-8));
     let metrics: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
     let first = metrics[0]["train_loss"].as_f64().unwrap();

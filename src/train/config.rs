@@ -55,6 +55,9 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Adam learning rate (base of the cosine schedule).
     pub lr: f64,
+    /// Adam epsilon (PyTorch's default 1e-8; Burn's own default is 1e-5).
+    #[serde(default = "default_adam_epsilon")]
+    pub adam_epsilon: f64,
     /// Cosine schedule half period, in epochs.
     pub t_max: usize,
     /// Cosine schedule minimum rate.
@@ -93,6 +96,10 @@ pub struct TrainConfig {
     pub cache_mib: usize,
 }
 
+fn default_adam_epsilon() -> f64 {
+    1e-8
+}
+
 fn default_cache_mib() -> usize {
     4096
 }
@@ -107,6 +114,7 @@ impl TrainConfig {
             batch_size: 16,
             epochs: 50,
             lr: 1e-4,
+            adam_epsilon: default_adam_epsilon(),
             t_max: 20,
             eta_min: 1e-9,
             seed: 42,
@@ -142,6 +150,12 @@ impl TrainConfig {
         }
         if self.epochs == 0 {
             bail!("--epochs 0 is invalid: use at least 1");
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            bail!(
+                "--adam-epsilon {} is invalid: use a small positive number such as 1e-8",
+                self.adam_epsilon
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!(

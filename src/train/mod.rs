@@ -234,7 +234,9 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     if let (Some(init), None) = (&config.init_from, &resumed) {
         weights::load_pytorch(&mut model, init)?;
     }
-    let mut optim = AdamConfig::new().init();
+    let mut optim = AdamConfig::new()
+        .with_epsilon(config.adam_epsilon as f32)
+        .init();
     let mut state = LoopState {
         epochs_done: 0,
         history: Vec::new(),
