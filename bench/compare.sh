@@ -12,13 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-1}
 DEVICE=${DEVICE:-cpu}
 PRECISION=${PRECISION:-f32}
 if [ -z "${KD:-}" ]; then
   cargo build --release --quiet
   KD=target/release/kd
 fi
-field() { "$PYTHON" -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+field() { "$PYTHON" -c "import json,sys; print(json.load(sys.stdin)['$1'])" 2>/dev/null; }
 default_cases() {
   cat <<'CASES'
 resnet18 train 64 64
@@ -37,9 +38,16 @@ while read -r model mode batch size teacher; do
   [ -z "$model" ] && continue
   teacher=${teacher:-coatnet_0}
   common=(--model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS"
-          --teacher "$teacher" --device "$DEVICE" --precision "$PRECISION")
-  kd_ips=$($KD bench "${common[@]}" --json | field images_per_second)
-  pt_ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" | field images_per_second)
+          --warmup "$WARMUP" --teacher "$teacher" --device "$DEVICE" --precision "$PRECISION")
+  # A failing case (e.g. out of memory) becomes a row saying so; the table goes on.
+  if ! kd_ips=$("$KD" bench "${common[@]}" --json 2>/tmp/kd-compare.err | field images_per_second); then
+    echo "| $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-compare.err) | | |"
+    continue
+  fi
+  if ! pt_ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" 2>/tmp/kd-compare.err | field images_per_second); then
+    echo "| $model $mode | $batch | $size | $kd_ips | failed: $(tail -1 /tmp/kd-compare.err) | |"
+    continue
+  fi
   ratio=$("$PYTHON" -c "print(f'{$kd_ips / $pt_ips:.2f}x')")
   printf '| %s %s | %s | %s | %.1f | %.1f | %s |\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio"
 done

@@ -32,7 +32,7 @@ fi
 for precision in f32 bf16; do
   if [ "$have_torch" = 1 ]; then
     cases > /tmp/kd-gpu-cases
-    KD=$KD DEVICE=cuda PRECISION=$precision STEPS=$STEPS CASES_FILE=/tmp/kd-gpu-cases bench/compare.sh
+    KD=$KD DEVICE=cuda PRECISION=$precision STEPS=$STEPS WARMUP=3 CASES_FILE=/tmp/kd-gpu-cases bench/compare.sh
   else
     echo "device cuda, precision $precision (kd only: no PYTHON with CUDA torch)"
     echo "| work | batch | size | kd img/s | peak host RSS MiB |"
@@ -40,13 +40,14 @@ for precision in f32 bf16; do
     cases | while read -r model mode batch size teacher; do
       out=$("$KD" bench --model "$model" --mode "$mode" --batch "$batch" --image-size "$size" \
         --teacher "${teacher:-coatnet_0}" --device cuda --precision "$precision" \
-        --steps "$STEPS" --warmup 3 --json 2>&1) || { echo "| $model $mode | $batch | $size | failed: $out | |"; continue; }
+        --steps "$STEPS" --warmup 3 --json 2>/tmp/kd-gpu.err) || { echo "| $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-gpu.err) | |"; continue; }
       echo "$out" | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"| $model $mode | $batch | $size | {r['images_per_second']:.1f} | {r['peak_rss_mib'] or 0:.0f} |\")"
     done
   fi
   echo
 done
 for precision in f32 bf16; do
+  rm -rf "/tmp/kd-gpu-demo-$precision"
   start=$(date +%s)
   "$KD" demo --device cuda --precision "$precision" --out "/tmp/kd-gpu-demo-$precision" --quiet |
     grep -E "^\|" | tail -4

@@ -42,7 +42,7 @@ def main():
     p.add_argument("--classes", type=int, default=12)
     a = p.parse_args()
 
-    device = torch.device("cuda" if a.device.startswith("cuda") else a.device)
+    device = torch.device(a.device)
     low = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[a.precision]
     fmt = torch.channels_last if low is not None else torch.contiguous_format
     model = build(a.model, a.classes, a.image_size).to(device, memory_format=fmt)

@@ -101,9 +101,9 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             .expect("non-empty");
         let device = default_device();
         // Inference speed in the precision the run was trained in, on the CPU.
+        let net = run.load_network("best", &device)?;
         let previous = crate::device::precision();
         crate::device::set_precision(run.config.precision);
-        let net = run.load_network("best", &device)?;
         let speed = inference_speed(&net, run.config.image_size, &device);
         crate::device::set_precision(previous);
         let ckpt = run.checkpoint_path("best")?;

@@ -28,6 +28,8 @@ const CASES: &[Case] = &[
     (2, 16, 8, 64, 64, 3, 1, 1), // one image per chunk (im2col above the chunk size)
     (1, 2, 3, 5, 5, 5, 1, 0),    // kernel as large as the image
     (2, 3, 5, 7, 7, 3, 3, 2),    // stride 3, padding 2
+    (1, 2, 3, 6, 1, 5, 1, 2),    // width 1: kernel columns that only see padding
+    (1, 2, 3, 2, 2, 7, 1, 3),    // 7x7 kernel on a 2x2 image
 ];
 
 #[test]

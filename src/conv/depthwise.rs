@@ -67,6 +67,10 @@ impl Depthwise {
             wc == channels && one == 1 && kernel == kw,
             "depthwise_conv2d: weight [{wc}, {one}, {kernel}, {kw}] for {channels} channels"
         );
+        assert!(
+            height + 2 * padding >= kernel && width + 2 * padding >= kernel && stride > 0,
+            "depthwise_conv2d: kernel {kernel} larger than the padded {height}x{width} input"
+        );
         let out = |size: usize| (size + 2 * padding - kernel) / stride + 1;
         Self {
             batch,

@@ -102,7 +102,8 @@ impl Geometry {
     /// Images per chunk: about [`CHUNK_FLOATS`] of im2col each, at least one image, and a
     /// chunk count that is a multiple of [`CHUNK_MULTIPLE`] so that the chunks spread evenly
     /// over 1, 2 or 4 threads. The chunking depends on the shapes only, never on the thread
-    /// count, so results are the same on every machine.
+    /// count, so a machine gives the same results whatever its thread count (other CPUs may
+    /// differ in the last bits: gemm's blocking and microkernels follow the CPU).
     fn images_per_chunk(&self) -> usize {
         let batch = self.batch.max(1);
         let total = batch * (self.rows() * self.out_plane()).max(1);
@@ -131,6 +132,9 @@ fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
         let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        if ow_lo >= ow_hi {
+            continue; // this kernel column only ever sees padding
+        }
         for b in 0..chunk.count {
             let src = &x[((chunk.first + b) * g.channels + c) * in_plane..][..in_plane];
             let dst = &mut dst[b * plane..][..plane];
@@ -162,6 +166,9 @@ fn col2im(dcol: &[f32], g: &Geometry, chunk: Chunk, dx: &mut [f32]) {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
         let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        if ow_lo >= ow_hi {
+            continue; // this kernel column only ever sees padding
+        }
         for b in 0..chunk.count {
             let src = &src[b * plane..][..plane];
             let dst = &mut dx[(b * g.channels + c) * in_plane..][..in_plane];
@@ -201,8 +208,8 @@ struct Mat<'a> {
 }
 
 /// `dst[m × n] (+)= lhs[m × k] · rhs[k × n]`, `dst` row-major; adds to `dst` when
-/// `accumulate`. The product is computed in the orientation that puts the larger side on
-/// `gemm`'s row dimension, where it runs fastest.
+/// `accumulate`. (gemm picks its own internal orientation from the strides; the transposed
+/// call for `m < n` computes the same product.)
 fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -355,7 +362,11 @@ pub fn backward(
         // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K]. The chunks are summed in
         // WEIGHT_GROUPS fixed groups, then the groups in order, so the result does not depend
         // on thread scheduling (a resumed run replays bit for bit).
-        let per_group = chunks.len().div_ceil(WEIGHT_GROUPS);
+        let per_group = chunks.len().div_ceil(WEIGHT_GROUPS).max(1);
+        // With fewer groups than threads the GEMMs themselves use every thread (gemm does not
+        // split the summed dimension, so this does not change the result).
+        let groups = chunks.len().div_ceil(per_group);
+        let parallel = parallel || groups < rayon::current_num_threads();
         let partials: Vec<Vec<f32>> = chunks
             .par_chunks(per_group)
             .map(|group| {

@@ -200,7 +200,8 @@ mod tests {
             worst_dx = worst_dx.max((dx as f64 - (cdf + x64 * pdf)).abs());
         }
         assert!(worst_y < 1e-6, "gelu error {worst_y:e}");
-        // NaN stays NaN (the NaN policy must still see it), infinities saturate.
+        // NaN stays NaN (the NaN policy must still see it); +inf stays +inf (−inf gives NaN,
+        // −inf·0, as in Burn and PyTorch).
         let mut out = [0.0f32; 3];
         forward_simd(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY], &mut out);
         assert!(out[0].is_nan());

@@ -56,13 +56,14 @@ pub fn forward(
             .sum::<f64>()
             / count;
         let inv_std = 1.0 / (variance + epsilon).sqrt();
+        // (x − mean)·scale + β: centring first keeps precision when |mean| ≫ std.
         let scale = (f64::from(gs[c]) * inv_std) as f32;
-        let shift = (f64::from(bs[c]) - mean * f64::from(gs[c]) * inv_std) as f32;
+        let (mean32, beta) = (mean as f32, bs[c]);
         for b in 0..batch {
             // SAFETY: plane (b, c) is written by channel c's task only.
             let dst = unsafe { shared.slice(offset(b), plane) };
             for (d, &v) in dst.iter_mut().zip(&xs[offset(b)..][..plane]) {
-                *d = v * scale + shift;
+                *d = (v - mean32) * scale + beta;
             }
         }
         (mean as f32, variance as f32)
@@ -118,16 +119,17 @@ pub fn backward(
         }
         let scale = f64::from(gs[c]) * inv_std;
         let (mean_dy, mean_dy_xhat) = (sum_dy / count, sum_dy_xhat / count);
-        // dx = scale·dy − scale·mean_dy − scale·mean_dy_xhat·inv_std·(x − mean)
+        // dx = scale·dy − scale·mean(dy) − scale·mean(dy·x̂)·inv_std·(x − mean)
         let a = scale as f32;
         let k = (scale * mean_dy_xhat * inv_std) as f32;
-        let shift = (scale * (mean_dy - mean_dy_xhat * inv_std * mean)) as f32;
+        let shift = (scale * mean_dy) as f32;
+        let mean32 = mean as f32;
         for b in 0..batch {
             // SAFETY: plane (b, c) is written by channel c's task only.
             let dst = unsafe { shared.slice(offset(b), plane) };
             let (x, dy) = (&xs[offset(b)..][..plane], &dys[offset(b)..][..plane]);
             for ((d, &v), &g) in dst.iter_mut().zip(x).zip(dy) {
-                *d = a * g - k * v - shift;
+                *d = a * g - k * (v - mean32) - shift;
             }
         }
         (sum_dy_xhat as f32, sum_dy as f32)

@@ -198,10 +198,18 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Keys (as JSON paths) whose values differ between two configs.
+    /// Keys (as JSON paths) whose values differ between two configs, leaving out settings
+    /// that cannot change results: the cache budget, and `decoded` vs no cache (same pixels).
     pub fn differing_keys(&self, other: &Self) -> Vec<String> {
-        let a = serde_json::to_value(self).unwrap_or_default();
-        let b = serde_json::to_value(other).unwrap_or_default();
+        let comparable = |c: &Self| {
+            let mut c = c.clone();
+            c.cache_mib = default_cache_mib();
+            if c.cache_images == CacheMode::Decoded {
+                c.cache_images = CacheMode::Off;
+            }
+            serde_json::to_value(c).unwrap_or_default()
+        };
+        let (a, b) = (comparable(self), comparable(other));
         let mut out = Vec::new();
         diff_values("", &a, &b, &mut out);
         out
