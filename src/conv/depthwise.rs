@@ -7,16 +7,13 @@
 //! 2 GFLOP/s there.
 
 use burn::backend::TensorMetadata;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use rayon::prelude::*;
 
+use super::autodiff::{ConvBackwardKernel, track};
 use crate::flex::{f32_contiguous, f32_tensor};
 
 /// The depthwise convolution as a backend operation (no bias).
@@ -274,31 +271,22 @@ impl DepthwiseConvKernels for Flex {
     }
 }
 
+/// [`DepthwiseConvKernels`] as the backward kernel of [`super::autodiff::track`].
 #[derive(Debug)]
-struct DepthwiseBackward;
+struct DepthwiseKernel;
 
-impl<B: Backend + DepthwiseConvKernels> Backward<B, 2> for DepthwiseBackward {
-    type State = (NodeId, NodeId, Depthwise);
+impl<B: Backend + DepthwiseConvKernels> ConvBackwardKernel<B> for DepthwiseKernel {
+    type Geometry = Depthwise;
 
     fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x_state, w_state, geometry) = ops.state;
-        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(w_state);
-        let (gx, gw) =
-            B::depthwise_conv2d_backward(x, w, grad, geometry, node_x.is_some(), node_w.is_some());
-        if let (Some(node), Some(gx)) = (node_x, gx) {
-            grads.register::<B>(node.id, gx);
-        }
-        if let (Some(node), Some(gw)) = (node_w, gw) {
-            grads.register::<B>(node.id, gw);
-        }
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        geometry: Depthwise,
+        need_x: bool,
+        need_w: bool,
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+        B::depthwise_conv2d_backward(x, weight, grad, geometry, need_x, need_w)
     }
 }
 
@@ -314,28 +302,8 @@ where
         padding: usize,
     ) -> FloatTensor<Self> {
         let geometry = Depthwise::new(x.primitive(), weight.primitive(), stride, padding);
-        match DepthwiseBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let w_state = prep.checkpoint(&weight);
-                let out = B::depthwise_conv2d(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    stride,
-                    padding,
-                );
-                prep.finish((x_state, w_state, geometry), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::depthwise_conv2d(
-                x.into_primitive(),
-                weight.into_primitive(),
-                stride,
-                padding,
-            )),
-        }
+        track::<B, C, DepthwiseKernel>(x, weight, geometry, |x, w| {
+            B::depthwise_conv2d(x, w, stride, padding)
+        })
     }
 }

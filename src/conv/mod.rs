@@ -18,14 +18,11 @@
 //! symmetric padding, no groups or one group per channel); everything else (CUDA, bf16 autocast,
 //! other grouped convolutions) uses Burn's own `conv2d`.
 
+mod autodiff;
 mod depthwise;
 mod kernels;
 
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::PaddingConfig2d;
@@ -89,31 +86,22 @@ impl GemmConvKernels for Flex {
     }
 }
 
+/// [`GemmConvKernels`] as the backward kernel of [`autodiff::track`].
 #[derive(Debug)]
-struct GemmConvBackward;
+struct GemmKernel;
 
-impl<B: Backend + GemmConvKernels> Backward<B, 2> for GemmConvBackward {
-    type State = (NodeId, NodeId, Geometry);
+impl<B: Backend + GemmConvKernels> autodiff::ConvBackwardKernel<B> for GemmKernel {
+    type Geometry = Geometry;
 
     fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x_state, w_state, geometry) = ops.state;
-        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(w_state);
-        let (gx, gw) =
-            B::gemm_conv2d_backward(x, w, grad, geometry, node_x.is_some(), node_w.is_some());
-        if let (Some(node), Some(gx)) = (node_x, gx) {
-            grads.register::<B>(node.id, gx);
-        }
-        if let (Some(node), Some(gw)) = (node_w, gw) {
-            grads.register::<B>(node.id, gw);
-        }
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        geometry: Geometry,
+        need_x: bool,
+        need_w: bool,
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+        B::gemm_conv2d_backward(x, weight, grad, geometry, need_x, need_w)
     }
 }
 
@@ -132,33 +120,9 @@ impl<B: Backend + GemmConv + GemmConvKernels, C: CheckpointStrategy> GemmConv fo
             [stride_h, stride_w],
             [pad_h, pad_w],
         );
-        let prepared = GemmConvBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let w_state = prep.checkpoint(&weight);
-                let out = B::gemm_conv2d(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    stride_h,
-                    stride_w,
-                    pad_h,
-                    pad_w,
-                );
-                prep.finish((x_state, w_state, geometry), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::gemm_conv2d(
-                x.into_primitive(),
-                weight.into_primitive(),
-                stride_h,
-                stride_w,
-                pad_h,
-                pad_w,
-            )),
-        }
+        autodiff::track::<B, C, GemmKernel>(x, weight, geometry, |x, w| {
+            B::gemm_conv2d(x, w, stride_h, stride_w, pad_h, pad_w)
+        })
     }
 }
 
