@@ -14,6 +14,7 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use rayon::prelude::*;
 
 use super::autodiff::{ConvBackwardKernel, track};
+use super::kernels::valid_range;
 use crate::flex::{f32_contiguous, f32_tensor};
 
 /// The depthwise convolution as a backend operation (no bias).
@@ -82,18 +83,6 @@ impl Depthwise {
         }
     }
 
-    /// Output positions `o` along an axis whose input `o·s + k − p` lies in `0..size`.
-    fn valid(&self, out: usize, size: usize, k: usize) -> (usize, usize) {
-        let (s, p) = (self.stride, self.padding);
-        let lo = p.saturating_sub(k).div_ceil(s);
-        let hi = if size + p > k {
-            ((size + p - k - 1) / s + 1).min(out)
-        } else {
-            0
-        };
-        (lo.min(hi), hi)
-    }
-
     /// Calls `f(oh, ih, ow_lo, ow_hi, iw_lo)` for each output row touched by kernel tap `(i, j)`.
     fn for_each_row(
         &self,
@@ -101,14 +90,15 @@ impl Depthwise {
         j: usize,
         mut f: impl FnMut(usize, usize, usize, usize, usize),
     ) {
-        let (oh_lo, oh_hi) = self.valid(self.out_height, self.height, i);
-        let (ow_lo, ow_hi) = self.valid(self.out_width, self.width, j);
+        let (s, p) = (self.stride, self.padding);
+        let (oh_lo, oh_hi) = valid_range(self.out_height, self.height, i, s, p);
+        let (ow_lo, ow_hi) = valid_range(self.out_width, self.width, j, s, p);
         if ow_lo >= ow_hi {
             return;
         }
-        let iw_lo = ow_lo * self.stride + j - self.padding;
+        let iw_lo = ow_lo * s + j - p;
         for oh in oh_lo..oh_hi {
-            f(oh, oh * self.stride + i - self.padding, ow_lo, ow_hi, iw_lo);
+            f(oh, oh * s + i - p, ow_lo, ow_hi, iw_lo);
         }
     }
 }

@@ -67,18 +67,19 @@ impl Geometry {
     fn out_plane(&self) -> usize {
         self.out_height * self.out_width
     }
+}
 
-    /// Output positions `o` (along one axis) whose input index `o·s + k − p` is inside `0..size`.
-    fn valid(out: usize, size: usize, k: usize, s: usize, p: usize) -> (usize, usize) {
-        // o·s + k ≥ p  and  o·s + k − p ≤ size − 1
-        let lo = p.saturating_sub(k).div_ceil(s);
-        let hi = if size + p > k {
-            ((size + p - k - 1) / s + 1).min(out)
-        } else {
-            0
-        };
-        (lo.min(hi), hi)
-    }
+/// Output positions `o` along one axis (of `out`) whose input index `o·s + k − p` lies in
+/// `0..size`, for kernel tap `k`, stride `s` and padding `p`: the range `lo..hi`.
+pub(super) fn valid_range(out: usize, size: usize, k: usize, s: usize, p: usize) -> (usize, usize) {
+    // o·s + k ≥ p  and  o·s + k − p ≤ size − 1
+    let lo = p.saturating_sub(k).div_ceil(s);
+    let hi = if size + p > k {
+        ((size + p - k - 1) / s + 1).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
 }
 
 /// Floats in one chunk's im2col matrix (1 MiB, so that it stays in cache while the
@@ -130,8 +131,8 @@ fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
     let [ph, pw] = g.padding;
     for (row, dst) in col.chunks_mut(n).enumerate() {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
-        let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
-        let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        let (oh_lo, oh_hi) = valid_range(g.out_height, g.height, i, sh, ph);
+        let (ow_lo, ow_hi) = valid_range(g.out_width, g.width, j, sw, pw);
         if ow_lo >= ow_hi {
             continue; // this kernel column only ever sees padding
         }
@@ -164,8 +165,8 @@ fn col2im(dcol: &[f32], g: &Geometry, chunk: Chunk, dx: &mut [f32]) {
     let [ph, pw] = g.padding;
     for (row, src) in dcol.chunks(n).enumerate() {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
-        let (oh_lo, oh_hi) = Geometry::valid(g.out_height, g.height, i, sh, ph);
-        let (ow_lo, ow_hi) = Geometry::valid(g.out_width, g.width, j, sw, pw);
+        let (oh_lo, oh_hi) = valid_range(g.out_height, g.height, i, sh, ph);
+        let (ow_lo, ow_hi) = valid_range(g.out_width, g.width, j, sw, pw);
         if ow_lo >= ow_hi {
             continue; // this kernel column only ever sees padding
         }
@@ -429,7 +430,7 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::Geometry;
+    use super::valid_range;
 
     #[test]
     fn valid_ranges_match_a_brute_force_scan() {
@@ -447,7 +448,7 @@ mod tests {
                                 i >= 0 && i < size as isize
                             })
                             .collect();
-                        let (lo, hi) = Geometry::valid(out, size, k, s, p);
+                        let (lo, hi) = valid_range(out, size, k, s, p);
                         assert_eq!((lo..hi).collect::<Vec<_>>(), brute, "{size} {k} {s} {p}");
                     }
                 }

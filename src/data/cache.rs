@@ -97,7 +97,12 @@ impl ImageCache {
             _ => img,
         };
         let pixels = Rgb8::from_image(&img);
-        let img = pixels.to_image();
+        // Decoded images are already 8-bit exact; resized ones take the rounding the cache
+        // gives them, so that they are the same whether served from memory or not.
+        let img = match self.mode {
+            CacheMode::Resized => pixels.to_image(),
+            _ => img,
+        };
         let bytes = pixels.data.len();
         if self.used.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.budget {
             // A concurrent insert of the same sample leaves the first one in place.
