@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -175,7 +175,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
             };
             let kd = crate::losses::KdConfig::default().build();
             // PyTorch's Adam defaults, as in bench/pytorch_reference.py.
-            let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+            let mut optim = crate::optim::FusedAdam::new(1e-8).init();
             for step in 0..a.warmup + a.steps {
                 let data: Vec<f32> = (0..b * 3 * s * s)
                     .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)

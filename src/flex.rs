@@ -50,3 +50,41 @@ impl SharedOut {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
     }
 }
+
+/// Defines `fn $name(args)` running `$body` compiled for the best vector extension this CPU
+/// has (AVX-512F, else AVX2 + FMA, else the build's baseline), chosen at run time. The
+/// `avx2` form stops at AVX2, for loops whose AVX-512 code turned out slower.
+macro_rules! dispatch_simd {
+    ($name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:expr) => {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            $crate::flex::dispatch_simd!(avx2 inner($($arg: $ty),*) $(-> $ret)? => $body);
+            inner($($arg),*)
+        }
+    };
+    (avx2 $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:expr) => {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use dispatch_simd;

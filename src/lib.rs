@@ -18,6 +18,8 @@ pub mod losses;
 pub mod metrics;
 pub mod models;
 pub mod norm;
+pub mod optim;
+pub mod pool;
 pub mod report;
 pub mod run;
 pub mod schedule;

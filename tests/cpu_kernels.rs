@@ -8,12 +8,16 @@
 //! - The fused training BatchNorm (`kd::norm`) against Burn's `BatchNorm`: outputs, running
 //!   statistics and the gradients of input, gamma and beta.
 //! - The vectorised GELU (`kd::gelu`) against Burn's `gelu`: outputs and input gradients.
+//! - The max pooling (`kd::pool`) against Burn's `MaxPool2d`: outputs and input gradients.
+//! - The fused Adam (`kd::optim`) against Burn's `Adam`: parameters after several steps.
 
 mod common;
 
 use burn::module::Module;
 use burn::nn::conv::Conv2dConfig;
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::nn::pool::MaxPool2dConfig;
+use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{rel_err, values};
 
@@ -30,6 +34,8 @@ const CASES: &[Case] = &[
     (2, 3, 5, 7, 7, 3, 3, 2),    // stride 3, padding 2
     (1, 2, 3, 6, 1, 5, 1, 2),    // width 1: kernel columns that only see padding
     (1, 2, 3, 2, 2, 7, 1, 3),    // 7x7 kernel on a 2x2 image
+    (12, 8, 8, 8, 8, 3, 1, 1),   // weight gradient in two chunks of several images
+    (3, 4, 64, 4, 4, 3, 1, 1),   // few pixels per output channel: channel-major input grad
 ];
 
 #[test]
@@ -273,4 +279,92 @@ fn vectorised_gelu_matches_burn() {
         ey < 1e-6 && eg < 1e-6,
         "gelu differs: output {ey:.1e}, gradient {eg:.1e}"
     );
+}
+
+#[test]
+fn max_pool_matches_burn_forward_and_backward() {
+    let device = Device::flex().autodiff();
+    // (batch, channels, height, width, kernel, stride, padding)
+    let cases = [
+        (2, 3, 32, 32, 3, 2, 1), // ResNet's stem pool
+        (3, 2, 9, 7, 3, 2, 1),   // odd sizes
+        (1, 4, 8, 8, 2, 2, 0),   // 2x2, no padding
+        (2, 2, 7, 9, 3, 1, 1),   // stride 1: overlapping windows
+        (1, 1, 5, 6, 5, 3, 2),   // windows mostly padding
+    ];
+    for (b, c, h, w, k, s, p) in cases {
+        let pool = MaxPool2dConfig::new([k, k])
+            .with_strides([s, s])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .init();
+        let x: Tensor<4> =
+            Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let out_dims = pool.forward(x.clone().detach()).dims();
+        let probe: Tensor<4> = Tensor::random(out_dims, Distribution::Default, &device);
+        let run = |ours: bool| {
+            let y = if ours {
+                kd::pool::max_pool2d(&pool, x.clone())
+            } else {
+                pool.forward(x.clone())
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            (values(y), values(x.grad(&grads).unwrap()))
+        };
+        let ((y_burn, g_burn), (y_ours, g_ours)) = (run(false), run(true));
+        let case = format!("{b}x{c}x{h}x{w} k{k} s{s} p{p}");
+        // Maxima are picked, not computed: both must agree exactly.
+        assert!(y_ours == y_burn, "pool output differs for {case}");
+        assert!(g_ours == g_burn, "pool gradient differs for {case}");
+    }
+}
+
+#[test]
+fn max_pool_propagates_nan_and_runs_without_autodiff() {
+    let device = Device::flex();
+    let pool = MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init();
+    let mut data = vec![1.0f32; 16];
+    data[5] = f32::NAN; // in the top-left window
+    let x = Tensor::<4>::from_data(burn::tensor::TensorData::new(data, [1, 1, 4, 4]), &device);
+    let y = values(kd::pool::max_pool2d(&pool, x));
+    assert!(
+        y[0].is_nan(),
+        "NaN must win its window, as in PyTorch: {y:?}"
+    );
+    assert_eq!(&y[1..], &[1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn fused_adam_matches_burn_adam() {
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let start = LinearConfig::new(37, 5).init(&device);
+    let x: Tensor<2> = Tensor::random([8, 37], Distribution::Normal(0.0, 1.0), &device);
+    let target: Tensor<2> = Tensor::random([8, 5], Distribution::Normal(0.0, 1.0), &device);
+    let train = |fused: bool| {
+        let mut model = start.clone();
+        let mut optim = if fused {
+            kd::optim::FusedAdam::new(1e-8).init()
+        } else {
+            AdamConfig::new().with_epsilon(1e-8).init()
+        };
+        for step in 0..6 {
+            let loss = (model.forward(x.clone()) - target.clone())
+                .powi_scalar(2)
+                .mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-2 / (step + 1) as f64, model, grads);
+        }
+        (
+            values(model.weight.val()),
+            values(model.bias.unwrap().val()),
+        )
+    };
+    let ((w_burn, b_burn), (w_ours, b_ours)) = (train(false), train(true));
+    assert_ne!(
+        w_ours,
+        values(start.weight.val()),
+        "the weights did not move"
+    );
+    assert_eq!(w_ours, w_burn, "weights differ from Burn's Adam");
+    assert_eq!(b_ours, b_burn, "biases differ from Burn's Adam");
 }

@@ -8,7 +8,7 @@
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::flex::{f32_contiguous, f32_tensor};
+use crate::flex::{dispatch_simd, f32_contiguous, f32_tensor};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 // ln 2 split in a part exact in f32 and the rest, for an accurate range reduction.
@@ -81,32 +81,6 @@ fn backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
         *dx = g * (normal_cdf(x) + x * pdf);
     }
-}
-
-/// Runs `$body` compiled for the best vector extension this CPU has.
-macro_rules! dispatch_simd {
-    ($name:ident($($arg:ident: $ty:ty),*) => $body:expr) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) { $body }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { $body }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
 }
 
 dispatch_simd!(forward_simd(x: &[f32], y: &mut [f32]) => forward_slice(x, y));

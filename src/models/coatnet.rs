@@ -332,7 +332,7 @@ impl MbConv {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match (&self.pool, &self.proj) {
-            (Some(pool), Some(proj)) => conv2d(proj, pool.forward(x.clone())),
+            (Some(pool), Some(proj)) => conv2d(proj, crate::pool::max_pool2d(pool, x.clone())),
             _ => x.clone(),
         };
         let y = batch_norm(&self.pre_norm, x);
@@ -481,7 +481,7 @@ impl TransformerBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let (shortcut, x) = match (&self.pool, &self.proj) {
             (Some(pool), Some(proj)) => {
-                let pooled = pool.forward(x);
+                let pooled = crate::pool::max_pool2d(pool, x);
                 (conv2d(proj, pooled.clone()), pooled)
             }
             _ => (x.clone(), x),

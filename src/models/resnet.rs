@@ -211,7 +211,7 @@ impl ResNet {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let mut x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
         if let Some(pool) = &self.maxpool {
-            x = pool.forward(x);
+            x = crate::pool::max_pool2d(pool, x);
         }
         for block in self
             .layer1

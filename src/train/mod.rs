@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::optim::FusedAdam;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -234,9 +235,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     if let (Some(init), None) = (&config.init_from, &resumed) {
         weights::load_pytorch(&mut model, init)?;
     }
-    let mut optim = AdamConfig::new()
-        .with_epsilon(config.adam_epsilon as f32)
-        .init();
+    let mut optim = FusedAdam::new(config.adam_epsilon as f32).init();
     let mut state = LoopState {
         epochs_done: 0,
         history: Vec::new(),
