@@ -4,7 +4,7 @@
 use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 
-use crate::flex::{f32_contiguous, f32_tensor};
+use crate::flex::{dispatch_simd, f32_contiguous, f32_tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -91,6 +91,13 @@ const CHUNK_MULTIPLE: usize = 4;
 
 /// Groups of chunks whose weight gradients are summed separately (then in order).
 const WEIGHT_GROUPS: usize = 4;
+
+/// The input gradient goes pixel-major when the batch has this many output pixels per
+/// output channel (see `backward`).
+const PIXEL_MAJOR_MIN_RATIO: usize = 8;
+
+/// Fewest output pixels per chunk of the weight gradient (the GEMM's summed dimension).
+const WEIGHT_MIN_PIXELS: usize = 512;
 
 /// A run of whole images `first..first + count` processed together.
 #[derive(Clone, Copy)]
@@ -192,6 +199,122 @@ fn col2im(dcol: &[f32], g: &Geometry, chunk: Chunk, dx: &mut [f32]) {
     }
 }
 
+/// `dst[c · rows + r] = src[r · cols + c]`, in cache-sized tiles.
+#[inline(always)]
+fn transpose_tiles(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                let dst = &mut dst[c * rows..][..rows];
+                for r in r0..(r0 + TILE).min(rows) {
+                    dst[r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+dispatch_simd!(transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) => transpose_tiles(src, rows, cols, dst));
+
+/// The im2col of one chunk with pixels as rows and `(i, j, c)` as columns:
+/// `col_t[(b, oh, ow), (i, j, c)] = x[first + b, c, oh·sh + i − ph, ow·sw + j − pw]`
+/// (0 outside), written whole into `col_t [count·Ho·Wo, kh·kw·C]`. Each entry is a copy of C
+/// contiguous floats from the chunk transposed to channels-last (`x_t`, scratch of
+/// `count·H·W·C`). This is the layout the weight-gradient GEMM reads without repacking.
+fn im2col_pixel_major(x: &[f32], g: &Geometry, chunk: Chunk, x_t: &mut [f32], col_t: &mut [f32]) {
+    let (c_in, in_plane) = (g.channels, g.height * g.width);
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    let row_len = kh * kw * c_in;
+    for b in 0..chunk.count {
+        let image = &x[(chunk.first + b) * c_in * in_plane..][..c_in * in_plane];
+        transpose(
+            image,
+            c_in,
+            in_plane,
+            &mut x_t[b * in_plane * c_in..][..in_plane * c_in],
+        );
+    }
+    for (p, row) in col_t.chunks_exact_mut(row_len).enumerate() {
+        let (b, q) = (p / g.out_plane(), p % g.out_plane());
+        let (oh, ow) = (q / g.out_width, q % g.out_width);
+        for i in 0..kh {
+            let ih = (oh * sh + i).wrapping_sub(ph);
+            for j in 0..kw {
+                let iw = (ow * sw + j).wrapping_sub(pw);
+                let dst = &mut row[(i * kw + j) * c_in..][..c_in];
+                if ih < g.height && iw < g.width {
+                    dst.copy_from_slice(&x_t[(b * in_plane + ih * g.width + iw) * c_in..][..c_in]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_pixel_major`]: sums one chunk's `dcol_t [count·Ho·Wo, kh·kw·C]`
+/// into the channels-last scratch `dx_t` (runs of C floats), then writes the chunk's images'
+/// gradient `dx [count, C, H, W]` from it.
+fn col2im_pixel_major(
+    dcol_t: &[f32],
+    g: &Geometry,
+    chunk: Chunk,
+    dx_t: &mut [f32],
+    dx: &mut [f32],
+) {
+    let (c_in, in_plane) = (g.channels, g.height * g.width);
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    let dx_t = &mut dx_t[..chunk.count * in_plane * c_in];
+    dx_t.fill(0.0);
+    for (p, row) in dcol_t.chunks_exact(kh * kw * c_in).enumerate() {
+        let (b, q) = (p / g.out_plane(), p % g.out_plane());
+        let (oh, ow) = (q / g.out_width, q % g.out_width);
+        for i in 0..kh {
+            let ih = (oh * sh + i).wrapping_sub(ph);
+            if ih >= g.height {
+                continue;
+            }
+            for j in 0..kw {
+                let iw = (ow * sw + j).wrapping_sub(pw);
+                if iw < g.width {
+                    let dst = &mut dx_t[(b * in_plane + ih * g.width + iw) * c_in..][..c_in];
+                    add_assign(dst, &row[(i * kw + j) * c_in..][..c_in]);
+                }
+            }
+        }
+    }
+    for (src, dst) in dx_t
+        .chunks_exact(in_plane * c_in)
+        .zip(dx.chunks_exact_mut(c_in * in_plane))
+    {
+        transpose(src, in_plane, c_in, dst);
+    }
+}
+
+/// `dst += src`, elementwise.
+#[inline(always)]
+fn add_assign_plain(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+dispatch_simd!(add_assign(dst: &mut [f32], src: &[f32]) => add_assign_plain(dst, src));
+
+thread_local! {
+    /// Per-thread scratch `(x_t, col_t)` for [`im2col_pixel_major`], taken while in use and
+    /// put back after: it is rewritten whole each time, so it needs neither a new allocation
+    /// nor zeroing.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::Cell::new((Vec::new(), Vec::new()))
+    };
+}
+
 /// `[A, B, P] → [B, A, P]` for contiguous blocks of `P` elements, into `dst`.
 fn swap_outer(src: &[f32], a: usize, b: usize, p: usize, dst: &mut [f32]) {
     for bi in 0..b {
@@ -279,6 +402,49 @@ fn matmul(
     }
 }
 
+/// `dst (+)= lhs · rhs` for `dst [m × n]` stored column-major (`dst[i + j·m]`), straight
+/// to gemm (the operands' strides pick its packing).
+fn matmul_col_major(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n);
+    let parallelism = if parallel && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: as in `matmul`: the callers' shapes cover every strided access and `dst`
+    // aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            m as isize,
+            1,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `y [B, O, Ho, Wo] = conv(x, weight)`, one chunk of images per rayon task.
 pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
     let (x, weight) = (f32_contiguous(x), f32_contiguous(weight));
@@ -340,13 +506,16 @@ pub fn backward(
     let (k, o, plane) = (g.rows(), g.out_channels, g.out_plane());
     let per_chunk = g.images_per_chunk();
     let parallel = g.gemm_in_parallel();
-    let chunks: Vec<Chunk> = (0..g.batch)
-        .step_by(per_chunk)
-        .map(|first| Chunk {
-            first,
-            count: per_chunk.min(g.batch - first),
-        })
-        .collect();
+    let split = |per_chunk: usize| -> Vec<Chunk> {
+        (0..g.batch)
+            .step_by(per_chunk)
+            .map(|first| Chunk {
+                first,
+                count: per_chunk.min(g.batch - first),
+            })
+            .collect()
+    };
+    let chunks = split(per_chunk);
     // One chunk's output gradient as a matrix [O × count·P] (copied only for several images).
     let dy_chunk = |chunk: Chunk| -> Cow<[f32]> {
         let src = &dy[chunk.first * o * plane..][..chunk.count * o * plane];
@@ -360,34 +529,43 @@ pub fn backward(
     };
 
     let grad_w = need_w.then(|| {
-        // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K]. The chunks are summed in
+        // dW[O × K] = Σ over chunks of dY[O × n] · colᵀ[n × K], computed as dWᵀ from the
+        // pixel-major im2col (see `im2col_pixel_major`). The chunks are summed in
         // WEIGHT_GROUPS fixed groups, then the groups in order, so the result does not depend
         // on thread scheduling (a resumed run replays bit for bit).
+        // At least WEIGHT_MIN_PIXELS pixels per chunk: each chunk's GEMM reads and writes the
+        // whole gradient [O × K] once, so fewer pixels would make it memory-bound.
+        let chunks = split(per_chunk.max(WEIGHT_MIN_PIXELS.div_ceil(plane.max(1))));
         let per_group = chunks.len().div_ceil(WEIGHT_GROUPS).max(1);
         // With fewer groups than threads the GEMMs themselves use every thread (gemm does not
         // split the summed dimension, so this does not change the result).
         let groups = chunks.len().div_ceil(per_group);
         let parallel = parallel || groups < rayon::current_num_threads();
+        let in_image = g.channels * g.height * g.width;
         let partials: Vec<Vec<f32>> = chunks
             .par_chunks(per_group)
             .map(|group| {
                 let mut dw = vec![0.0f32; o * k];
                 for &chunk in group {
                     let n = chunk.count * plane;
-                    let mut col = vec![0.0f32; k * n];
-                    im2col(x, g, chunk, &mut col);
                     let dy = dy_chunk(chunk);
-                    let dy = Mat {
-                        data: &dy,
-                        rs: n as isize,
-                        cs: 1,
+                    // dWᵀ[(i, j, c) × O] += col_tᵀ · dYᵀ, stored as dw[O][(i, j, c)].
+                    let (mut x_t, mut col_t) = SCRATCH.take();
+                    x_t.resize(x_t.len().max(chunk.count * in_image), 0.0);
+                    col_t.resize(col_t.len().max(n * k), 0.0);
+                    im2col_pixel_major(x, g, chunk, &mut x_t, &mut col_t[..n * k]);
+                    let lhs = Mat {
+                        data: &col_t,
+                        rs: 1,
+                        cs: k as isize,
                     };
-                    let col_t = Mat {
-                        data: &col,
+                    let rhs = Mat {
+                        data: &dy,
                         rs: 1,
                         cs: n as isize,
                     };
-                    matmul((o, k, n), &mut dw, dy, col_t, true, parallel);
+                    matmul_col_major((k, o, n), &mut dw, lhs, rhs, true, parallel);
+                    SCRATCH.set((x_t, col_t));
                 }
                 dw
             })
@@ -397,16 +575,32 @@ pub fn backward(
         for partial in partials {
             dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
         }
-        f32_tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
+        // [O][(i, j, c)] → [O][(c, i, j)]
+        let (taps, mut reordered) = (g.kernel[0] * g.kernel[1], vec![0.0f32; o * k]);
+        dw.par_chunks_exact(k)
+            .zip(reordered.par_chunks_exact_mut(k))
+            .for_each(|(src, dst)| transpose(src, taps, g.channels, dst));
+        f32_tensor(reordered, [o, g.channels, g.kernel[0], g.kernel[1]])
     });
 
     let grad_x = need_x.then(|| {
         let in_image = g.channels * g.height * g.width;
         let mut dx = vec![0.0f32; g.batch * in_image];
+        // Pixel-major (runs of C floats in col2im) needs the weight reordered, O·K floats:
+        // worth it only when the im2col is much larger than the weight.
+        let pixel_major = g.batch * plane >= PIXEL_MAJOR_MIN_RATIO * o;
+        let taps = g.kernel[0] * g.kernel[1];
+        let mut w_pm = Vec::new();
+        if pixel_major {
+            // The weight as [O][(i, j, c)], the column order of the pixel-major im2col.
+            w_pm = vec![0.0f32; o * k];
+            w.par_chunks_exact(k)
+                .zip(w_pm.par_chunks_exact_mut(k))
+                .for_each(|(src, dst)| transpose(src, g.channels, taps, dst));
+        }
         dx.par_chunks_mut(per_chunk * in_image)
             .zip(&chunks)
             .for_each(|(dx, &chunk)| {
-                // dcol[K × n] = Wᵀ[K × O] · dY[O × n]
                 let n = chunk.count * plane;
                 let dy = dy_chunk(chunk);
                 let dy = Mat {
@@ -414,14 +608,31 @@ pub fn backward(
                     rs: n as isize,
                     cs: 1,
                 };
-                let w_t = Mat {
-                    data: w,
-                    rs: 1,
-                    cs: k as isize,
-                };
-                let mut dcol = vec![0.0f32; k * n];
-                matmul((k, n, o), &mut dcol, w_t, dy, false, parallel);
-                col2im(&dcol, g, chunk, dx);
+                if pixel_major {
+                    // dcol_t[n × (i, j, c)] = dYᵀ · W', computed as its transpose
+                    // [(i, j, c) × n] (column-major) = W'ᵀ[(i, j, c) × O] · dY[O × n].
+                    let w_t = Mat {
+                        data: &w_pm,
+                        rs: 1,
+                        cs: k as isize,
+                    };
+                    let (mut dx_t, mut dcol_t) = SCRATCH.take();
+                    dcol_t.resize(dcol_t.len().max(n * k), 0.0);
+                    matmul_col_major((k, n, o), &mut dcol_t, w_t, dy, false, parallel);
+                    dx_t.resize(dx_t.len().max(chunk.count * in_image), 0.0);
+                    col2im_pixel_major(&dcol_t[..n * k], g, chunk, &mut dx_t, dx);
+                    SCRATCH.set((dx_t, dcol_t));
+                } else {
+                    // dcol[K × n] = Wᵀ[K × O] · dY[O × n]
+                    let w_t = Mat {
+                        data: w,
+                        rs: 1,
+                        cs: k as isize,
+                    };
+                    let mut dcol = vec![0.0f32; k * n];
+                    matmul((k, n, o), &mut dcol, w_t, dy, false, parallel);
+                    col2im(&dcol, g, chunk, dx);
+                }
             });
         f32_tensor(dx, [g.batch, g.channels, g.height, g.width])
     });
