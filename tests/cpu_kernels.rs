@@ -36,6 +36,10 @@ const CASES: &[Case] = &[
     (1, 2, 3, 2, 2, 7, 1, 3),    // 7x7 kernel on a 2x2 image
     (12, 8, 8, 8, 8, 3, 1, 1),   // weight gradient in two chunks of several images
     (3, 4, 64, 4, 4, 3, 1, 1),   // few pixels per output channel: channel-major input grad
+    (2, 128, 8, 5, 5, 3, 1, 1),  // wide input: weight gradient one GEMM per kernel tap
+    (3, 128, 16, 6, 6, 3, 2, 1), // wide input, stride 2
+    (4, 8, 8, 1, 1, 3, 1, 1),    // 1x1 image: only the kernel's centre sees the input
+    (3, 8, 16, 2, 2, 3, 2, 1),   // 2x2 -> 1x1 with stride 2: a 2x2 live window
 ];
 
 #[test]

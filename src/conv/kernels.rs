@@ -86,6 +86,24 @@ pub(super) fn valid_range(out: usize, size: usize, k: usize, s: usize, p: usize)
 /// GEMM reads it).
 const CHUNK_FLOATS: usize = 1 << 18;
 
+/// Input channels from which the weight gradient runs one GEMM per kernel tap (see
+/// `backward`).
+const PER_TAP_MIN_CHANNELS: usize = 128;
+
+/// Pixels (rows) per rayon task of [`im2col_pixel_major`].
+const PIXELS_PER_TASK: usize = 64;
+
+/// Output planes up to this many pixels take [`im2col`]'s index-map path.
+const SMALL_PLANE: usize = 32;
+
+/// Rows of gemm's widest f32 microkernel (4 AVX-512 vectors).
+const GEMM_ROWS: usize = 64;
+
+/// Greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// The number of chunks is rounded up to a multiple of this (see `images_per_chunk`).
 const CHUNK_MULTIPLE: usize = 4;
 
@@ -107,9 +125,9 @@ struct Chunk {
 }
 
 impl Geometry {
-    /// Images per chunk: about [`CHUNK_FLOATS`] of im2col each, at least one image, and a
-    /// chunk count that is a multiple of [`CHUNK_MULTIPLE`] so that the chunks spread evenly
-    /// over 1, 2 or 4 threads. The chunking depends on the shapes only, never on the thread
+    /// Images per chunk: about [`CHUNK_FLOATS`] of im2col each, at least one image, a chunk
+    /// count that is a multiple of [`CHUNK_MULTIPLE`] so that the chunks spread evenly over
+    /// 1, 2 or 4 threads, then rounded up to whole multiples of [`GEMM_ROWS`] pixels. The chunking depends on the shapes only, never on the thread
     /// count, so a machine gives the same results whatever its thread count (other CPUs may
     /// differ in the last bits: gemm's blocking and microkernels follow the CPU).
     fn images_per_chunk(&self) -> usize {
@@ -118,7 +136,15 @@ impl Geometry {
         let chunks = total
             .div_ceil(CHUNK_FLOATS)
             .next_multiple_of(CHUNK_MULTIPLE);
-        batch.div_ceil(chunks.min(batch))
+        let per = batch.div_ceil(chunks.min(batch));
+        // Whole multiples of 64 pixels where the plane allows: gemm's widest microkernel
+        // covers 64 rows, and a 32-row remainder runs at half its speed.
+        let unit = GEMM_ROWS / gcd(self.out_plane().max(1), GEMM_ROWS);
+        if unit <= batch {
+            per.next_multiple_of(unit).min(batch)
+        } else {
+            per
+        }
     }
 
     /// Whether the GEMMs should use all threads themselves: only when there are fewer chunks
@@ -128,27 +154,81 @@ impl Geometry {
     }
 }
 
-/// im2col of one chunk into the zeroed `col [C·kh·kw, count·Ho·Wo]`:
+/// im2col of one chunk into `col [C·kh·kw, count·Ho·Wo]` (every element written):
 /// `col[(c, i, j), (b, oh, ow)] = x[first + b, c, oh·sh + i − ph, ow·sw + j − pw]` (0 outside).
 fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
     let (plane, in_plane) = (g.out_plane(), g.height * g.width);
+    let (width, out_width) = (g.width, g.out_width);
     let n = chunk.count * plane;
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
+    // Stride 1 with "same" width: a tap's rows are one run of the input plane.
+    let whole_runs = sh == 1 && sw == 1 && out_width == width;
+    // Small planes gather through a per-tap index map (u32::MAX: padding) instead of short
+    // copies and fills.
+    let maps: Vec<Vec<u32>> = if plane <= SMALL_PLANE {
+        (0..kh * kw)
+            .map(|tap| {
+                let (i, j) = (tap / kw, tap % kw);
+                (0..plane)
+                    .map(|q| {
+                        let ih = ((q / out_width) * sh + i).wrapping_sub(ph);
+                        let iw = ((q % out_width) * sw + j).wrapping_sub(pw);
+                        if ih < g.height && iw < width {
+                            (ih * width + iw) as u32
+                        } else {
+                            u32::MAX
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (row, dst) in col.chunks_mut(n).enumerate() {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let (oh_lo, oh_hi) = valid_range(g.out_height, g.height, i, sh, ph);
-        let (ow_lo, ow_hi) = valid_range(g.out_width, g.width, j, sw, pw);
-        if ow_lo >= ow_hi {
-            continue; // this kernel column only ever sees padding
-        }
+        let (ow_lo, ow_hi) = valid_range(out_width, width, j, sw, pw);
         for b in 0..chunk.count {
             let src = &x[((chunk.first + b) * g.channels + c) * in_plane..][..in_plane];
             let dst = &mut dst[b * plane..][..plane];
-            for oh in oh_lo..oh_hi {
-                let src_row = &src[(oh * sh + i - ph) * g.width..][..g.width];
-                let dst_row = &mut dst[oh * g.out_width..][..g.out_width];
+            if let Some(map) = maps.get(row % (kh * kw)) {
+                for (d, &m) in dst.iter_mut().zip(map) {
+                    *d = src.get(m as usize).copied().unwrap_or(0.0);
+                }
+                continue;
+            }
+            if ow_lo >= ow_hi || oh_lo >= oh_hi {
+                dst.fill(0.0); // this tap only ever sees padding
+                continue;
+            }
+            dst[..oh_lo * out_width].fill(0.0);
+            dst[oh_hi * out_width..].fill(0.0);
+            let rows = &mut dst[oh_lo * out_width..oh_hi * out_width];
+            if whole_runs {
+                // rows[t] = src[start + t]; the columns that wrap into a neighbouring row (or
+                // past the plane) are padding and zeroed below.
+                let start = ((oh_lo + i - ph) * width + j) as isize - pw as isize;
+                let lo = (-start).max(0) as usize;
+                let hi = (rows.len() as isize).min(in_plane as isize - start) as usize;
+                let from = (start + lo as isize) as usize;
+                rows[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
+                rows[..lo].fill(0.0);
+                rows[hi..].fill(0.0);
+                if ow_lo > 0 || ow_hi < out_width {
+                    for r in rows.chunks_exact_mut(out_width) {
+                        r[..ow_lo].fill(0.0);
+                        r[ow_hi..].fill(0.0);
+                    }
+                }
+                continue;
+            }
+            for (oh, dst_row) in (oh_lo..oh_hi).zip(rows.chunks_exact_mut(out_width)) {
+                let src_row = &src[(oh * sh + i - ph) * width..][..width];
+                dst_row[..ow_lo].fill(0.0);
+                dst_row[ow_hi..].fill(0.0);
                 if sw == 1 {
                     let start = ow_lo + j - pw;
                     dst_row[ow_lo..ow_hi].copy_from_slice(&src_row[start..start + ow_hi - ow_lo]);
@@ -228,31 +308,36 @@ fn im2col_pixel_major(x: &[f32], g: &Geometry, chunk: Chunk, x_t: &mut [f32], co
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
     let row_len = kh * kw * c_in;
-    for b in 0..chunk.count {
-        let image = &x[(chunk.first + b) * c_in * in_plane..][..c_in * in_plane];
-        transpose(
-            image,
-            c_in,
-            in_plane,
-            &mut x_t[b * in_plane * c_in..][..in_plane * c_in],
-        );
-    }
-    for (p, row) in col_t.chunks_exact_mut(row_len).enumerate() {
-        let (b, q) = (p / g.out_plane(), p % g.out_plane());
-        let (oh, ow) = (q / g.out_width, q % g.out_width);
-        for i in 0..kh {
-            let ih = (oh * sh + i).wrapping_sub(ph);
-            for j in 0..kw {
-                let iw = (ow * sw + j).wrapping_sub(pw);
-                let dst = &mut row[(i * kw + j) * c_in..][..c_in];
-                if ih < g.height && iw < g.width {
-                    dst.copy_from_slice(&x_t[(b * in_plane + ih * g.width + iw) * c_in..][..c_in]);
-                } else {
-                    dst.fill(0.0);
+    let images = &x[chunk.first * c_in * in_plane..][..chunk.count * c_in * in_plane];
+    // Parallel inside the chunk too: with few chunks (small planes) this is the whole batch.
+    x_t[..chunk.count * in_plane * c_in]
+        .par_chunks_exact_mut(in_plane * c_in)
+        .zip(images.par_chunks_exact(c_in * in_plane))
+        .for_each(|(dst, image)| transpose(image, c_in, in_plane, dst));
+    let x_t = &*x_t;
+    col_t
+        .par_chunks_mut(row_len * PIXELS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                let p = task * PIXELS_PER_TASK + r;
+                let (b, q) = (p / g.out_plane(), p % g.out_plane());
+                let (oh, ow) = (q / g.out_width, q % g.out_width);
+                for i in 0..kh {
+                    let ih = (oh * sh + i).wrapping_sub(ph);
+                    for j in 0..kw {
+                        let iw = (ow * sw + j).wrapping_sub(pw);
+                        let dst = &mut row[(i * kw + j) * c_in..][..c_in];
+                        if ih < g.height && iw < g.width {
+                            let at = (b * in_plane + ih * g.width + iw) * c_in;
+                            dst.copy_from_slice(&x_t[at..][..c_in]);
+                        } else {
+                            dst.fill(0.0);
+                        }
+                    }
                 }
             }
-        }
-    }
+        });
 }
 
 /// The adjoint of [`im2col_pixel_major`]: sums one chunk's `dcol_t [count·Ho·Wo, kh·kw·C]`
@@ -307,9 +392,9 @@ fn add_assign_plain(dst: &mut [f32], src: &[f32]) {
 dispatch_simd!(add_assign(dst: &mut [f32], src: &[f32]) => add_assign_plain(dst, src));
 
 thread_local! {
-    /// Per-thread scratch `(x_t, col_t)` for [`im2col_pixel_major`], taken while in use and
-    /// put back after: it is rewritten whole each time, so it needs neither a new allocation
-    /// nor zeroing.
+    /// Per-thread scratch buffers for the im2col matrices and GEMM outputs, taken while in
+    /// use and put back after: each use overwrites what it reads (gemm does not read its
+    /// output unless accumulating), so they need neither new allocations nor zeroing.
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const {
         std::cell::Cell::new((Vec::new(), Vec::new()))
     };
@@ -325,6 +410,7 @@ fn swap_outer(src: &[f32], a: usize, b: usize, p: usize, dst: &mut [f32]) {
 }
 
 /// A strided matrix operand: `data[row · rs + col · cs]`.
+#[derive(Clone, Copy)]
 struct Mat<'a> {
     data: &'a [f32],
     rs: isize,
@@ -402,32 +488,34 @@ fn matmul(
     }
 }
 
-/// `dst (+)= lhs · rhs` for `dst [m × n]` stored column-major (`dst[i + j·m]`), straight
-/// to gemm (the operands' strides pick its packing).
-fn matmul_col_major(
+/// `dst (+)= lhs · rhs` for `dst [m × n]` stored as `dst[i·dst_rs + j·dst_cs]`, straight to
+/// gemm (the operands' strides pick its packing).
+#[allow(clippy::too_many_arguments)]
+fn matmul_strided(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
     lhs: Mat,
     rhs: Mat,
     accumulate: bool,
     parallel: bool,
 ) {
-    assert!(dst.len() >= m * n);
+    assert!(m > 0 && n > 0 && dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs);
     let parallelism = if parallel && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: as in `matmul`: the callers' shapes cover every strided access and `dst`
-    // aliases neither operand.
+    // SAFETY: as in `matmul`: the callers' shapes cover every strided access (checked above
+    // for `dst`) and `dst` aliases neither operand.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            m as isize,
-            1,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs,
@@ -445,8 +533,148 @@ fn matmul_col_major(
     }
 }
 
-/// `y [B, O, Ho, Wo] = conv(x, weight)`, one chunk of images per rayon task.
+/// Filters (`[kh, kw]` planes) per rayon task when cutting or placing a live window.
+const FILTERS_PER_TASK: usize = 4096;
+
+/// The kernel taps that see the input for at least one output pixel: rows `i0..i1` and
+/// columns `j0..j1` of the kernel (a rectangle). The other taps only ever multiply padding.
+/// On small planes (e.g. ResNet's last stage on 32x32 images, a 1x1 plane where only the
+/// centre of a 3x3 kernel is live) the convolution runs on the live window alone.
+#[derive(Debug, Clone, Copy)]
+struct LiveWindow {
+    rows: [usize; 2],
+    cols: [usize; 2],
+    /// The same convolution with the live window as its kernel.
+    geometry: Geometry,
+}
+
+impl Geometry {
+    /// The live window when it is smaller than the kernel.
+    fn live_window(&self) -> Option<LiveWindow> {
+        let live = |out: usize, size: usize, k: usize, s: usize, p: usize| {
+            let taps: Vec<usize> = (0..k)
+                .filter(|&t| {
+                    let (lo, hi) = valid_range(out, size, t, s, p);
+                    lo < hi
+                })
+                .collect();
+            [
+                taps.first().copied().unwrap_or(0),
+                taps.last().map_or(0, |&t| t + 1),
+            ]
+        };
+        let rows = live(
+            self.out_height,
+            self.height,
+            self.kernel[0],
+            self.stride[0],
+            self.padding[0],
+        );
+        let cols = live(
+            self.out_width,
+            self.width,
+            self.kernel[1],
+            self.stride[1],
+            self.padding[1],
+        );
+        let kernel = [rows[1] - rows[0], cols[1] - cols[0]];
+        if kernel == self.kernel || kernel.contains(&0) {
+            return None;
+        }
+        // Tap t of the window is tap t + i0 of the kernel: the same input offset with the
+        // padding reduced by i0 (the output size stays as it is).
+        let geometry = Geometry {
+            kernel,
+            padding: [self.padding[0] - rows[0], self.padding[1] - cols[0]],
+            ..*self
+        };
+        Some(LiveWindow {
+            rows,
+            cols,
+            geometry,
+        })
+    }
+}
+
+impl LiveWindow {
+    /// `weight [O, C, kh, kw]` cut to the window.
+    fn crop(&self, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
+        let weight = f32_contiguous(weight);
+        let w = weight.storage::<f32>();
+        let [kh, kw] = g.kernel;
+        let [wh, ww] = self.geometry.kernel;
+        let mut out = vec![0.0f32; g.out_channels * g.channels * wh * ww];
+        out.par_chunks_mut(FILTERS_PER_TASK * wh * ww)
+            .zip(w.par_chunks(FILTERS_PER_TASK * kh * kw))
+            .for_each(|(small, full)| {
+                for (small, filter) in small
+                    .chunks_exact_mut(wh * ww)
+                    .zip(full.chunks_exact(kh * kw))
+                {
+                    for r in 0..wh {
+                        let from = (r + self.rows[0]) * kw + self.cols[0];
+                        small[r * ww..][..ww].copy_from_slice(&filter[from..][..ww]);
+                    }
+                }
+            });
+        f32_tensor(out, [g.out_channels, g.channels, wh, ww])
+    }
+
+    /// The window's weight gradient placed in a zero `[O, C, kh, kw]` (dead taps get 0).
+    fn expand(&self, grad: &FlexTensor, g: &Geometry) -> FlexTensor {
+        let grad = f32_contiguous(grad);
+        let dw = grad.storage::<f32>();
+        let [kh, kw] = g.kernel;
+        let [wh, ww] = self.geometry.kernel;
+        let mut out = vec![0.0f32; g.out_channels * g.channels * kh * kw];
+        out.par_chunks_mut(FILTERS_PER_TASK * kh * kw)
+            .zip(dw.par_chunks(FILTERS_PER_TASK * wh * ww))
+            .for_each(|(full, small)| {
+                for (filter, small) in full
+                    .chunks_exact_mut(kh * kw)
+                    .zip(small.chunks_exact(wh * ww))
+                {
+                    for r in 0..wh {
+                        let to = (r + self.rows[0]) * kw + self.cols[0];
+                        filter[to..][..ww].copy_from_slice(&small[r * ww..][..ww]);
+                    }
+                }
+            });
+        f32_tensor(out, [g.out_channels, g.channels, kh, kw])
+    }
+}
+
+/// `y [B, O, Ho, Wo] = conv(x, weight)`, on the live window of the kernel.
 pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
+    match g.live_window() {
+        Some(live) => forward_full(x, &live.crop(weight, g), &live.geometry),
+        None => forward_full(x, weight, g),
+    }
+}
+
+/// Gradients of `x` and `weight` given the output gradient `grad [B, O, Ho, Wo]`, on the
+/// live window of the kernel (the other taps' weight gradient is 0).
+pub fn backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    g: &Geometry,
+    need_x: bool,
+    need_w: bool,
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    match g.live_window() {
+        Some(live) => {
+            let weight = live.crop(weight, g);
+            let (dx, dw) = backward_full(x, &weight, grad, &live.geometry, need_x, need_w);
+            (dx, dw.map(|dw| live.expand(&dw, g)))
+        }
+        None => backward_full(x, weight, grad, g, need_x, need_w),
+    }
+}
+
+/// `y [B, O, Ho, Wo] = conv(x, weight)` with the whole kernel, one chunk of images per
+/// rayon task.
+fn forward_full(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor {
     let (x, weight) = (f32_contiguous(x), f32_contiguous(weight));
     let (x, w) = (x.storage::<f32>(), weight.storage::<f32>());
     let (k, o, plane) = (g.rows(), g.out_channels, g.out_plane());
@@ -461,31 +689,34 @@ pub fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Geometry) -> FlexTensor 
                 count: out.len() / (o * plane),
             };
             let n = chunk.count * plane;
-            let mut col = vec![0.0f32; k * n];
-            im2col(x, g, chunk, &mut col);
+            let (mut col, mut y) = SCRATCH.take();
+            col.resize(col.len().max(k * n), 0.0);
+            im2col(x, g, chunk, &mut col[..k * n]);
             let w = Mat {
                 data: w,
                 rs: k as isize,
                 cs: 1,
             };
-            let col = Mat {
+            let col_m = Mat {
                 data: &col,
                 rs: n as isize,
                 cs: 1,
             };
             if chunk.count == 1 {
-                matmul((o, n, k), out, w, col, false, parallel);
+                matmul((o, n, k), out, w, col_m, false, parallel);
             } else {
-                let mut y = vec![0.0f32; o * n];
-                matmul((o, n, k), &mut y, w, col, false, parallel);
+                y.resize(y.len().max(o * n), 0.0);
+                matmul((o, n, k), &mut y, w, col_m, false, parallel);
                 swap_outer(&y, o, chunk.count, plane, out);
             }
+            SCRATCH.set((col, y));
         });
     f32_tensor(out, [g.batch, o, g.out_height, g.out_width])
 }
 
-/// Gradients of `x` and `weight` given the output gradient `grad [B, O, Ho, Wo]`.
-pub fn backward(
+/// Gradients of `x` and `weight` given the output gradient `grad [B, O, Ho, Wo]`, with the
+/// whole kernel.
+fn backward_full(
     x: &FlexTensor,
     weight: &FlexTensor,
     grad: &FlexTensor,
@@ -542,6 +773,10 @@ pub fn backward(
         let groups = chunks.len().div_ceil(per_group);
         let parallel = parallel || groups < rayon::current_num_threads();
         let in_image = g.channels * g.height * g.width;
+        let taps = g.kernel[0] * g.kernel[1];
+        // Wide layers write the gradient per kernel tap straight into [O][(c, i, j)]; narrow
+        // ones in one GEMM as [O][(i, j, c)], reordered at the end.
+        let per_tap = taps > 1 && g.channels >= PER_TAP_MIN_CHANNELS;
         let partials: Vec<Vec<f32>> = chunks
             .par_chunks(per_group)
             .map(|group| {
@@ -554,17 +789,30 @@ pub fn backward(
                     x_t.resize(x_t.len().max(chunk.count * in_image), 0.0);
                     col_t.resize(col_t.len().max(n * k), 0.0);
                     im2col_pixel_major(x, g, chunk, &mut x_t, &mut col_t[..n * k]);
-                    let lhs = Mat {
-                        data: &col_t,
-                        rs: 1,
-                        cs: k as isize,
-                    };
                     let rhs = Mat {
                         data: &dy,
                         rs: 1,
                         cs: n as isize,
                     };
-                    matmul_col_major((k, o, n), &mut dw, lhs, rhs, true, parallel);
+                    if per_tap {
+                        // One GEMM per tap t writes rows (c, t) of dW[O][(c, i, j)] in place.
+                        for t in 0..taps {
+                            let lhs = Mat {
+                                data: &col_t[t * g.channels..],
+                                rs: 1,
+                                cs: k as isize,
+                            };
+                            let (m, dst) = (g.channels, &mut dw[t..]);
+                            matmul_strided((m, o, n), dst, (taps, k), lhs, rhs, true, parallel);
+                        }
+                    } else {
+                        let lhs = Mat {
+                            data: &col_t,
+                            rs: 1,
+                            cs: k as isize,
+                        };
+                        matmul_strided((k, o, n), &mut dw, (1, k), lhs, rhs, true, parallel);
+                    }
                     SCRATCH.set((x_t, col_t));
                 }
                 dw
@@ -575,12 +823,15 @@ pub fn backward(
         for partial in partials {
             dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
         }
-        // [O][(i, j, c)] → [O][(c, i, j)]
-        let (taps, mut reordered) = (g.kernel[0] * g.kernel[1], vec![0.0f32; o * k]);
-        dw.par_chunks_exact(k)
-            .zip(reordered.par_chunks_exact_mut(k))
-            .for_each(|(src, dst)| transpose(src, taps, g.channels, dst));
-        f32_tensor(reordered, [o, g.channels, g.kernel[0], g.kernel[1]])
+        if !per_tap {
+            // [O][(i, j, c)] → [O][(c, i, j)]
+            let mut reordered = vec![0.0f32; o * k];
+            dw.par_chunks_exact(k)
+                .zip(reordered.par_chunks_exact_mut(k))
+                .for_each(|(src, dst)| transpose(src, taps, g.channels, dst));
+            dw = reordered;
+        }
+        f32_tensor(dw, [o, g.channels, g.kernel[0], g.kernel[1]])
     });
 
     let grad_x = need_x.then(|| {
@@ -618,7 +869,7 @@ pub fn backward(
                     };
                     let (mut dx_t, mut dcol_t) = SCRATCH.take();
                     dcol_t.resize(dcol_t.len().max(n * k), 0.0);
-                    matmul_col_major((k, n, o), &mut dcol_t, w_t, dy, false, parallel);
+                    matmul_strided((k, n, o), &mut dcol_t, (1, k), w_t, dy, false, parallel);
                     dx_t.resize(dx_t.len().max(chunk.count * in_image), 0.0);
                     col2im_pixel_major(&dcol_t[..n * k], g, chunk, &mut dx_t, dx);
                     SCRATCH.set((dx_t, dcol_t));
