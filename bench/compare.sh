@@ -7,7 +7,8 @@
 # "resnet18 distill 128 224 coatnet_2").
 # DEVICE=cuda runs both sides on the GPU; PRECISION=bf16 is kd's bf16 autocast against
 # PyTorch's autocast bf16 + channels_last. KD=path uses a prebuilt kd (e.g. a --features cuda
-# build carried to a GPU machine) instead of building one.
+# build carried to a GPU machine) instead of building one. REPEATS=n runs each side n times,
+# alternating, and reports the median run (for machines with noisy neighbours).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,6 +16,7 @@ STEPS=${STEPS:-5}
 WARMUP=${WARMUP:-1}
 DEVICE=${DEVICE:-cpu}
 PRECISION=${PRECISION:-f32}
+REPEATS=${REPEATS:-1}
 if [ -z "${KD:-}" ]; then
   cargo build --release --quiet
   KD=target/release/kd
@@ -29,7 +31,7 @@ resnet18 eval 16 224
 coatnet_0 train 16 224
 CASES
 }
-echo "device $DEVICE, precision $PRECISION, median of $STEPS steps"
+echo "device $DEVICE, precision $PRECISION, median of $STEPS steps, median of $REPEATS alternating runs"
 echo
 echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |"
 echo "|---|---:|---:|---:|---:|---:|"
@@ -40,14 +42,23 @@ while read -r model mode batch size teacher; do
   common=(--model "$model" --mode "$mode" --batch "$batch" --image-size "$size" --steps "$STEPS"
           --warmup "$WARMUP" --teacher "$teacher" --device "$DEVICE" --precision "$PRECISION")
   # A failing case (e.g. out of memory) becomes a row saying so; the table goes on.
-  if ! kd_ips=$("$KD" bench "${common[@]}" --json 2>/tmp/kd-compare.err | field images_per_second); then
-    echo "| $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-compare.err) | | |"
-    continue
-  fi
-  if ! pt_ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" 2>/tmp/kd-compare.err | field images_per_second); then
-    echo "| $model $mode | $batch | $size | $kd_ips | failed: $(tail -1 /tmp/kd-compare.err) | |"
-    continue
-  fi
+  kd_runs=() pt_runs=() failed=
+  for _ in $(seq "$REPEATS"); do
+    if ! ips=$("$KD" bench "${common[@]}" --json 2>/tmp/kd-compare.err | field images_per_second); then
+      echo "| $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-compare.err) | | |"
+      failed=1 && break
+    fi
+    kd_runs+=("$ips")
+    if ! ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" 2>/tmp/kd-compare.err | field images_per_second); then
+      echo "| $model $mode | $batch | $size | ${kd_runs[0]} | failed: $(tail -1 /tmp/kd-compare.err) | |"
+      failed=1 && break
+    fi
+    pt_runs+=("$ips")
+  done
+  [ -n "$failed" ] && continue
+  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+  kd_ips=$(median "${kd_runs[@]}")
+  pt_ips=$(median "${pt_runs[@]}")
   ratio=$("$PYTHON" -c "print(f'{$kd_ips / $pt_ips:.2f}x')")
   printf '| %s %s | %s | %s | %.1f | %.1f | %s |\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio"
 done

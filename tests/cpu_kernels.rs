@@ -245,6 +245,64 @@ fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
 }
 
 #[test]
+fn fused_batch_norm_relu_and_residual_match_burn() {
+    let device = Device::flex().autodiff();
+    for [b, c, h, w] in [[4, 3, 5, 7], [8, 16, 4, 4]] {
+        let shape = [b, c, h, w];
+        let x: Tensor<4> =
+            Tensor::random(shape, Distribution::Normal(0.5, 2.0), &device).require_grad();
+        let residual: Tensor<4> =
+            Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let probe: Tensor<4> = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        for with_residual in [false, true] {
+            let run = |ours: bool| {
+                let bn: BatchNorm = BatchNormConfig::new(c).init(&device);
+                let r = with_residual.then(|| residual.clone());
+                let y = if ours {
+                    assert!(kd::norm::fused_applies(&bn, &x));
+                    kd::norm::batch_norm_relu(&bn, x.clone(), r)
+                } else {
+                    let out = bn.forward(x.clone());
+                    burn::tensor::activation::relu(match r {
+                        Some(r) => out + r,
+                        None => out,
+                    })
+                };
+                let grads = (y.clone() * probe.clone()).sum().backward();
+                let mut results = vec![
+                    values(y),
+                    values(bn.running_mean.value()),
+                    values(bn.running_var.value()),
+                    values(x.grad(&grads).unwrap()),
+                    values(bn.gamma.val().grad(&grads).unwrap()),
+                    values(bn.beta.val().grad(&grads).unwrap()),
+                ];
+                if with_residual {
+                    results.push(values(residual.grad(&grads).unwrap()));
+                }
+                results
+            };
+            let (burn, ours) = (run(false), run(true));
+            let names = [
+                "output",
+                "running mean",
+                "running var",
+                "input grad",
+                "gamma grad",
+            ];
+            let names = names.iter().chain(&["beta grad", "residual grad"]);
+            for (what, (burn, ours)) in names.zip(burn.iter().zip(&ours)) {
+                let err = rel_err(ours, burn);
+                assert!(
+                    err < 1e-5,
+                    "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}, residual {with_residual}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn batch_norm_inference_matches_burn() {
     let device = Device::flex().autodiff();
     let bn: BatchNorm = BatchNormConfig::new(3).init(&device);

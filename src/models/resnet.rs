@@ -6,10 +6,9 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 
 use crate::conv::conv2d;
-use crate::norm::batch_norm;
+use crate::norm::{batch_norm, batch_norm_relu};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -183,12 +182,14 @@ impl Block {
             Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
-        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv2d(conv3, relu(out)));
+        let out = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x), None);
+        match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let out = batch_norm_relu(&self.bn2, conv2d(&self.conv2, out), None);
+                batch_norm_relu(bn3, conv2d(conv3, out), Some(identity))
+            }
+            _ => batch_norm_relu(&self.bn2, conv2d(&self.conv2, out), Some(identity)),
         }
-        relu(out + identity)
     }
 }
 
@@ -209,7 +210,7 @@ pub struct ResNet {
 impl ResNet {
     /// Logits `[batch, classes]` for images `[batch, 3, h, w]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        let mut x = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x), None);
         if let Some(pool) = &self.maxpool {
             x = crate::pool::max_pool2d(pool, x);
         }

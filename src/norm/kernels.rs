@@ -62,6 +62,39 @@ fn plane_normalise(x: &[f32], dst: &mut [f32], mean: f32, scale: f32, beta: f32)
     }
 }
 
+/// ReLU as `torch.relu`: negatives to 0, NaN kept.
+#[inline(always)]
+fn relu(v: f32) -> f32 {
+    if v < 0.0 { 0.0 } else { v }
+}
+
+/// `dst = relu((x − mean)·scale + beta [+ residual])` (`residual` empty: none).
+#[inline(always)]
+fn plane_normalise_relu(
+    x: &[f32],
+    residual: &[f32],
+    dst: &mut [f32],
+    [mean, scale, beta]: [f32; 3],
+) {
+    if residual.is_empty() {
+        for (d, &v) in dst.iter_mut().zip(x) {
+            *d = relu((v - mean) * scale + beta);
+        }
+    } else {
+        for ((d, &v), &r) in dst.iter_mut().zip(x).zip(residual) {
+            *d = relu((v - mean) * scale + beta + r);
+        }
+    }
+}
+
+/// `g = dy` where the ReLU's output `y` is positive, else 0.
+#[inline(always)]
+fn plane_relu_grad(dy: &[f32], y: &[f32], g: &mut [f32]) {
+    for ((g, &d), &y) in g.iter_mut().zip(dy).zip(y) {
+        *g = if y > 0.0 { d } else { 0.0 };
+    }
+}
+
 /// `dst = a·dy − k·(x − mean) − shift`.
 #[inline(always)]
 fn plane_input_grad(x: &[f32], dy: &[f32], dst: &mut [f32], [a, k, mean, shift]: [f32; 4]) {
@@ -74,6 +107,8 @@ dispatch_simd!(sum_simd(x: &[f32]) -> f64 => plane_sum(x));
 dispatch_simd!(sq_dev_simd(x: &[f32], mean: f64) -> f64 => plane_sq_dev(x, mean));
 dispatch_simd!(grad_sums_simd(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) => plane_grad_sums(x, dy, mean));
 dispatch_simd!(normalise_simd(x: &[f32], dst: &mut [f32], mean: f32, scale: f32, beta: f32) => plane_normalise(x, dst, mean, scale, beta));
+dispatch_simd!(normalise_relu_simd(x: &[f32], residual: &[f32], dst: &mut [f32], c: [f32; 3]) => plane_normalise_relu(x, residual, dst, c));
+dispatch_simd!(relu_grad_simd(dy: &[f32], y: &[f32], g: &mut [f32]) => plane_relu_grad(dy, y, g));
 dispatch_simd!(input_grad_simd(x: &[f32], dy: &[f32], dst: &mut [f32], c: [f32; 4]) => plane_input_grad(x, dy, dst, c));
 
 /// `[batch, channels, plane]` of a `[B, C, ...]` tensor.
@@ -95,14 +130,38 @@ fn per_channel<T: Send>(
         .collect()
 }
 
+/// What follows the normalisation in [`forward`].
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Nothing: plain BatchNorm.
+    None,
+    /// `relu(bn(x))`.
+    Relu,
+    /// `relu(bn(x) + residual)`.
+    AddRelu(&'a FlexTensor),
+}
+
 /// Output, batch mean and biased batch variance.
 pub fn forward(
     x: &FlexTensor,
     gamma: &FlexTensor,
     beta: &FlexTensor,
+    epilogue: Epilogue,
     epsilon: f64,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let dims = x.shape().to_vec();
+    let residual = match epilogue {
+        Epilogue::AddRelu(r) => {
+            assert_eq!(
+                r.shape().to_vec(),
+                dims,
+                "batch norm: residual shape differs"
+            );
+            Some(f32_contiguous(r))
+        }
+        _ => None,
+    };
+    let rs = residual.as_ref().map_or(&[][..], |r| r.storage::<f32>());
     let (x, gamma, beta) = (
         f32_contiguous(x),
         f32_contiguous(gamma),
@@ -128,7 +187,15 @@ pub fn forward(
         for b in 0..batch {
             // SAFETY: plane (b, c) is written by channel c's task only.
             let dst = unsafe { shared.slice(offset(b), plane) };
-            normalise_simd(&xs[offset(b)..][..plane], dst, mean32, scale, beta);
+            let x = &xs[offset(b)..][..plane];
+            match epilogue {
+                Epilogue::None => normalise_simd(x, dst, mean32, scale, beta),
+                Epilogue::Relu => normalise_relu_simd(x, &[], dst, [mean32, scale, beta]),
+                Epilogue::AddRelu(_) => {
+                    let r = &rs[offset(b)..][..plane];
+                    normalise_relu_simd(x, r, dst, [mean32, scale, beta]);
+                }
+            }
         }
         (mean as f32, variance as f32)
     });
@@ -142,7 +209,9 @@ pub fn forward(
 }
 
 /// Gradients of input, gamma and beta:
-/// `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`, `dγ = Σ dy · x̂`, `dβ = Σ dy`.
+/// `dx = γ/σ · (g − mean(g) − x̂ · mean(g · x̂))`, `dγ = Σ g · x̂`, `dβ = Σ g`, where `g` is
+/// the output gradient `grad`, or, after a ReLU epilogue with output `relu_output`, `grad`
+/// where that output is positive (then also returned: the residual's gradient).
 pub fn backward(
     x: &FlexTensor,
     gamma: &FlexTensor,
@@ -150,7 +219,8 @@ pub fn backward(
     variance: &FlexTensor,
     epsilon: f64,
     grad: &FlexTensor,
-) -> (FlexTensor, FlexTensor, FlexTensor) {
+    relu_output: Option<&FlexTensor>,
+) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
     let dims = x.shape().to_vec();
     let (x, gamma, mean, variance, grad) = (
         f32_contiguous(x),
@@ -159,6 +229,7 @@ pub fn backward(
         f32_contiguous(variance),
         f32_contiguous(grad),
     );
+    let relu_output = relu_output.map(f32_contiguous);
     let (xs, gs, ms, vs, dys) = (
         x.storage::<f32>(),
         gamma.storage::<f32>(),
@@ -166,17 +237,35 @@ pub fn backward(
         variance.storage::<f32>(),
         grad.storage::<f32>(),
     );
+    let ys = relu_output.as_ref().map(|y| y.storage::<f32>());
     let shape @ (batch, _, plane) = layout(&x);
     let count = (batch * plane) as f64;
     let mut dx = vec![0.0f32; xs.len()];
+    let mut masked = vec![0.0f32; if ys.is_some() { xs.len() } else { 0 }];
     let shared = SharedOut::new(&mut dx);
+    let shared_masked = SharedOut::new(&mut masked);
     let sums = per_channel(shape, |c, offset| {
         let mean = f64::from(ms[c]);
         let inv_std = 1.0 / (f64::from(vs[c]) + epsilon).sqrt();
+        // The gradient that reaches the normalisation, plane by plane.
+        let grad_plane = |b: usize| -> &[f32] {
+            match ys {
+                // SAFETY: plane (b, c) of `masked` is written and read by channel c's task only.
+                Some(_) => unsafe { &*shared_masked.slice(offset(b), plane) },
+                None => &dys[offset(b)..][..plane],
+            }
+        };
+        if let Some(ys) = ys {
+            for b in 0..batch {
+                // SAFETY: as above.
+                let g = unsafe { shared_masked.slice(offset(b), plane) };
+                relu_grad_simd(&dys[offset(b)..][..plane], &ys[offset(b)..][..plane], g);
+            }
+        }
         let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
         for b in 0..batch {
-            let (x, dy) = (&xs[offset(b)..][..plane], &dys[offset(b)..][..plane]);
-            let (dy_sum, dy_dev_sum) = grad_sums_simd(x, dy, mean);
+            let (dy_sum, dy_dev_sum) =
+                grad_sums_simd(&xs[offset(b)..][..plane], grad_plane(b), mean);
             sum_dy += dy_sum;
             sum_dy_xhat += dy_dev_sum * inv_std;
         }
@@ -190,16 +279,22 @@ pub fn backward(
         for b in 0..batch {
             // SAFETY: plane (b, c) is written by channel c's task only.
             let dst = unsafe { shared.slice(offset(b), plane) };
-            let (x, dy) = (&xs[offset(b)..][..plane], &dys[offset(b)..][..plane]);
-            input_grad_simd(x, dy, dst, [a, k, mean32, shift]);
+            input_grad_simd(
+                &xs[offset(b)..][..plane],
+                grad_plane(b),
+                dst,
+                [a, k, mean32, shift],
+            );
         }
         (sum_dy_xhat as f32, sum_dy as f32)
     });
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
     let channels = dgamma.len();
+    let masked = ys.is_some().then(|| f32_tensor(masked, dims.clone()));
     (
         f32_tensor(dx, dims),
         f32_tensor(dgamma, [channels]),
         f32_tensor(dbeta, [channels]),
+        masked,
     )
 }

@@ -12,6 +12,8 @@
 
 mod kernels;
 
+use kernels::Epilogue;
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,8 +23,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::BatchNorm;
 use burn::tensor::Tensor;
+use burn::tensor::activation::relu;
 
-/// BatchNorm over axis 1 of `x [B, C, ...]` with batch statistics.
+/// BatchNorm over axis 1 of `x [B, C, ...]` with batch statistics, alone or followed by a
+/// ReLU (with a residual added before it, as in ResNet's blocks).
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedBatchNorm: Backend {
     /// `(output, batch mean [C], biased batch variance [C])`.
@@ -30,6 +34,23 @@ pub trait FusedBatchNorm: Backend {
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `relu(bn(x))` and the batch statistics.
+    fn fused_batch_norm_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `relu(bn(x) + residual)` and the batch statistics.
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
@@ -45,6 +66,24 @@ pub trait FusedBatchNormKernels: Backend {
         epsilon: f64,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients of `x`, `gamma` and `beta`, and the gradient that passed the ReLU (the
+    /// residual's), given the gradient `grad` of the ReLU's `output`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_batch_norm_relu_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 }
 
 impl FusedBatchNorm for Flex {
@@ -54,7 +93,26 @@ impl FusedBatchNorm for Flex {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        kernels::forward(&x, &gamma, &beta, epsilon)
+        kernels::forward(&x, &gamma, &beta, Epilogue::None, epsilon)
+    }
+
+    fn fused_batch_norm_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::forward(&x, &gamma, &beta, Epilogue::Relu, epsilon)
+    }
+
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::forward(&x, &gamma, &beta, Epilogue::AddRelu(&residual), epsilon)
     }
 }
 
@@ -67,7 +125,28 @@ impl FusedBatchNormKernels for Flex {
         epsilon: f64,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        kernels::backward(&x, &gamma, &mean, &variance, epsilon, &grad)
+        let (gx, ggamma, gbeta, _) =
+            kernels::backward(&x, &gamma, &mean, &variance, epsilon, &grad, None);
+        (gx, ggamma, gbeta)
+    }
+
+    fn fused_batch_norm_relu_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (gx, ggamma, gbeta, masked) =
+            kernels::backward(&x, &gamma, &mean, &variance, epsilon, &grad, Some(&output));
+        (gx, ggamma, gbeta, masked.expect("a ReLU output was given"))
     }
 }
 
@@ -104,6 +183,71 @@ impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for FusedBatchNormBackwa
         }
         if let Some(node) = node_beta {
             grads.register::<B>(node.id, gbeta);
+        }
+    }
+}
+
+/// The state both ReLU variants keep for their backward pass: the input and gamma nodes, the
+/// batch statistics, epsilon and the output (its sign is the ReLU's mask; the next layer
+/// keeps the same tensor as its input, so this costs no memory).
+type ReluState<T> = (NodeId, NodeId, T, T, f64, T);
+
+/// Backward of `relu(bn(x))`: parents x, gamma, beta.
+#[derive(Debug)]
+struct BatchNormReluBackward;
+
+/// Backward of `relu(bn(x) + residual)`: parents x, gamma, beta, residual.
+#[derive(Debug)]
+struct BatchNormAddReluBackward;
+
+/// The gradients of a ReLU variant: `[x, gamma, beta, residual]`.
+fn relu_variant_grads<B: Backend + FusedBatchNormKernels>(
+    grad: FloatTensor<B>,
+    state: ReluState<B::FloatTensorPrimitive>,
+    checkpointer: &mut Checkpointer,
+) -> [FloatTensor<B>; 4] {
+    let (x_state, gamma_state, mean, variance, epsilon, output) = state;
+    let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+    let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+    let (gx, ggamma, gbeta, masked) =
+        B::fused_batch_norm_relu_backward(x, gamma, mean, variance, epsilon, grad, output);
+    [gx, ggamma, gbeta, masked]
+}
+
+impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for BatchNormReluBackward {
+    type State = ReluState<B::FloatTensorPrimitive>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer);
+        for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: Backend + FusedBatchNormKernels> Backward<B, 4> for BatchNormAddReluBackward {
+    type State = ReluState<B::FloatTensorPrimitive>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer);
+        for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
 }
@@ -162,6 +306,111 @@ where
             }
         }
     }
+
+    fn fused_batch_norm_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let prepared = BatchNormReluBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let (out, mean, variance) = B::fused_batch_norm_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let state = (
+                    x_state,
+                    gamma_state,
+                    mean.clone(),
+                    variance.clone(),
+                    epsilon,
+                    out.clone(),
+                );
+                let out = prep.finish(state, out);
+                (
+                    out,
+                    FloatTensor::<Self>::new(mean),
+                    FloatTensor::<Self>::new(variance),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, variance) = B::fused_batch_norm_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(out),
+                    FloatTensor::<Self>::new(mean),
+                    FloatTensor::<Self>::new(variance),
+                )
+            }
+        }
+    }
+
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let prepared = BatchNormAddReluBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let (out, mean, variance) = B::fused_batch_norm_add_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    residual.into_primitive(),
+                    epsilon,
+                );
+                let state = (
+                    x_state,
+                    gamma_state,
+                    mean.clone(),
+                    variance.clone(),
+                    epsilon,
+                    out.clone(),
+                );
+                let out = prep.finish(state, out);
+                (
+                    out,
+                    FloatTensor::<Self>::new(mean),
+                    FloatTensor::<Self>::new(variance),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, variance) = B::fused_batch_norm_add_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    residual.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(out),
+                    FloatTensor::<Self>::new(mean),
+                    FloatTensor::<Self>::new(variance),
+                )
+            }
+        }
+    }
 }
 
 /// Whether [`batch_norm`] runs `bn` on `x` through the fused training kernel.
@@ -182,17 +431,67 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
             inference(bn, x)
         };
     }
-    let device = x.device();
     let (out, mean, variance) = <Dispatch as FusedBatchNorm>::fused_batch_norm_train(
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         bn.epsilon,
     );
+    update_running_stats(bn, mean, variance);
+    Tensor::<D>::from_dispatch(out)
+}
+
+/// `relu(bn.forward(x) + residual)` (no residual: `relu(bn.forward(x))`), in one fused
+/// kernel when training on the flex device in f32 (the ReLU and the addition cost no passes
+/// of their own, forward or backward), else as separate Burn operations.
+pub fn batch_norm_relu<const D: usize>(
+    bn: &BatchNorm,
+    x: Tensor<D>,
+    residual: Option<Tensor<D>>,
+) -> Tensor<D> {
+    let fused = fused_applies(bn, &x)
+        && residual
+            .as_ref()
+            .is_none_or(|r| crate::flex::is_flex_f32(r) && r.dims() == x.dims());
+    if !fused {
+        let out = batch_norm(bn, x);
+        return relu(match residual {
+            Some(r) => out + r,
+            None => out,
+        });
+    }
+    let (x, gamma, beta) = (
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+    );
+    let (out, mean, variance) = match residual {
+        Some(r) => <Dispatch as FusedBatchNorm>::fused_batch_norm_add_relu_train(
+            x,
+            gamma,
+            beta,
+            r.into_dispatch(),
+            bn.epsilon,
+        ),
+        None => {
+            <Dispatch as FusedBatchNorm>::fused_batch_norm_relu_train(x, gamma, beta, bn.epsilon)
+        }
+    };
+    update_running_stats(bn, mean, variance);
+    Tensor::<D>::from_dispatch(out)
+}
+
+/// Moves `bn`'s running statistics towards the batch's, as Burn's `BatchNorm` does.
+fn update_running_stats(
+    bn: &BatchNorm,
+    mean: FloatTensor<Dispatch>,
+    variance: FloatTensor<Dispatch>,
+) {
     let (mean, variance) = (
         Tensor::<1>::from_dispatch(mean),
         Tensor::<1>::from_dispatch(variance),
     );
+    let device = mean.device();
     let momentum = bn.momentum;
     let running_mean = bn.running_mean.value_sync().to_device(&device);
     let running_var = bn.running_var.value_sync().to_device(&device);
@@ -204,7 +503,6 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         .add(variance.detach().mul_scalar(momentum));
     bn.running_mean.update(running_mean.detach());
     bn.running_var.update(running_var.detach());
-    Tensor::<D>::from_dispatch(out)
 }
 
 /// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics, as `x · scale + shift`.
