@@ -115,15 +115,53 @@ fn flex_step(
     )
 }
 
+/// Whether `t` owns all of its f32 storage alone (so it can be updated in place).
+fn owns_whole_storage(t: &FlexTensor) -> bool {
+    t.dtype() == burn::tensor::DType::F32
+        && t.is_unique()
+        && t.layout().contiguous_offsets() == Some((0, t.storage::<f32>().len()))
+}
+
+/// The update of one run of elements in place.
+#[inline(always)]
+fn update_in_place(g: &[f32], [p, m, v]: [&mut [f32]; 3], f: [f32; 5]) {
+    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        [*p, *m, *v] = update_one(*p, g, *m, *v, f);
+    }
+}
+
+dispatch_simd!(update_in_place_simd(g: &[f32], state: [&mut [f32]; 3], factors: [f32; 5]) => update_in_place(g, state, factors));
+
 impl FusedAdamStep for Flex {
     fn fused_adam_step(
-        param: FloatTensor<Self>,
+        mut param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        moment_1: FloatTensor<Self>,
-        moment_2: FloatTensor<Self>,
+        mut moment_1: FloatTensor<Self>,
+        mut moment_2: FloatTensor<Self>,
         factors: [f32; 5],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        flex_step(&param, &grad, Some((&moment_1, &moment_2)), factors)
+        let n = param.layout().shape().num_elements();
+        let in_place = [&param, &moment_1, &moment_2]
+            .iter()
+            .all(|t| owns_whole_storage(t) && t.storage::<f32>().len() == n);
+        if !in_place {
+            return flex_step(&param, &grad, Some((&moment_1, &moment_2)), factors);
+        }
+        // The usual case: the optimizer holds the only reference to each tensor, so the step
+        // rewrites them where they are (no allocation, one read and one write of each).
+        let grad = f32_contiguous(&grad);
+        let g = grad.storage::<f32>();
+        assert_eq!(g.len(), n, "Adam: parameter and gradient sizes differ");
+        let unique = "checked by owns_whole_storage";
+        let p = param.try_storage_mut::<f32>().expect(unique);
+        let m = moment_1.try_storage_mut::<f32>().expect(unique);
+        let v = moment_2.try_storage_mut::<f32>().expect(unique);
+        p.par_chunks_mut(TASK)
+            .zip(m.par_chunks_mut(TASK))
+            .zip(v.par_chunks_mut(TASK))
+            .zip(g.par_chunks(TASK))
+            .for_each(|(((p, m), v), g)| update_in_place_simd(g, [p, m, v], factors));
+        (param, moment_1, moment_2)
     }
 
     fn fused_adam_first_step(

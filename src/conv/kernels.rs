@@ -163,11 +163,16 @@ fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
+    // (Strided convolutions gather from up to twice as large planes: see SMALL_PLANE.)
+    let small = plane <= if sw > 1 { 2 * SMALL_PLANE } else { SMALL_PLANE };
+    if sw > 1 && !small {
+        return im2col_strided(x, g, chunk, col);
+    }
     // Stride 1 with "same" width: a tap's rows are one run of the input plane.
     let whole_runs = sh == 1 && sw == 1 && out_width == width;
     // Small planes gather through a per-tap index map (u32::MAX: padding) instead of short
     // copies and fills.
-    let maps: Vec<Vec<u32>> = if plane <= SMALL_PLANE {
+    let maps: Vec<Vec<u32>> = if small {
         (0..kh * kw)
             .map(|tap| {
                 let (i, j) = (tap / kw, tap % kw);
@@ -236,6 +241,48 @@ fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
                     for ow in ow_lo..ow_hi {
                         dst_row[ow] = src_row[ow * sw + j - pw];
                     }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for column strides above 1: each input row is split once into its `sw` column
+/// phases (padding as 0), so that each of the `kw` taps reading it copies one contiguous run
+/// (`phase[j % sw][ow + j / sw]`) instead of gathering every `sw`-th value.
+fn im2col_strided(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
+    let (plane, in_plane) = (g.out_plane(), g.height * g.width);
+    let (width, out_width) = (g.width, g.out_width);
+    let n = chunk.count * plane;
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    let phase_len = out_width + (kw - 1) / sw;
+    let mut phases = vec![0.0f32; sw * phase_len];
+    // Rows (c, i, ·) of the matrix: kw consecutive rows of n values each.
+    for (ci, rows) in col.chunks_mut(kw * n).enumerate() {
+        let (c, i) = (ci / kh, ci % kh);
+        for b in 0..chunk.count {
+            let src = &x[((chunk.first + b) * g.channels + c) * in_plane..][..in_plane];
+            for oh in 0..g.out_height {
+                let at = b * plane + oh * out_width;
+                let ih = (oh * sh + i).wrapping_sub(ph);
+                if ih >= g.height {
+                    for j in 0..kw {
+                        rows[j * n + at..][..out_width].fill(0.0);
+                    }
+                    continue;
+                }
+                let src_row = &src[ih * width..][..width];
+                for (t, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
+                    for (q, slot) in phase.iter_mut().enumerate() {
+                        let iw = (q * sw + t).wrapping_sub(pw);
+                        *slot = src_row.get(iw).copied().unwrap_or(0.0);
+                    }
+                }
+                for j in 0..kw {
+                    let run = &phases[(j % sw) * phase_len + j / sw..][..out_width];
+                    rows[j * n + at..][..out_width].copy_from_slice(run);
                 }
             }
         }
@@ -323,18 +370,22 @@ fn im2col_pixel_major(x: &[f32], g: &Geometry, chunk: Chunk, x_t: &mut [f32], co
                 let p = task * PIXELS_PER_TASK + r;
                 let (b, q) = (p / g.out_plane(), p % g.out_plane());
                 let (oh, ow) = (q / g.out_width, q % g.out_width);
-                for i in 0..kh {
+                // Taps (i, 0..kw) read kw neighbouring pixels of input row ih: one run of
+                // kw·C floats of x_t, clipped at the image's left and right edges.
+                let iw0 = (ow * sw) as isize - pw as isize;
+                let j_lo = (-iw0).max(0) as usize;
+                let j_hi = (g.width as isize - iw0).clamp(0, kw as isize) as usize;
+                for (i, taps) in row.chunks_exact_mut(kw * c_in).enumerate() {
                     let ih = (oh * sh + i).wrapping_sub(ph);
-                    for j in 0..kw {
-                        let iw = (ow * sw + j).wrapping_sub(pw);
-                        let dst = &mut row[(i * kw + j) * c_in..][..c_in];
-                        if ih < g.height && iw < g.width {
-                            let at = (b * in_plane + ih * g.width + iw) * c_in;
-                            dst.copy_from_slice(&x_t[at..][..c_in]);
-                        } else {
-                            dst.fill(0.0);
-                        }
+                    if ih >= g.height || j_lo >= j_hi {
+                        taps.fill(0.0);
+                        continue;
                     }
+                    taps[..j_lo * c_in].fill(0.0);
+                    taps[j_hi * c_in..].fill(0.0);
+                    let at = (b * in_plane + ih * g.width) as isize + iw0 + j_lo as isize;
+                    let len = (j_hi - j_lo) * c_in;
+                    taps[j_lo * c_in..][..len].copy_from_slice(&x_t[at as usize * c_in..][..len]);
                 }
             }
         });
