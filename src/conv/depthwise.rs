@@ -14,7 +14,7 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use rayon::prelude::*;
 
 use super::autodiff::{ConvBackwardKernel, track};
-use super::kernels::valid_range;
+use super::geometry::valid_range;
 use crate::flex::{f32_contiguous, f32_tensor};
 
 /// The depthwise convolution as a backend operation (no bias).

@@ -20,7 +20,11 @@
 
 mod autodiff;
 mod depthwise;
+mod gemm;
+mod geometry;
+mod im2col;
 mod kernels;
+mod transpose;
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
@@ -30,7 +34,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
 pub use depthwise::{Depthwise, DepthwiseConv, DepthwiseConvKernels};
-pub use kernels::Geometry;
+pub use geometry::Geometry;
 
 /// The batch-wide GEMM convolution as a backend operation (no bias, no groups, no dilation).
 #[backend_extension(Flex, Autodiff)]
