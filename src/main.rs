@@ -19,6 +19,16 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Runs `job` on a thread of rayon's global pool. The kernels' parallel loops (kd's, Burn's
+/// flex backend's, gemm's) then start on the calling worker at once, instead of waking the
+/// pool from the main thread and sleeping until it finishes, hundreds of times per training
+/// step.
+fn run_on_worker<T: Send>(job: impl FnOnce() -> T + Send) -> T {
+    let mut out = None;
+    rayon::scope(|s| s.spawn(|_| out = Some(job())));
+    out.expect("the job ran")
+}
+
 fn main() {
     keep_freed_memory();
     std::panic::set_hook(Box::new(|info| {
@@ -48,7 +58,7 @@ fn main() {
             "warning: Ctrl-C handling unavailable ({e}); an interrupted run resumes from its last epoch"
         );
     }
-    if let Err(err) = cli.run() {
+    if let Err(err) = run_on_worker(|| cli.run()) {
         eprintln!("error: {err:#}");
         let interrupted = err.downcast_ref::<kd::train::Interrupted>().is_some();
         std::process::exit(if interrupted { 130 } else { 1 });
