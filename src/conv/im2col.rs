@@ -14,6 +14,41 @@ const PIXELS_PER_TASK: usize = 64;
 /// Output planes up to this many pixels take [`im2col`]'s index-map path.
 const SMALL_PLANE: usize = 32;
 
+/// Whether [`im2col`] and [`col2im`] go through per-tap index maps: small output planes, where
+/// rows are too short for copies (strided convolutions read up to twice as large planes).
+fn uses_tap_maps(g: &Geometry) -> bool {
+    g.out_plane()
+        <= if g.stride[1] > 1 {
+            2 * SMALL_PLANE
+        } else {
+            SMALL_PLANE
+        }
+}
+
+/// For each kernel tap, the input offset read by each output pixel of a plane (`u32::MAX`
+/// where the tap sees padding).
+fn tap_maps(g: &Geometry) -> Vec<Vec<u32>> {
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    (0..kh * kw)
+        .map(|tap| {
+            let (i, j) = (tap / kw, tap % kw);
+            (0..g.out_plane())
+                .map(|q| {
+                    let ih = ((q / g.out_width) * sh + i).wrapping_sub(ph);
+                    let iw = ((q % g.out_width) * sw + j).wrapping_sub(pw);
+                    if ih < g.height && iw < g.width {
+                        (ih * g.width + iw) as u32
+                    } else {
+                        u32::MAX
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// im2col of one chunk into `col [C·kh·kw, count·Ho·Wo]` (every element written):
 /// `col[(c, i, j), (b, oh, ow)] = x[first + b, c, oh·sh + i − ph, ow·sw + j − pw]` (0 outside).
 pub(super) fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
@@ -23,8 +58,7 @@ pub(super) fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
-    // (Strided convolutions gather from up to twice as large planes: see SMALL_PLANE.)
-    let small = plane <= if sw > 1 { 2 * SMALL_PLANE } else { SMALL_PLANE };
+    let small = uses_tap_maps(g);
     if sw > 1 && !small {
         return im2col_strided(x, g, chunk, col);
     }
@@ -32,26 +66,7 @@ pub(super) fn im2col(x: &[f32], g: &Geometry, chunk: Chunk, col: &mut [f32]) {
     let whole_runs = sh == 1 && sw == 1 && out_width == width;
     // Small planes gather through a per-tap index map (u32::MAX: padding) instead of short
     // copies and fills.
-    let maps: Vec<Vec<u32>> = if small {
-        (0..kh * kw)
-            .map(|tap| {
-                let (i, j) = (tap / kw, tap % kw);
-                (0..plane)
-                    .map(|q| {
-                        let ih = ((q / out_width) * sh + i).wrapping_sub(ph);
-                        let iw = ((q % out_width) * sw + j).wrapping_sub(pw);
-                        if ih < g.height && iw < width {
-                            (ih * width + iw) as u32
-                        } else {
-                            u32::MAX
-                        }
-                    })
-                    .collect()
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let maps = if small { tap_maps(g) } else { Vec::new() };
     for (row, dst) in col.chunks_mut(n).enumerate() {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let (oh_lo, oh_hi) = valid_range(g.out_height, g.height, i, sh, ph);
@@ -157,6 +172,23 @@ pub(super) fn col2im(dcol: &[f32], g: &Geometry, chunk: Chunk, dx: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
+    if uses_tap_maps(g) {
+        let maps = tap_maps(g);
+        for b in 0..chunk.count {
+            for c in 0..g.channels {
+                let dst = &mut dx[(b * g.channels + c) * in_plane..][..in_plane];
+                for (t, map) in maps.iter().enumerate() {
+                    let src = &dcol[(c * kh * kw + t) * n + b * plane..][..plane];
+                    for (&m, &v) in map.iter().zip(src) {
+                        if let Some(d) = dst.get_mut(m as usize) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
     for (row, src) in dcol.chunks(n).enumerate() {
         let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
         let (oh_lo, oh_hi) = valid_range(g.out_height, g.height, i, sh, ph);

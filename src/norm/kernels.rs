@@ -10,48 +10,73 @@ use crate::flex::{SharedOut, dispatch_simd, f32_contiguous, f32_tensor};
 /// two AVX-512 registers, so that the compiler vectorises the sums.
 const LANES: usize = 16;
 
-/// Sums `f(x[i], y[i])` over two equally long slices into [`LANES`] partial sums, added up
-/// at the end. The order depends on the length alone, so results do not depend on the CPU
-/// or the thread count.
+/// Sums `f(x[i], y[i], z[i])` over three equally long slices into [`LANES`] partial sums,
+/// added up at the end. The order depends on the length alone, so results do not depend on
+/// the CPU or the thread count.
 #[inline(always)]
-fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+fn lane_sum(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32) -> f64) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let tail: f64 = (xs.remainder().iter().zip(ys.remainder()))
-        .map(|(&a, &b)| f(f64::from(a), f64::from(b)))
-        .sum();
-    for (xc, yc) in xs.zip(ys) {
-        let (xc, yc): (&[f32; LANES], &[f32; LANES]) = (
-            xc.try_into().expect("exact chunk"),
-            yc.try_into().expect("exact chunk"),
-        );
+    let (xs, ys, zs) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        z.chunks_exact(LANES),
+    );
+    let tail: f64 = (xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .zip(zs.remainder()))
+    .map(|((&a, &b), &c)| f(a, b, c))
+    .sum();
+    for ((xc, yc), zc) in xs.zip(ys).zip(zs) {
+        let exact = "exact chunk";
+        let xc: &[f32; LANES] = xc.try_into().expect(exact);
+        let yc: &[f32; LANES] = yc.try_into().expect(exact);
+        let zc: &[f32; LANES] = zc.try_into().expect(exact);
         for l in 0..LANES {
-            acc[l] += f(f64::from(xc[l]), f64::from(yc[l]));
+            acc[l] += f(xc[l], yc[l], zc[l]);
         }
     }
     acc.iter().sum::<f64>() + tail
 }
 
+/// The gradient that passes a ReLU whose output is `y`.
+#[inline(always)]
+fn through_relu(dy: f32, y: f32) -> f32 {
+    if y > 0.0 { dy } else { 0.0 }
+}
+
 /// `Σ x` of one plane.
 #[inline(always)]
 fn plane_sum(x: &[f32]) -> f64 {
-    lane_sum(x, x, |v, _| v)
+    lane_sum(x, x, x, |v, _, _| f64::from(v))
 }
 
 /// `Σ (x − mean)²` of one plane.
 #[inline(always)]
 fn plane_sq_dev(x: &[f32], mean: f64) -> f64 {
-    lane_sum(x, x, |v, _| (v - mean) * (v - mean))
+    lane_sum(x, x, x, |v, _, _| {
+        (f64::from(v) - mean) * (f64::from(v) - mean)
+    })
 }
 
-/// `(Σ dy, Σ dy·(x − mean))` of one plane.
+/// `(Σ g, Σ g·(x − mean))` of one plane, where `g` is `dy`, or, given a ReLU's output `y`
+/// (not empty), the part of `dy` that passes the ReLU.
 #[inline(always)]
-fn plane_grad_sums(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
+fn plane_grad_sums(x: &[f32], dy: &[f32], y: &[f32], mean: f64) -> (f64, f64) {
     assert_eq!(x.len(), dy.len());
-    (
-        lane_sum(dy, dy, |g, _| g),
-        lane_sum(x, dy, |v, g| g * (v - mean)),
-    )
+    if y.is_empty() {
+        (
+            lane_sum(dy, dy, dy, |g, _, _| f64::from(g)),
+            lane_sum(x, dy, dy, |v, g, _| f64::from(g) * (f64::from(v) - mean)),
+        )
+    } else {
+        let g = |d, y| f64::from(through_relu(d, y));
+        (
+            lane_sum(dy, y, y, |d, y, _| g(d, y)),
+            lane_sum(x, dy, y, |v, d, y| g(d, y) * (f64::from(v) - mean)),
+        )
+    }
 }
 
 /// `dst = (x − mean)·scale + beta`.
@@ -87,29 +112,40 @@ fn plane_normalise_relu(
     }
 }
 
-/// `g = dy` where the ReLU's output `y` is positive, else 0.
+/// `dst = a·g − k·(x − mean) − shift`, where `g` is `dy`, or, given a ReLU's output `y` (not
+/// empty), the part of `dy` that passes the ReLU, then also written to `passed` (unless
+/// empty: the residual's gradient).
 #[inline(always)]
-fn plane_relu_grad(dy: &[f32], y: &[f32], g: &mut [f32]) {
-    for ((g, &d), &y) in g.iter_mut().zip(dy).zip(y) {
-        *g = if y > 0.0 { d } else { 0.0 };
-    }
-}
-
-/// `dst = a·dy − k·(x − mean) − shift`.
-#[inline(always)]
-fn plane_input_grad(x: &[f32], dy: &[f32], dst: &mut [f32], [a, k, mean, shift]: [f32; 4]) {
-    for ((d, &v), &g) in dst.iter_mut().zip(x).zip(dy) {
-        *d = a * g - k * (v - mean) - shift;
+fn plane_input_grad(
+    [x, dy, y]: [&[f32]; 3],
+    dst: &mut [f32],
+    passed: &mut [f32],
+    [a, k, mean, shift]: [f32; 4],
+) {
+    if y.is_empty() {
+        for ((d, &v), &g) in dst.iter_mut().zip(x).zip(dy) {
+            *d = a * g - k * (v - mean) - shift;
+        }
+    } else if passed.is_empty() {
+        for (((d, &v), &g), &y) in dst.iter_mut().zip(x).zip(dy).zip(y) {
+            *d = a * through_relu(g, y) - k * (v - mean) - shift;
+        }
+    } else {
+        let ins = x.iter().zip(dy).zip(y);
+        for ((d, p), ((&v, &g), &y)) in dst.iter_mut().zip(passed.iter_mut()).zip(ins) {
+            let g = through_relu(g, y);
+            *d = a * g - k * (v - mean) - shift;
+            *p = g;
+        }
     }
 }
 
 dispatch_simd!(sum_simd(x: &[f32]) -> f64 => plane_sum(x));
 dispatch_simd!(sq_dev_simd(x: &[f32], mean: f64) -> f64 => plane_sq_dev(x, mean));
-dispatch_simd!(grad_sums_simd(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) => plane_grad_sums(x, dy, mean));
+dispatch_simd!(grad_sums_simd(x: &[f32], dy: &[f32], y: &[f32], mean: f64) -> (f64, f64) => plane_grad_sums(x, dy, y, mean));
 dispatch_simd!(normalise_simd(x: &[f32], dst: &mut [f32], mean: f32, scale: f32, beta: f32) => plane_normalise(x, dst, mean, scale, beta));
 dispatch_simd!(normalise_relu_simd(x: &[f32], residual: &[f32], dst: &mut [f32], c: [f32; 3]) => plane_normalise_relu(x, residual, dst, c));
-dispatch_simd!(relu_grad_simd(dy: &[f32], y: &[f32], g: &mut [f32]) => plane_relu_grad(dy, y, g));
-dispatch_simd!(input_grad_simd(x: &[f32], dy: &[f32], dst: &mut [f32], c: [f32; 4]) => plane_input_grad(x, dy, dst, c));
+dispatch_simd!(input_grad_simd(inputs: [&[f32]; 3], dst: &mut [f32], passed: &mut [f32], c: [f32; 4]) => plane_input_grad(inputs, dst, passed, c));
 
 /// `[batch, channels, plane]` of a `[B, C, ...]` tensor.
 fn layout(x: &FlexTensor) -> (usize, usize, usize) {
@@ -139,6 +175,15 @@ pub enum Epilogue<'a> {
     Relu,
     /// `relu(bn(x) + residual)`.
     AddRelu(&'a FlexTensor),
+}
+
+/// The ReLU epilogue seen from [`backward`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReluGrad<'a> {
+    /// The ReLU's output (its sign masks the gradient).
+    pub output: &'a FlexTensor,
+    /// Whether to return the gradient that passed the ReLU (a residual's gradient).
+    pub keep_passed: bool,
 }
 
 /// Output, batch mean and biased batch variance.
@@ -210,8 +255,8 @@ pub fn forward(
 
 /// Gradients of input, gamma and beta:
 /// `dx = γ/σ · (g − mean(g) − x̂ · mean(g · x̂))`, `dγ = Σ g · x̂`, `dβ = Σ g`, where `g` is
-/// the output gradient `grad`, or, after a ReLU epilogue with output `relu_output`, `grad`
-/// where that output is positive (then also returned: the residual's gradient).
+/// the output gradient `grad`, or, after a ReLU epilogue (`relu`), `grad` where the ReLU's
+/// output is positive (returned too when `keep_passed`: the residual's gradient).
 pub fn backward(
     x: &FlexTensor,
     gamma: &FlexTensor,
@@ -219,9 +264,11 @@ pub fn backward(
     variance: &FlexTensor,
     epsilon: f64,
     grad: &FlexTensor,
-    relu_output: Option<&FlexTensor>,
+    relu: Option<ReluGrad>,
 ) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
     let dims = x.shape().to_vec();
+    let keep_passed = relu.is_some_and(|r| r.keep_passed);
+    let relu_output = relu.map(|r| r.output);
     let (x, gamma, mean, variance, grad) = (
         f32_contiguous(x),
         f32_contiguous(gamma),
@@ -241,31 +288,21 @@ pub fn backward(
     let shape @ (batch, _, plane) = layout(&x);
     let count = (batch * plane) as f64;
     let mut dx = vec![0.0f32; xs.len()];
-    let mut masked = vec![0.0f32; if ys.is_some() { xs.len() } else { 0 }];
+    // The gradient that passed the ReLU is only kept for a residual.
+    let mut passed = vec![0.0f32; if keep_passed { xs.len() } else { 0 }];
     let shared = SharedOut::new(&mut dx);
-    let shared_masked = SharedOut::new(&mut masked);
+    let shared_passed = SharedOut::new(&mut passed);
     let sums = per_channel(shape, |c, offset| {
         let mean = f64::from(ms[c]);
         let inv_std = 1.0 / (f64::from(vs[c]) + epsilon).sqrt();
-        // The gradient that reaches the normalisation, plane by plane.
-        let grad_plane = |b: usize| -> &[f32] {
-            match ys {
-                // SAFETY: plane (b, c) of `masked` is written and read by channel c's task only.
-                Some(_) => unsafe { &*shared_masked.slice(offset(b), plane) },
-                None => &dys[offset(b)..][..plane],
-            }
+        let planes = |b: usize| {
+            let y = ys.map_or(&[][..], |ys| &ys[offset(b)..][..plane]);
+            [&xs[offset(b)..][..plane], &dys[offset(b)..][..plane], y]
         };
-        if let Some(ys) = ys {
-            for b in 0..batch {
-                // SAFETY: as above.
-                let g = unsafe { shared_masked.slice(offset(b), plane) };
-                relu_grad_simd(&dys[offset(b)..][..plane], &ys[offset(b)..][..plane], g);
-            }
-        }
         let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
         for b in 0..batch {
-            let (dy_sum, dy_dev_sum) =
-                grad_sums_simd(&xs[offset(b)..][..plane], grad_plane(b), mean);
+            let [x, dy, y] = planes(b);
+            let (dy_sum, dy_dev_sum) = grad_sums_simd(x, dy, y, mean);
             sum_dy += dy_sum;
             sum_dy_xhat += dy_dev_sum * inv_std;
         }
@@ -277,24 +314,24 @@ pub fn backward(
         let shift = (scale * mean_dy) as f32;
         let mean32 = mean as f32;
         for b in 0..batch {
-            // SAFETY: plane (b, c) is written by channel c's task only.
+            // SAFETY: plane (b, c) of `dx` and of `passed` is written by channel c's task only.
             let dst = unsafe { shared.slice(offset(b), plane) };
-            input_grad_simd(
-                &xs[offset(b)..][..plane],
-                grad_plane(b),
-                dst,
-                [a, k, mean32, shift],
-            );
+            let passed = if keep_passed {
+                unsafe { shared_passed.slice(offset(b), plane) }
+            } else {
+                &mut []
+            };
+            input_grad_simd(planes(b), dst, passed, [a, k, mean32, shift]);
         }
         (sum_dy_xhat as f32, sum_dy as f32)
     });
     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
     let channels = dgamma.len();
-    let masked = ys.is_some().then(|| f32_tensor(masked, dims.clone()));
+    let passed = keep_passed.then(|| f32_tensor(passed, dims.clone()));
     (
         f32_tensor(dx, dims),
         f32_tensor(dgamma, [channels]),
         f32_tensor(dbeta, [channels]),
-        masked,
+        passed,
     )
 }

@@ -12,7 +12,7 @@
 
 mod kernels;
 
-use kernels::Epilogue;
+use kernels::{Epilogue, ReluGrad};
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -67,8 +67,8 @@ pub trait FusedBatchNormKernels: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Gradients of `x`, `gamma` and `beta`, and the gradient that passed the ReLU (the
-    /// residual's), given the gradient `grad` of the ReLU's `output`.
+    /// Gradients of `x`, `gamma` and `beta`, and (for a `residual`) the gradient that passed
+    /// the ReLU, given the gradient `grad` of the ReLU's `output`.
     #[allow(clippy::too_many_arguments)]
     fn fused_batch_norm_relu_backward(
         x: FloatTensor<Self>,
@@ -78,11 +78,12 @@ pub trait FusedBatchNormKernels: Backend {
         epsilon: f64,
         grad: FloatTensor<Self>,
         output: FloatTensor<Self>,
+        residual: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
-        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
     );
 }
 
@@ -138,15 +139,18 @@ impl FusedBatchNormKernels for Flex {
         epsilon: f64,
         grad: FloatTensor<Self>,
         output: FloatTensor<Self>,
+        residual: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
-        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
     ) {
-        let (gx, ggamma, gbeta, masked) =
-            kernels::backward(&x, &gamma, &mean, &variance, epsilon, &grad, Some(&output));
-        (gx, ggamma, gbeta, masked.expect("a ReLU output was given"))
+        let relu = ReluGrad {
+            output: &output,
+            keep_passed: residual,
+        };
+        kernels::backward(&x, &gamma, &mean, &variance, epsilon, &grad, Some(relu))
     }
 }
 
@@ -200,18 +204,20 @@ struct BatchNormReluBackward;
 #[derive(Debug)]
 struct BatchNormAddReluBackward;
 
-/// The gradients of a ReLU variant: `[x, gamma, beta, residual]`.
+/// The gradients of a ReLU variant: `[x, gamma, beta]` and, for a `residual`, the residual's.
 fn relu_variant_grads<B: Backend + FusedBatchNormKernels>(
     grad: FloatTensor<B>,
     state: ReluState<B::FloatTensorPrimitive>,
     checkpointer: &mut Checkpointer,
-) -> [FloatTensor<B>; 4] {
+    residual: bool,
+) -> Vec<FloatTensor<B>> {
     let (x_state, gamma_state, mean, variance, epsilon, output) = state;
     let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
     let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
-    let (gx, ggamma, gbeta, masked) =
-        B::fused_batch_norm_relu_backward(x, gamma, mean, variance, epsilon, grad, output);
-    [gx, ggamma, gbeta, masked]
+    let (gx, ggamma, gbeta, passed) = B::fused_batch_norm_relu_backward(
+        x, gamma, mean, variance, epsilon, grad, output, residual,
+    );
+    [gx, ggamma, gbeta].into_iter().chain(passed).collect()
 }
 
 impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for BatchNormReluBackward {
@@ -224,7 +230,7 @@ impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for BatchNormReluBackwar
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer);
+        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer, false);
         for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
@@ -243,7 +249,7 @@ impl<B: Backend + FusedBatchNormKernels> Backward<B, 4> for BatchNormAddReluBack
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer);
+        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer, true);
         for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
