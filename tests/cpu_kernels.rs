@@ -320,6 +320,29 @@ fn batch_norm_inference_matches_burn() {
 }
 
 #[test]
+fn batch_norm_relu_inference_matches_burn() {
+    let device = Device::flex().autodiff();
+    let bn: BatchNorm = BatchNormConfig::new(5).init(&device);
+    let x: Tensor<4> = Tensor::random([3, 5, 4, 6], Distribution::Normal(1.0, 2.0), &device);
+    let _ = kd::norm::batch_norm(&bn, x.clone()); // non-trivial running statistics
+    let (bn, x) = (bn.valid(), x.inner());
+    let residual = Tensor::random([3, 5, 4, 6], Distribution::Normal(0.0, 1.0), &x.device());
+    for r in [None, Some(residual)] {
+        let burn = burn::tensor::activation::relu(match r.clone() {
+            Some(r) => bn.forward(x.clone()) + r,
+            None => bn.forward(x.clone()),
+        });
+        let ours = kd::norm::batch_norm_relu(&bn, x.clone(), r.clone());
+        let err = rel_err(&values(ours), &values(burn));
+        assert!(
+            err < 1e-6,
+            "inference bn+relu differs ({err:.1e}), residual {}",
+            r.is_some()
+        );
+    }
+}
+
+#[test]
 fn vectorised_gelu_matches_burn() {
     let device = Device::flex().autodiff();
     let x: Tensor<3> =

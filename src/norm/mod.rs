@@ -10,8 +10,10 @@
 //! [`batch_norm`] routes a `BatchNorm` module here when it trains on the flex device in f32;
 //! inference and other devices use Burn's `BatchNorm::forward`.
 
+mod inference;
 mod kernels;
 
+use inference::ScaleShift;
 use kernels::{Epilogue, ReluGrad};
 
 use burn::backend::autodiff::NodeId;
@@ -434,7 +436,7 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         return if training || !crate::flex::is_flex_f32(&x) {
             bn.forward(x)
         } else {
-            inference(bn, x)
+            inference(bn, x, None)
         };
     }
     let (out, mean, variance) = <Dispatch as FusedBatchNorm>::fused_batch_norm_train(
@@ -460,6 +462,10 @@ pub fn batch_norm_relu<const D: usize>(
             .as_ref()
             .is_none_or(|r| crate::flex::is_flex_f32(r) && r.dims() == x.dims());
     if !fused {
+        let training = x.device().is_autodiff() && bn.training.is_enabled();
+        if !training && crate::flex::is_flex_f32(&x) {
+            return inference(bn, x, Some(residual));
+        }
         let out = batch_norm(bn, x);
         return relu(match residual {
             Some(r) => out + r,
@@ -511,12 +517,15 @@ fn update_running_stats(
     bn.running_var.update(running_var.detach());
 }
 
-/// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics, as `x · scale + shift`.
-fn inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+/// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics, as `x · scale + shift` (one
+/// pass on the flex device in f32, else Burn's operations), then `relu(· + residual)` when
+/// `epilogue` asks for it.
+fn inference<const D: usize>(
+    bn: &BatchNorm,
+    x: Tensor<D>,
+    epilogue: Option<Option<Tensor<D>>>,
+) -> Tensor<D> {
     let device = x.device();
-    let channels = bn.gamma.dims()[0];
-    let mut dims = [1; D];
-    dims[1] = channels;
     let inv_std = bn
         .running_var
         .value()
@@ -526,5 +535,32 @@ fn inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         .recip();
     let scale = bn.gamma.val() * inv_std;
     let shift = bn.beta.val() - bn.running_mean.value().to_device(&device) * scale.clone();
-    x * scale.reshape(dims) + shift.reshape(dims)
+    let one_pass = !device.is_autodiff()
+        && crate::flex::is_flex_f32(&x)
+        && epilogue
+            .as_ref()
+            .and_then(Option::as_ref)
+            .is_none_or(|r| crate::flex::is_flex_f32(r) && r.dims() == x.dims());
+    if one_pass {
+        let (x, scale, shift) = (
+            x.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+        );
+        return Tensor::from_dispatch(match epilogue {
+            Some(Some(r)) => {
+                <Dispatch as ScaleShift>::scale_shift_add_relu(x, scale, shift, r.into_dispatch())
+            }
+            relu => <Dispatch as ScaleShift>::scale_shift(x, scale, shift, relu.is_some()),
+        });
+    }
+    let channels = bn.gamma.dims()[0];
+    let mut dims = [1; D];
+    dims[1] = channels;
+    let out = x * scale.reshape(dims) + shift.reshape(dims);
+    match epilogue {
+        None => out,
+        Some(None) => relu(out),
+        Some(Some(r)) => relu(out + r),
+    }
 }
