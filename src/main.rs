@@ -6,6 +6,10 @@ use clap::Parser;
 /// glibc's default mmap threshold each one is a new mapping whose pages fault in zeroed, and
 /// its free unmaps it again. Serving them from the heap instead made ResNet-18 training
 /// steps about 14% faster (page faults and page clearing were ~10% of a step).
+///
+/// One arena for all threads: the work runs on rayon's threads (see [`run_on_worker`]), and
+/// glibc's per-thread arenas are mmap'd heaps of at most 64 MB that it shrinks and unmaps
+/// as buffers come and go (CoAtNet-2 inference lost 27% to page faults and TLB shootdowns).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt only sets allocator parameters; it runs before any other thread starts.
@@ -13,6 +17,7 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
