@@ -8,9 +8,20 @@ pub(super) struct Mat<'a> {
     pub(super) cs: isize,
 }
 
+impl Mat<'_> {
+    /// The transposed matrix (the same data, strides swapped).
+    fn t(self) -> Self {
+        Mat {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
 /// `dst[m × n] (+)= lhs[m × k] · rhs[k × n]`, `dst` row-major; adds to `dst` when
-/// `accumulate`. (gemm picks its own internal orientation from the strides; the transposed
-/// call for `m < n` computes the same product.)
+/// `accumulate`. For `m < n` it computes the same product as `dstᵀ = rhsᵀ · lhsᵀ`, which
+/// puts the longer side where gemm's microkernels vectorise.
 pub(super) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -19,63 +30,10 @@ pub(super) fn matmul(
     accumulate: bool,
     parallel: bool,
 ) {
-    assert!(dst.len() >= m * n);
-    let parallelism = if parallel && m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(0)
+    if m >= n {
+        matmul_strided((m, n, k), dst, (n, 1), lhs, rhs, accumulate, parallel);
     } else {
-        gemm::Parallelism::None
-    };
-    // Row-major dst: row stride n, column stride 1.
-    let (dst_rs, dst_cs) = (n as isize, 1isize);
-    // SAFETY: every operand slice covers the strided ranges that gemm reads or writes
-    // (checked by the callers' shapes); `dst` does not alias `lhs` or `rhs`.
-    unsafe {
-        if m >= n {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                dst_cs,
-                dst_rs,
-                accumulate,
-                lhs.data.as_ptr(),
-                lhs.cs,
-                lhs.rs,
-                rhs.data.as_ptr(),
-                rhs.cs,
-                rhs.rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        } else {
-            // dstᵀ[n × m] = rhsᵀ[n × k] · lhsᵀ[k × m]
-            gemm::gemm(
-                n,
-                m,
-                k,
-                dst.as_mut_ptr(),
-                dst_rs,
-                dst_cs,
-                accumulate,
-                rhs.data.as_ptr(),
-                rhs.rs,
-                rhs.cs,
-                lhs.data.as_ptr(),
-                lhs.rs,
-                lhs.cs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        matmul_strided((n, m, k), dst, (1, n), rhs.t(), lhs.t(), accumulate, parallel);
     }
 }
 
