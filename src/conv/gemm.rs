@@ -33,7 +33,15 @@ pub(super) fn matmul(
     if m >= n {
         matmul_strided((m, n, k), dst, (n, 1), lhs, rhs, accumulate, parallel);
     } else {
-        matmul_strided((n, m, k), dst, (1, n), rhs.t(), lhs.t(), accumulate, parallel);
+        matmul_strided(
+            (n, m, k),
+            dst,
+            (1, n),
+            rhs.t(),
+            lhs.t(),
+            accumulate,
+            parallel,
+        );
     }
 }
 

@@ -198,13 +198,10 @@ impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for FusedBatchNormBackwa
 /// keeps the same tensor as its input, so this costs no memory).
 type ReluState<T> = (NodeId, NodeId, T, T, f64, T);
 
-/// Backward of `relu(bn(x))`: parents x, gamma, beta.
+/// Backward of `relu(bn(x))` (`N` = 3 parents: x, gamma, beta) and of
+/// `relu(bn(x) + residual)` (`N` = 4: x, gamma, beta, residual).
 #[derive(Debug)]
-struct BatchNormReluBackward;
-
-/// Backward of `relu(bn(x) + residual)`: parents x, gamma, beta, residual.
-#[derive(Debug)]
-struct BatchNormAddReluBackward;
+struct BatchNormReluBackward<const N: usize>;
 
 /// The gradients of a ReLU variant: `[x, gamma, beta]` and, for a `residual`, the residual's.
 fn relu_variant_grads<B: Backend + FusedBatchNormKernels>(
@@ -222,17 +219,19 @@ fn relu_variant_grads<B: Backend + FusedBatchNormKernels>(
     [gx, ggamma, gbeta].into_iter().chain(passed).collect()
 }
 
-impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for BatchNormReluBackward {
+impl<B: Backend + FusedBatchNormKernels, const N: usize> Backward<B, N>
+    for BatchNormReluBackward<N>
+{
     type State = ReluState<B::FloatTensorPrimitive>;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, N>,
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer, false);
+        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer, N == 4);
         for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
@@ -241,21 +240,46 @@ impl<B: Backend + FusedBatchNormKernels> Backward<B, 3> for BatchNormReluBackwar
     }
 }
 
-impl<B: Backend + FusedBatchNormKernels> Backward<B, 4> for BatchNormAddReluBackward {
-    type State = ReluState<B::FloatTensorPrimitive>;
+/// The output and the batch statistics on the autodiff backend.
+type Outputs<B, C> = (
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+);
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 4>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let grads_out = relu_variant_grads::<B>(grad, ops.state, checkpointer, true);
-        for (parent, grad) in ops.parents.into_iter().zip(grads_out) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, grad);
-            }
+/// Runs `forward` on the inner tensors of `inputs` (`x`, `gamma`, then the others) and, when
+/// any of them is tracked, records `backward` with the state that `state` builds from the
+/// checkpoints of `x` and `gamma`, the batch statistics and the output.
+fn track<B, C, BO, const N: usize>(
+    backward: BO,
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+    forward: impl FnOnce([FloatTensor<B>; N]) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    state: impl FnOnce(NodeId, NodeId, &FloatTensor<B>, &FloatTensor<B>, &FloatTensor<B>) -> BO::State,
+) -> Outputs<B, C>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    BO: Backward<B, N>,
+{
+    let nodes = inputs.each_ref().map(|t| t.node());
+    let stats = |mean, variance| {
+        (
+            FloatTensor::<Autodiff<B, C>>::new(mean),
+            FloatTensor::<Autodiff<B, C>>::new(variance),
+        )
+    };
+    match backward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            let (x_state, gamma_state) = (prep.checkpoint(&inputs[0]), prep.checkpoint(&inputs[1]));
+            let (out, mean, variance) = forward(inputs.map(|t| t.into_primitive()));
+            let state = state(x_state, gamma_state, &mean, &variance, &out);
+            let (mean, variance) = stats(mean, variance);
+            (prep.finish(state, out), mean, variance)
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, mean, variance) = forward(inputs.map(|t| t.into_primitive()));
+            let (mean, variance) = stats(mean, variance);
+            (prep.finish(out), mean, variance)
         }
     }
 }
@@ -271,48 +295,12 @@ where
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let prepared = FusedBatchNormBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let (out, mean, variance) = B::fused_batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                let state = (
-                    x_state,
-                    gamma_state,
-                    mean.clone(),
-                    variance.clone(),
-                    epsilon,
-                );
-                let out = prep.finish(state, out);
-                (
-                    out,
-                    <FloatTensor<Self>>::new(mean),
-                    <FloatTensor<Self>>::new(variance),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, mean, variance) = B::fused_batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                (
-                    prep.finish(out),
-                    <FloatTensor<Self>>::new(mean),
-                    <FloatTensor<Self>>::new(variance),
-                )
-            }
-        }
+        track::<B, C, _, _>(
+            FusedBatchNormBackward,
+            [x, gamma, beta],
+            |[x, gamma, beta]| B::fused_batch_norm_train(x, gamma, beta, epsilon),
+            |x, gamma, mean, variance, _| (x, gamma, mean.clone(), variance.clone(), epsilon),
+        )
     }
 
     fn fused_batch_norm_relu_train(
@@ -321,49 +309,12 @@ where
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let prepared = BatchNormReluBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let (out, mean, variance) = B::fused_batch_norm_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                let state = (
-                    x_state,
-                    gamma_state,
-                    mean.clone(),
-                    variance.clone(),
-                    epsilon,
-                    out.clone(),
-                );
-                let out = prep.finish(state, out);
-                (
-                    out,
-                    FloatTensor::<Self>::new(mean),
-                    FloatTensor::<Self>::new(variance),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, mean, variance) = B::fused_batch_norm_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                (
-                    prep.finish(out),
-                    FloatTensor::<Self>::new(mean),
-                    FloatTensor::<Self>::new(variance),
-                )
-            }
-        }
+        track::<B, C, _, _>(
+            BatchNormReluBackward::<3>,
+            [x, gamma, beta],
+            |[x, gamma, beta]| B::fused_batch_norm_relu_train(x, gamma, beta, epsilon),
+            |x, gamma, mean, variance, out| relu_state(x, gamma, mean, variance, epsilon, out),
+        )
     }
 
     fn fused_batch_norm_add_relu_train(
@@ -373,52 +324,34 @@ where
         residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let prepared = BatchNormAddReluBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let (out, mean, variance) = B::fused_batch_norm_add_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    residual.into_primitive(),
-                    epsilon,
-                );
-                let state = (
-                    x_state,
-                    gamma_state,
-                    mean.clone(),
-                    variance.clone(),
-                    epsilon,
-                    out.clone(),
-                );
-                let out = prep.finish(state, out);
-                (
-                    out,
-                    FloatTensor::<Self>::new(mean),
-                    FloatTensor::<Self>::new(variance),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, mean, variance) = B::fused_batch_norm_add_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    residual.into_primitive(),
-                    epsilon,
-                );
-                (
-                    prep.finish(out),
-                    FloatTensor::<Self>::new(mean),
-                    FloatTensor::<Self>::new(variance),
-                )
-            }
-        }
+        track::<B, C, _, _>(
+            BatchNormReluBackward::<4>,
+            [x, gamma, beta, residual],
+            |[x, gamma, beta, residual]| {
+                B::fused_batch_norm_add_relu_train(x, gamma, beta, residual, epsilon)
+            },
+            |x, gamma, mean, variance, out| relu_state(x, gamma, mean, variance, epsilon, out),
+        )
     }
+}
+
+/// The state of a ReLU variant.
+fn relu_state<T: Clone>(
+    x: NodeId,
+    gamma: NodeId,
+    mean: &T,
+    variance: &T,
+    epsilon: f64,
+    out: &T,
+) -> ReluState<T> {
+    (
+        x,
+        gamma,
+        mean.clone(),
+        variance.clone(),
+        epsilon,
+        out.clone(),
+    )
 }
 
 /// Whether [`batch_norm`] runs `bn` on `x` through the fused training kernel.
