@@ -5,9 +5,11 @@
 //! from `(seed, epoch, index)` alone, so the batches are identical whatever the thread
 //! count or scheduling, and an epoch can be replayed exactly on resume.
 
+use rayon::Yield;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Result;
 use rand::SeedableRng;
@@ -194,6 +196,9 @@ impl Loader {
     }
 }
 
+/// How long [`EpochIter`] sleeps before looking for decoding work again.
+const WAIT: Duration = Duration::from_micros(200);
+
 /// Batches of one epoch; see [`Loader::epoch`].
 pub struct EpochIter {
     rx: Receiver<Result<Batch>>,
@@ -204,14 +209,23 @@ impl Iterator for EpochIter {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self.rx.recv() {
-            Ok(b) => Some(b),
-            Err(_) => {
-                if let Some(h) = self.handle.take() {
-                    let _ = h.join();
-                }
-                None
+        loop {
+            match self.rx.try_recv() {
+                Ok(b) => return Some(b),
+                Err(TryRecvError::Disconnected) => break,
+                // On a rayon worker (where kd runs its commands) help decode the batch rather
+                // than block one of the threads its images are decoded on.
+                Err(TryRecvError::Empty) if rayon::yield_now() == Some(Yield::Executed) => {}
+                Err(TryRecvError::Empty) => match self.rx.recv_timeout(WAIT) {
+                    Ok(b) => return Some(b),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
             }
         }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        None
     }
 }
