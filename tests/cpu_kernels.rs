@@ -19,7 +19,21 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{rel_err, values};
+use common::{assert_all_close, rel_err, values};
+
+/// What the convolution tests compare, in order.
+const CONV_RESULTS: [&str; 4] = ["output", "input grad", "weight grad", "bias grad"];
+
+/// What the BatchNorm tests compare, in order (the residual's gradient only with one).
+const BN_RESULTS: [&str; 7] = [
+    "output",
+    "running mean",
+    "running var",
+    "input grad",
+    "gamma grad",
+    "beta grad",
+    "residual grad",
+];
 
 /// (batch, in, out, height, width, kernel, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -79,16 +93,8 @@ fn gemm_convolution_matches_burn_forward_and_backward() {
                 values(bias.grad(&grads).unwrap()),
             ]);
         }
-        for (what, (burn, ours)) in ["output", "input grad", "weight grad", "bias grad"]
-            .iter()
-            .zip(results[0].iter().zip(&results[1]))
-        {
-            let err = rel_err(ours, burn);
-            assert!(
-                err < 1e-5,
-                "{what} differs (rel. error {err:.1e}) for b{b} {cin}->{cout} {h}x{w} k{k} s{s} p{p}"
-            );
-        }
+        let case = format!("b{b} {cin}->{cout} {h}x{w} k{k} s{s} p{p}");
+        assert_all_close(&CONV_RESULTS, &results[0], &results[1], 1e-5, &case);
     }
 }
 
@@ -148,16 +154,8 @@ fn depthwise_convolution_matches_burn_forward_and_backward() {
             ]
         };
         let (burn, ours) = (run(false), run(true));
-        for (what, (burn, ours)) in ["output", "input grad", "weight grad", "bias grad"]
-            .iter()
-            .zip(burn.iter().zip(&ours))
-        {
-            let err = rel_err(ours, burn);
-            assert!(
-                err < 1e-5,
-                "depthwise {what} differs ({err:.1e}) for b{b} c{c} {h}x{w} k{k} s{s} p{p}"
-            );
-        }
+        let case = format!("depthwise b{b} c{c} {h}x{w} k{k} s{s} p{p}");
+        assert_all_close(&CONV_RESULTS, &burn, &ours, 1e-5, &case);
     }
 }
 
@@ -226,21 +224,7 @@ fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
         );
         let burn = batch_norm_results(&burn_bn, &x, &probe, false);
         let ours = batch_norm_results(&our_bn, &x, &probe, true);
-        let names = [
-            "output",
-            "running mean",
-            "running var",
-            "input grad",
-            "gamma grad",
-            "beta grad",
-        ];
-        for (what, (burn, ours)) in names.iter().zip(burn.iter().zip(&ours)) {
-            let err = rel_err(ours, burn);
-            assert!(
-                err < 1e-5,
-                "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}"
-            );
-        }
+        assert_all_close(&BN_RESULTS, &burn, &ours, 1e-5, &format!("{b}x{c}x{h}x{w}"));
     }
 }
 
@@ -283,21 +267,8 @@ fn fused_batch_norm_relu_and_residual_match_burn() {
                 results
             };
             let (burn, ours) = (run(false), run(true));
-            let names = [
-                "output",
-                "running mean",
-                "running var",
-                "input grad",
-                "gamma grad",
-            ];
-            let names = names.iter().chain(&["beta grad", "residual grad"]);
-            for (what, (burn, ours)) in names.zip(burn.iter().zip(&ours)) {
-                let err = rel_err(ours, burn);
-                assert!(
-                    err < 1e-5,
-                    "{what} differs (rel. error {err:.1e}) for {b}x{c}x{h}x{w}, residual {with_residual}"
-                );
-            }
+            let case = format!("{b}x{c}x{h}x{w}, residual {with_residual}");
+            assert_all_close(&BN_RESULTS, &burn, &ours, 1e-5, &case);
         }
     }
 }

@@ -57,6 +57,33 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, Tensor64> {
     out
 }
 
+/// Asserts that each of `ours` is within relative error `tol` ([`rel_err`]) of the matching
+/// `expected` result, naming the quantity (`names`, one per result) and the `case` if not.
+pub fn assert_all_close(
+    names: &[&str],
+    expected: &[Vec<f64>],
+    ours: &[Vec<f64>],
+    tol: f64,
+    case: &str,
+) {
+    assert_eq!(
+        expected.len(),
+        ours.len(),
+        "result counts differ for {case}"
+    );
+    assert!(
+        names.len() >= ours.len(),
+        "a result without a name for {case}"
+    );
+    for ((what, expected), ours) in names.iter().zip(expected).zip(ours) {
+        let err = rel_err(ours, expected);
+        assert!(
+            err < tol,
+            "{what} differs (rel. error {err:.1e}) for {case}"
+        );
+    }
+}
+
 /// Max absolute difference relative to the largest expected magnitude.
 pub fn rel_err(actual: &[f64], expected: &[f64]) -> f64 {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
