@@ -83,34 +83,61 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// The loss to minimise, and its (KD, CE) parts for distillation. Consumes the batch's
-    /// images (moved into the student's input tensor).
-    fn loss(&self, model: &Network, batch: &mut Batch) -> (Tensor<1>, Option<(f32, f32)>) {
+    /// The loss to minimise, and its (KD, CE) parts for distillation, all still on the
+    /// device (reading them waits for the device, so the caller reads them after queueing
+    /// the backward pass). Consumes the batch's images.
+    fn loss(&self, model: &Network, batch: &mut Batch) -> (Tensor<1>, Option<[Tensor<1>; 2]>) {
         let labels = labels_tensor(batch, self.device);
         let Some(t) = self.teacher else {
             let logits = model.forward(take_images_tensor(batch, self.device));
             return (cross_entropy(logits, labels), None);
         };
-        let t_logits = match self.cache {
+        let (images, t_logits) = match self.cache {
             Some(cache) => {
                 let rows: Vec<f32> = batch
                     .indices
                     .iter()
                     .flat_map(|&i| cache[i].iter().copied())
                     .collect();
-                Tensor::from_data(
+                let t_logits = Tensor::from_data(
                     TensorData::new(rows, [batch.len(), self.n_classes]),
                     self.device,
-                )
+                );
+                (take_images_tensor(batch, self.device), t_logits)
             }
-            // The teacher sees exactly the student's (augmented) images.
-            None => Tensor::from_data(t.logits(batch).into_data(), self.device),
+            // The teacher sees exactly the student's (augmented) images: one upload, shared;
+            // its logits join the student's graph as constants, without leaving the device.
+            None => {
+                let images = take_images_tensor(batch, t.device());
+                let t_logits = t.forward(images.clone()).autodiff();
+                (images.autodiff(), t_logits)
+            }
         };
-        let logits = model.forward(take_images_tensor(batch, self.device));
+        let logits = model.forward(images);
         let p = t.loss.loss(logits, t_logits, labels);
-        let parts = (p.kd.into_scalar(), p.ce.into_scalar());
-        (p.total, Some(parts))
+        (p.total, Some([p.kd, p.ce]))
     }
+}
+
+/// Reads a step's loss and its parts from the device in one transfer.
+fn read_losses(
+    loss: Tensor<1>,
+    parts: Option<[Tensor<1>; 2]>,
+) -> Result<(f32, Option<(f32, f32)>)> {
+    // Outside the graph: the backward pass has already been taken.
+    let all: Vec<Tensor<1>> = std::iter::once(loss)
+        .chain(parts.into_iter().flatten())
+        .map(|t| t.inner().reshape([1]))
+        .collect();
+    let values: Vec<f32> = Tensor::cat(all, 0)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("cannot read the training loss: {e:?}"))?;
+    Ok((
+        values[0],
+        (values.len() == 3).then(|| (values[1], values[2])),
+    ))
 }
 
 impl EpochProgress {
@@ -295,13 +322,16 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         for batch in train_loader.epoch(epoch, progress.batches) {
             let mut batch = batch?;
             let (loss, parts) = step.loss(&model, &mut batch);
-            let mut value: f32 = loss.clone().into_scalar();
+            // The backward pass is queued before the loss is read, so a GPU has it in hand
+            // while the host waits; a non-finite loss then skips the optimizer step.
+            let grads = loss.clone().backward();
+            let (mut value, parts) = read_losses(loss, parts)?;
             progress.batches += 1;
             if fault_nan_at() == Some(epoch * train_loader.num_batches() + progress.batches) {
                 value = f32::NAN;
             }
             if value.is_finite() {
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let grads = GradientsParams::from_grads(grads, &model);
                 model = optim.step(lr, model, grads);
                 let n = batch.len() as f64;
                 progress.loss_sum += f64::from(value) * n;

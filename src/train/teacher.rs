@@ -78,7 +78,17 @@ impl Teacher {
 
     /// Teacher logits for a batch (the exact images the student sees), outside any graph.
     pub fn logits(&self, batch: &Batch) -> Tensor<2> {
-        self.net.forward(images_tensor(batch, &self.device))
+        self.forward(images_tensor(batch, &self.device))
+    }
+
+    /// Teacher logits for images already on [`Teacher::device`].
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        self.net.forward(images)
+    }
+
+    /// The plain (non-autodiff) device the teacher runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Logits of every image of a loader, indexed like its samples (the logit cache).
