@@ -21,7 +21,7 @@ if [ -z "${KD:-}" ]; then
   cargo build --release --quiet
   KD=target/release/kd
 fi
-field() { "$PYTHON" -c "import json,sys; print(json.load(sys.stdin)['$1'])" 2>/dev/null; }
+field() { "$PYTHON" -c "import json,sys; v=json.load(open('$1'))['$2']; print('' if v is None else f'{v:.0f}' if '$2'.startswith('peak') else v)" 2>/dev/null; }
 default_cases() {
   cat <<'CASES'
 resnet18 train 64 64
@@ -31,10 +31,16 @@ resnet18 eval 16 224
 coatnet_0 train 16 224
 CASES
 }
+# On a GPU the table adds each side's peak device memory (kd: its allocator's reserved pool;
+# PyTorch: torch.cuda.max_memory_reserved).
+mem_cols="" mem_rule=""
+if [ "$DEVICE" != cpu ]; then mem_cols=" kd MiB | PyTorch MiB |" mem_rule="---:|---:|"; fi
 echo "device $DEVICE, precision $PRECISION, median of $STEPS steps, median of $REPEATS alternating runs"
 echo
-echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |$mem_cols"
+echo "|---|---:|---:|---:|---:|---:|$mem_rule"
+kd_json=$(mktemp) pt_json=$(mktemp)
+trap 'rm -f "$kd_json" "$pt_json"' EXIT
 { if [ -n "${CASES_FILE:-}" ]; then cat "$CASES_FILE"; else default_cases; fi; } |
 while read -r model mode batch size teacher; do
   [ -z "$model" ] && continue
@@ -44,12 +50,14 @@ while read -r model mode batch size teacher; do
   # A failing case (e.g. out of memory) becomes a row saying so; the table goes on.
   kd_runs=() pt_runs=() failed=
   for _ in $(seq "$REPEATS"); do
-    if ! ips=$("$KD" bench "${common[@]}" --json 2>/tmp/kd-compare.err | field images_per_second); then
+    if ! "$KD" bench "${common[@]}" --json >"$kd_json" 2>/tmp/kd-compare.err ||
+       ! ips=$(field "$kd_json" images_per_second); then
       echo "| $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-compare.err) | | |"
       failed=1 && break
     fi
     kd_runs+=("$ips")
-    if ! ips=$("$PYTHON" bench/pytorch_reference.py "${common[@]}" 2>/tmp/kd-compare.err | field images_per_second); then
+    if ! "$PYTHON" bench/pytorch_reference.py "${common[@]}" >"$pt_json" 2>/tmp/kd-compare.err ||
+       ! ips=$(field "$pt_json" images_per_second); then
       echo "| $model $mode | $batch | $size | ${kd_runs[0]} | failed: $(tail -1 /tmp/kd-compare.err) | |"
       failed=1 && break
     fi
@@ -60,5 +68,9 @@ while read -r model mode batch size teacher; do
   kd_ips=$(median "${kd_runs[@]}")
   pt_ips=$(median "${pt_runs[@]}")
   ratio=$("$PYTHON" -c "print(f'{$kd_ips / $pt_ips:.2f}x')")
-  printf '| %s %s | %s | %s | %.1f | %.1f | %s |\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio"
+  mem=""
+  if [ -n "$mem_cols" ]; then
+    mem=" $(field "$kd_json" peak_device_mib) | $(field "$pt_json" peak_device_mib) |"
+  fi
+  printf '| %s %s | %s | %s | %.1f | %.1f | %s |%s\n' "$model" "$mode" "$batch" "$size" "$kd_ips" "$pt_ips" "$ratio" "$mem"
 done

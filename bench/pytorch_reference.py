@@ -90,6 +90,9 @@ def main():
         "image_size": a.image_size,
         "images_per_second": a.batch / sps,
         "seconds_per_step": sps,
+        "peak_device_mib": (
+            torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+        ),
         "threads": torch.get_num_threads(),
     }))
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
@@ -96,6 +96,8 @@ pub struct BenchResult {
     pub seconds_per_step: f64,
     /// Peak resident memory of the process, MiB (Linux).
     pub peak_rss_mib: Option<f64>,
+    /// Peak memory the device's allocator reserved, MiB (GPU backends; none on flex).
+    pub peak_device_mib: Option<f64>,
     /// Threads in rayon's pool.
     pub threads: usize,
 }
@@ -126,7 +128,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         println!(
-            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}, {}), peak RSS {}",
+            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}, {}), peak RSS {}{}",
             result.what,
             result.images_per_second,
             result.seconds_per_step,
@@ -139,7 +141,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             result
                 .peak_rss_mib
                 .map(|m| format!("{m:.0} MiB"))
-                .unwrap_or_else(|| "n/a".into())
+                .unwrap_or_else(|| "n/a".into()),
+            result
+                .peak_device_mib
+                .map(|m| format!(", peak device memory {m:.0} MiB"))
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -157,6 +163,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     let (b, s) = (a.batch, a.image_size);
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
     let mut times = Vec::new();
+    let mut memory = DeviceMemory::default();
     match a.mode {
         BenchMode::Train | BenchMode::Distill => {
             let ad = device.clone().autodiff();
@@ -176,30 +183,31 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
             let kd = crate::losses::KdConfig::default().build();
             // PyTorch's Adam defaults, as in bench/pytorch_reference.py.
             let mut optim = crate::optim::FusedAdam::new(1e-8).init();
+            // As in bench/pytorch_reference.py, the batch is made on the device once: a step
+            // measures compute, not the host-to-device copy (`--data` measures the pipeline).
+            let data: Vec<f32> = (0..b * 3 * s * s)
+                .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+                .collect();
+            let x = Tensor::<4>::from_data(TensorData::new(data, [b, 3, s, s]), &device);
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
             for step in 0..a.warmup + a.steps {
-                let data: Vec<f32> = (0..b * 3 * s * s)
-                    .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
-                    .collect();
-                let x = Tensor::<4>::from_data(TensorData::new(data.clone(), [b, 3, s, s]), &ad);
-                let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
                 let t0 = Instant::now();
-                let logits = model.forward(x);
+                let logits = model.forward(x.clone().autodiff());
                 let loss = match &teacher {
+                    // Teacher logits join the student's graph as constants, on the device.
                     Some(t) => {
-                        let tx =
-                            Tensor::<4>::from_data(TensorData::new(data, [b, 3, s, s]), &device);
-                        let tl = Tensor::<2>::from_data(t.forward(tx).into_data(), &ad);
-                        kd.loss(logits, tl, y).total
+                        kd.loss(logits, t.forward(x.clone()).autodiff(), y.clone())
+                            .total
                     }
-                    None => cross_entropy(logits, y),
+                    None => cross_entropy(logits, y.clone()),
                 };
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(1e-4, model, grads);
-                let _: f32 = loss.into_scalar();
                 device.sync().ok();
                 if step >= a.warmup {
                     times.push(t0.elapsed().as_secs_f64());
                 }
+                memory.sample(&device);
             }
         }
         BenchMode::Eval => {
@@ -212,6 +220,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
                 if step >= a.warmup {
                     times.push(t0.elapsed().as_secs_f64());
                 }
+                memory.sample(&device);
             }
         }
     }
@@ -229,8 +238,26 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
         images_per_second: b as f64 / sps,
         seconds_per_step: sps,
         peak_rss_mib: peak_rss_mib(),
+        peak_device_mib: memory.peak_mib(),
         threads: rayon::current_num_threads(),
     })
+}
+
+/// The most memory a device's allocator held after any step (like PyTorch's
+/// `torch.cuda.max_memory_reserved`); backends without a pool allocator (flex) report none.
+#[derive(Default)]
+struct DeviceMemory(Option<u64>);
+
+impl DeviceMemory {
+    fn sample(&mut self, device: &Device) {
+        if let Some(usage) = device.memory_pool_usage() {
+            self.0 = Some(self.0.unwrap_or(0).max(usage.bytes_reserved));
+        }
+    }
+
+    fn peak_mib(&self) -> Option<f64> {
+        self.0.map(|b| b as f64 / (1024.0 * 1024.0))
+    }
 }
 
 fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
@@ -281,6 +308,7 @@ fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
         images_per_second: a.batch as f64 / sps,
         seconds_per_step: sps,
         peak_rss_mib: peak_rss_mib(),
+        peak_device_mib: None,
         threads: rayon::current_num_threads(),
     })
 }
