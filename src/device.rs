@@ -23,6 +23,10 @@ pub enum DeviceSpec {
     Cpu,
     /// NVIDIA GPU number N (needs a build with `--features cuda`).
     Cuda(usize),
+    /// Burn's CubeCL CPU runtime: the GPU code path (CubeCL kernels, fusion, autotune,
+    /// Burn's own ops) compiled for the CPU, to check that path on a machine without a GPU
+    /// (needs a build with `--features cubecl-cpu`; slower than `cpu`).
+    CubeclCpu,
 }
 
 impl FromStr for DeviceSpec {
@@ -33,6 +37,7 @@ impl FromStr for DeviceSpec {
         match s.trim().to_ascii_lowercase().as_str() {
             "cpu" | "flex" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "cubecl-cpu" => Ok(Self::CubeclCpu),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(Self::Cuda).map_err(|_| bad()),
                 None => Err(bad()),
@@ -46,6 +51,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::CubeclCpu => write!(f, "cubecl-cpu"),
         }
     }
 }
@@ -95,7 +101,8 @@ impl fmt::Display for Precision {
 /// `--device` and `--precision`, shared by the commands that compute.
 #[derive(Debug, Clone, Args, Default)]
 pub struct ComputeArgs {
-    /// cpu, or cuda[:N] for NVIDIA GPU N (a build with --features cuda).
+    /// cpu, or cuda[:N] for NVIDIA GPU N (a build with --features cuda); cubecl-cpu runs the
+    /// GPU code path on the CPU (a build with --features cubecl-cpu, for checking that path).
     #[arg(long, default_value = "cpu", value_parser = DeviceSpec::from_str)]
     pub device: DeviceSpec,
     /// Precision of convolutions and linear layers [default: f32, or the run's for eval/predict].
@@ -124,6 +131,7 @@ pub fn open(spec: DeviceSpec, precision: Precision) -> Result<Device> {
     let device = match spec {
         DeviceSpec::Cpu => Device::flex(),
         DeviceSpec::Cuda(index) => open_cuda(index)?,
+        DeviceSpec::CubeclCpu => open_cubecl_cpu()?,
     };
     if !device.supports_dtype(precision.dtype()) {
         bail!("device {spec} cannot compute in {precision}: use --precision f32");
@@ -156,11 +164,24 @@ fn open_cuda(_index: usize) -> Result<Device> {
     )
 }
 
+#[cfg(feature = "cubecl-cpu")]
+fn open_cubecl_cpu() -> Result<Device> {
+    Ok(Device::cpu())
+}
+
+#[cfg(not(feature = "cubecl-cpu"))]
+fn open_cubecl_cpu() -> Result<Device> {
+    bail!(
+        "this kd was built without the CubeCL CPU runtime: rebuild with `cargo build --release --features cubecl-cpu` (see the README), or use --device cpu"
+    )
+}
+
 /// A short description of `device` for logs and benchmark tables.
 pub fn describe(spec: DeviceSpec) -> String {
     match spec {
         DeviceSpec::Cpu => "flex (CPU)".into(),
         DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        DeviceSpec::CubeclCpu => "cubecl-cpu (CubeCL CPU runtime)".into(),
     }
 }
 
@@ -173,6 +194,7 @@ mod tests {
         assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
         assert_eq!("CUDA".parse(), Ok(DeviceSpec::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert_eq!("cubecl-cpu".parse(), Ok(DeviceSpec::CubeclCpu));
         let err = "tpu".parse::<DeviceSpec>().unwrap_err();
         assert!(err.contains("use cpu, cuda or cuda:N"), "{err}");
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
