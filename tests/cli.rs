@@ -256,3 +256,46 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
     assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
 }
+
+#[test]
+fn bench_reports_speed_and_memory_for_every_mode() {
+    let tiny = [
+        "--model",
+        "resnet18",
+        "--width",
+        "2",
+        "--small-stem",
+        "--image-size",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--json",
+    ];
+    for mode in [
+        vec!["--mode", "train"],
+        vec!["--mode", "eval"],
+        vec![
+            "--mode",
+            "distill",
+            "--teacher",
+            "resnet18",
+            "--teacher-width",
+            "4",
+        ],
+    ] {
+        let args: Vec<&str> = ["bench"]
+            .iter()
+            .chain(&tiny)
+            .chain(&mode)
+            .copied()
+            .collect();
+        let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
+        assert_eq!(r["batch"], 4, "{r}");
+        assert!(r["images_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+        // flex has no pool allocator to report; GPU backends fill this in.
+        assert!(r["peak_device_mib"].is_null(), "{r}");
+    }
+}

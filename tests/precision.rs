@@ -80,6 +80,16 @@ fn cuda_device_without_the_feature_says_how_to_rebuild() {
         "bench", "--model", "resnet18", "--device", "cuda:0", "--steps", "1",
     ]);
     assert!(err.contains("--features cuda"), "{err}");
+    let err = kd_err(&[
+        "bench",
+        "--model",
+        "resnet18",
+        "--device",
+        "cubecl-cpu",
+        "--steps",
+        "1",
+    ]);
+    assert!(err.contains("--features cubecl-cpu"), "{err}");
     let out = kd(&["bench", "--device", "tpu"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
