@@ -291,6 +291,9 @@ struct CompareArgs {
     /// Folder for accuracy.png, loss.png, train_loss.png, results.md and results.json.
     #[arg(long)]
     out: PathBuf,
+    /// Device and precision of the inference-speed column [default: cpu, each run's precision].
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -399,7 +402,11 @@ impl Cli {
                 Ok(())
             }
             Command::Compare(a) => {
-                let rows = crate::compare::compare(&a.runs, &a.out)?;
+                let speed = crate::compare::SpeedOptions {
+                    device: a.compute.device,
+                    precision: a.compute.precision,
+                };
+                let rows = crate::compare::compare(&a.runs, &a.out, speed)?;
                 print!("{}", crate::compare::results_table(&rows));
                 println!(
                     "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",

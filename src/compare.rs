@@ -7,11 +7,12 @@ use anyhow::{Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::device::{DeviceSpec, Precision};
 use crate::io::{ensure_dir, read_json, write_atomic, write_json};
 use crate::models::{Network, param_count};
 use crate::report::{Series, curves_png};
 use crate::run::Run;
-use crate::train::{EpochMetrics, default_device};
+use crate::train::EpochMetrics;
 
 /// One row of the results table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +39,21 @@ pub struct RunRow {
     pub training_seconds: f64,
     /// Inference images/s of the best checkpoint (batch 32, this machine).
     pub inference_images_per_second: f64,
+    /// Device the inference speed was measured on (e.g. "flex (CPU)", "cuda:0").
+    #[serde(default)]
+    pub inference_device: String,
+    /// Precision the inference speed was measured in.
+    #[serde(default)]
+    pub inference_precision: Precision,
+}
+
+/// Where `kd compare` measures inference speed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpeedOptions {
+    /// Device of the measurement.
+    pub device: DeviceSpec,
+    /// Precision of the measurement; `None` measures each run in the precision it was trained in.
+    pub precision: Option<Precision>,
 }
 
 /// Label for a run: its role in a distillation study.
@@ -64,14 +80,16 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Median images/s of batch-32 inference at `s` x `s` on `device`.
-fn inference_speed(net: &Network, s: usize, device: &Device) -> f64 {
+/// Median images/s of batch-32 inference at `s` x `s` on `device`. A GPU gets more warm-up
+/// steps: its first calls of each shape compile and autotune kernels.
+fn inference_speed(net: &Network, s: usize, device: &Device, on_cpu: bool) -> f64 {
+    let (warmup, timed) = if on_cpu { (1, 3) } else { (3, 5) };
+    let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), device);
     let mut times = Vec::new();
-    for i in 0..4 {
-        let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), device);
+    for i in 0..warmup + timed {
         let t0 = Instant::now();
-        let _ = net.forward(x).into_data();
-        if i > 0 {
+        let _ = net.forward(x.clone()).into_data();
+        if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -80,8 +98,8 @@ fn inference_speed(net: &Network, s: usize, device: &Device) -> f64 {
 }
 
 /// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
-/// `results.md` and `results.json` into `out`.
-pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
+/// `results.md` and `results.json` into `out`; inference speed is measured as `speed` says.
+pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<RunRow>> {
     if runs.is_empty() {
         bail!("no runs given: pass one or more run folders");
     }
@@ -99,12 +117,17 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             .iter()
             .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy))
             .expect("non-empty");
-        let device = default_device();
-        // Inference speed in the precision the run was trained in, on the CPU.
+        let precision = speed.precision.unwrap_or(run.config.precision);
+        let device = crate::device::open(speed.device, precision)?;
         let net = run.load_network("best", &device)?;
         let previous = crate::device::precision();
-        crate::device::set_precision(run.config.precision);
-        let speed = inference_speed(&net, run.config.image_size, &device);
+        crate::device::set_precision(precision);
+        let images_per_second = inference_speed(
+            &net,
+            run.config.image_size,
+            &device,
+            speed.device == DeviceSpec::Cpu,
+        );
         crate::device::set_precision(previous);
         let ckpt = run.checkpoint_path("best")?;
         rows.push(RunRow {
@@ -118,7 +141,9 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<Vec<RunRow>> {
             final_accuracy: history.last().expect("non-empty").val_accuracy,
             macro_f1: best.val_macro_f1,
             training_seconds: history.iter().map(|m| m.seconds).sum(),
-            inference_images_per_second: speed,
+            inference_images_per_second: images_per_second,
+            inference_device: crate::device::describe(speed.device),
+            inference_precision: precision,
         });
         let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
@@ -172,6 +197,20 @@ pub fn results_table(rows: &[RunRow]) -> String {
             r.macro_f1,
             format_duration(r.training_seconds),
             r.inference_images_per_second
+        );
+    }
+    if let Some(first) = rows.first() {
+        let device = &first.inference_device;
+        let precision = if rows
+            .iter()
+            .all(|r| r.inference_precision == first.inference_precision)
+        {
+            first.inference_precision.to_string()
+        } else {
+            "each run's training precision".into()
+        };
+        s += &format!(
+            "\nInference: batch 32 at each run's image size, best checkpoint, on {device}, {precision}.\n"
         );
     }
     s

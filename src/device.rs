@@ -105,7 +105,7 @@ pub struct ComputeArgs {
     /// GPU code path on the CPU (a build with --features cubecl-cpu, for checking that path).
     #[arg(long, default_value = "cpu", value_parser = DeviceSpec::from_str)]
     pub device: DeviceSpec,
-    /// Precision of convolutions and linear layers [default: f32, or the run's for eval/predict].
+    /// Precision of convolutions and linear layers [default: f32, or the run's for eval/predict/compare].
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::compare::{RunRow, compare, results_table};
+use crate::compare::{RunRow, SpeedOptions, compare, results_table};
 use crate::data::{ImageFolder, LinkMode, stratified_split, write_split};
 use crate::models::ModelSpec;
 use crate::run::{Run, files};
@@ -265,7 +265,12 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
     }
     let runs: Vec<PathBuf> = STAGES.iter().map(|s| exp.out.join(s)).collect();
     let report = exp.out.join("report");
-    let rows = compare(&runs, &report)?;
+    // Inference speed on the study's device, in the precision each run trained in.
+    let speed = SpeedOptions {
+        device,
+        precision: None,
+    };
+    let rows = compare(&runs, &report, speed)?;
     println!("\n{}", results_table(&rows));
     println!(
         "report: {} (results.md, accuracy.png, loss.png, train_loss.png)",

@@ -288,6 +288,54 @@ alpha = 0.5
         assert!(out.join("report").join(f).is_file(), "{f}");
     }
     image::open(out.join("report/accuracy.png")).expect("readable PNG");
+    // The speed column says where and how it was measured: the study's device, each run's
+    // precision.
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report/results.json")).unwrap())
+            .unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row["inference_device"], "flex (CPU)", "{row}");
+        assert_eq!(row["inference_precision"], "f32", "{row}");
+        assert!(row["inference_images_per_second"].as_f64().unwrap() > 0.0);
+    }
+    let table = std::fs::read_to_string(out.join("report/results.md")).unwrap();
+    assert!(table.contains("on flex (CPU), f32"), "{table}");
+
+    // kd compare measures in the precision asked for, and refuses a device this build lacks
+    // before writing anything.
+    let runs: Vec<String> = ["teacher", "student", "kd_student"]
+        .iter()
+        .map(|s| out.join(s).display().to_string())
+        .collect();
+    let bf16_out = dir.path().join("compare-bf16");
+    let mut args = vec![
+        "compare",
+        "--out",
+        bf16_out.to_str().unwrap(),
+        "--precision",
+        "bf16",
+    ];
+    args.extend(runs.iter().map(String::as_str));
+    let printed = kd_ok(&args);
+    assert!(printed.contains("on flex (CPU), bf16"), "{printed}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(bf16_out.join("results.json")).unwrap())
+            .unwrap();
+    assert!(rows.iter().all(|r| r["inference_precision"] == "bf16"));
+    let cuda_out = dir.path().join("compare-cuda");
+    let mut args = vec![
+        "compare",
+        "--out",
+        cuda_out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ];
+    args.extend(runs.iter().map(String::as_str));
+    let err = kd_err(&args);
+    assert!(err.contains("--features cuda"), "{err}");
+    assert!(!cuda_out.exists(), "no output on a refused device");
+
     let metrics_before = std::fs::read(out.join("student/metrics.json")).unwrap();
     let second = kd_ok(&["run", file.to_str().unwrap(), "--quiet"]);
     assert_eq!(
