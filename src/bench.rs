@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::data::{AugmentConfig, CacheMode, ImageFolder, Loader, Transform};
-use crate::device::ComputeArgs;
+use crate::device::{ComputeArgs, PeakDeviceMemory};
 use crate::losses::cross_entropy;
 use crate::models::{ModelSpec, Stem};
 
@@ -163,7 +163,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     let (b, s) = (a.batch, a.image_size);
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
     let mut times = Vec::new();
-    let mut memory = DeviceMemory::default();
+    let mut memory = PeakDeviceMemory::default();
     match a.mode {
         BenchMode::Train | BenchMode::Distill => {
             let ad = device.clone().autodiff();
@@ -238,26 +238,9 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
         images_per_second: b as f64 / sps,
         seconds_per_step: sps,
         peak_rss_mib: peak_rss_mib(),
-        peak_device_mib: memory.peak_mib(),
+        peak_device_mib: memory.mib(),
         threads: rayon::current_num_threads(),
     })
-}
-
-/// The most memory a device's allocator held after any step (like PyTorch's
-/// `torch.cuda.max_memory_reserved`); backends without a pool allocator (flex) report none.
-#[derive(Default)]
-struct DeviceMemory(Option<u64>);
-
-impl DeviceMemory {
-    fn sample(&mut self, device: &Device) {
-        if let Some(usage) = device.memory_pool_usage() {
-            self.0 = Some(self.0.unwrap_or(0).max(usage.bytes_reserved));
-        }
-    }
-
-    fn peak_mib(&self) -> Option<f64> {
-        self.0.map(|b| b as f64 / (1024.0 * 1024.0))
-    }
 }
 
 fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {

@@ -176,6 +176,27 @@ fn open_cubecl_cpu() -> Result<Device> {
     )
 }
 
+/// The most memory a device's allocator has reserved at any sample (the counterpart of
+/// PyTorch's `torch.cuda.max_memory_reserved`); backends without a pool allocator (flex) have
+/// none. Sampling makes a fused backend launch what it has queued (Burn's fusion drains its
+/// stream for the report), so sample where the host already waits for the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeakDeviceMemory(Option<u64>);
+
+impl PeakDeviceMemory {
+    /// Takes the allocator's current reservation into the peak.
+    pub fn sample(&mut self, device: &Device) {
+        if let Some(usage) = device.memory_pool_usage() {
+            self.0 = Some(self.0.unwrap_or(0).max(usage.bytes_reserved));
+        }
+    }
+
+    /// The peak in MiB, if the device reports one.
+    pub fn mib(&self) -> Option<f64> {
+        self.0.map(|b| b as f64 / (1024.0 * 1024.0))
+    }
+}
+
 /// A short description of `device` for logs and benchmark tables.
 pub fn describe(spec: DeviceSpec) -> String {
     match spec {

@@ -66,6 +66,9 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     assert!(best >= 0.90, "best validation accuracy {best} < 90%");
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 7);
+    // Device memory is a GPU allocator's figure: a column, empty on the CPU.
+    assert!(csv.lines().next().unwrap().ends_with(",peak_device_mib"));
+    assert!(metrics.iter().all(|m| m["peak_device_mib"].is_null()));
 
     // kd eval reproduces the best epoch's validation accuracy.
     let eval: serde_json::Value =

@@ -47,6 +47,9 @@ pub struct EpochProgress {
     pub skipped: usize,
     /// Training seconds spent in this epoch before the interruption.
     pub seconds: f64,
+    /// Peak device memory reserved so far in this epoch (GPU backends).
+    #[serde(default)]
+    pub device_memory: crate::device::PeakDeviceMemory,
 }
 
 /// Everything needed to resume.

@@ -32,18 +32,21 @@ pub struct EpochMetrics {
     pub images_per_second: f64,
     /// Batches skipped for a non-finite loss.
     pub skipped_batches: usize,
+    /// Peak memory the device's allocator reserved in the epoch, MiB (GPU; none on the CPU).
+    #[serde(default)]
+    pub peak_device_mib: Option<f64>,
 }
 
 /// Writes `metrics.json` and `metrics.csv` into `dir`, atomically.
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
     write_json(&dir.join("metrics.json"), &history)?;
     let mut csv = String::from(
-        "epoch,train_loss,train_kd_loss,train_ce_loss,val_loss,val_accuracy,val_macro_f1,lr,seconds,images_per_second,skipped_batches\n",
+        "epoch,train_loss,train_kd_loss,train_ce_loss,val_loss,val_accuracy,val_macro_f1,lr,seconds,images_per_second,skipped_batches,peak_device_mib\n",
     );
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for m in history {
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             m.epoch,
             m.train_loss,
             opt(m.train_kd_loss),
@@ -54,7 +57,8 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
             m.lr,
             m.seconds,
             m.images_per_second,
-            m.skipped_batches
+            m.skipped_batches,
+            opt(m.peak_device_mib)
         );
     }
     write_atomic(&dir.join("metrics.csv"), csv.as_bytes())

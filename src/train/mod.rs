@@ -162,6 +162,7 @@ impl EpochProgress {
             seconds,
             images_per_second: self.seen as f64 / train_seconds.max(1e-9),
             skipped_batches: self.skipped,
+            peak_device_mib: self.device_memory.mib(),
         }
     }
 }
@@ -326,6 +327,8 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             // while the host waits; a non-finite loss then skips the optimizer step.
             let grads = loss.clone().backward();
             let (mut value, parts) = read_losses(loss, parts)?;
+            // Right after the read, where the host has waited for the device anyway.
+            progress.device_memory.sample(&ad);
             progress.batches += 1;
             if fault_nan_at() == Some(epoch * train_loader.num_batches() + progress.batches) {
                 value = f32::NAN;
@@ -375,6 +378,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         let train_seconds = progress.seconds + start.elapsed().as_secs_f64();
         let valid = model.valid();
         let eval = evaluate(&valid, &val_loader, &data.classes, &device)?;
+        progress.device_memory.sample(&device);
         let seconds = progress.seconds + start.elapsed().as_secs_f64();
         let m = progress.metrics(teacher.is_some(), &eval, lr, seconds, train_seconds);
         if !options.quiet {
@@ -466,8 +470,12 @@ fn print_epoch(m: &EpochMetrics, epochs: usize) {
         (Some(k), Some(c)) => format!(" (kd {k:.4} + ce {c:.4})"),
         _ => String::new(),
     };
+    let memory = m
+        .peak_device_mib
+        .map(|mib| format!("  {mib:.0} MiB on the device"))
+        .unwrap_or_default();
     println!(
-        "epoch {}/{}: train loss {:.4}{kd}  val loss {:.4}  val acc {:.2}%  lr {:.3e}  {:.1}s  {:.1} img/s",
+        "epoch {}/{}: train loss {:.4}{kd}  val loss {:.4}  val acc {:.2}%  lr {:.3e}  {:.1}s  {:.1} img/s{memory}",
         m.epoch,
         epochs,
         m.train_loss,
