@@ -8,7 +8,9 @@
 # DEVICE=cuda runs both sides on the GPU; PRECISION=bf16 is kd's bf16 autocast against
 # PyTorch's autocast bf16 + channels_last. KD=path uses a prebuilt kd (e.g. a --features cuda
 # build carried to a GPU machine) instead of building one. REPEATS=n runs each side n times,
-# alternating, and reports the median run (for machines with noisy neighbours).
+# alternating, and reports the median run (for machines with noisy neighbours). PT_TF32=1 lets
+# PyTorch's f32 matmuls use TF32 tensor cores as its convolutions already do (on a GPU, Burn's
+# autotuner may pick TF32 kernels for f32 products).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,6 +19,8 @@ WARMUP=${WARMUP:-1}
 DEVICE=${DEVICE:-cpu}
 PRECISION=${PRECISION:-f32}
 REPEATS=${REPEATS:-1}
+pt_flags=()
+if [ "${PT_TF32:-0}" = 1 ]; then pt_flags=(--tf32); fi
 if [ -z "${KD:-}" ]; then
   cargo build --release --quiet
   KD=target/release/kd
@@ -35,7 +39,7 @@ CASES
 # PyTorch: torch.cuda.max_memory_reserved).
 mem_cols="" mem_rule=""
 if [ "$DEVICE" != cpu ]; then mem_cols=" kd MiB | PyTorch MiB |" mem_rule="---:|---:|"; fi
-echo "device $DEVICE, precision $PRECISION, median of $STEPS steps, median of $REPEATS alternating runs"
+echo "device $DEVICE, precision $PRECISION${pt_flags:+ (PyTorch ${pt_flags[*]})}, median of $STEPS steps, median of $REPEATS alternating runs"
 echo
 echo "| work | batch | size | kd img/s | PyTorch img/s | kd / PyTorch |$mem_cols"
 echo "|---|---:|---:|---:|---:|---:|$mem_rule"
@@ -56,7 +60,7 @@ while read -r model mode batch size teacher; do
       failed=1 && break
     fi
     kd_runs+=("$ips")
-    if ! "$PYTHON" bench/pytorch_reference.py "${common[@]}" >"$pt_json" 2>/tmp/kd-compare.err ||
+    if ! "$PYTHON" bench/pytorch_reference.py "${common[@]}" "${pt_flags[@]}" >"$pt_json" 2>/tmp/kd-compare.err ||
        ! ips=$(field "$pt_json" images_per_second); then
       echo "| $model $mode | $batch | $size | ${kd_runs[0]} | failed: $(tail -1 /tmp/kd-compare.err) | |"
       failed=1 && break

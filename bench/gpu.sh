@@ -10,6 +10,8 @@
 # targets first, so a run cut short by the device's time limit still answers them. Then the
 # batch-16 rows the tutorial's study runs at, and the demo's accuracy in f32 and bf16 on the
 # GPU. Each case is cut off after CASE_TIMEOUT seconds (default 180) and reported as such.
+# Precision "f32-tf32" is kd in f32 against PyTorch f32 with TF32 matmuls (--tf32): Burn's
+# autotuner may run f32 products on TF32 tensor cores, PyTorch's default only its convolutions.
 # For a dry run elsewhere: DEVICE=cpu GPU_CASES=file (lines "precision model mode batch size
 # [teacher]") DEMO=0.
 set -uo pipefail
@@ -31,6 +33,8 @@ bf16 resnet18 distill 128 224 coatnet_2
 f32 coatnet_2 train 16 224
 f32 resnet18 train 16 224
 f32 resnet18 distill 16 224 coatnet_2
+f32-tf32 coatnet_2 train 128 224
+f32-tf32 resnet18 train 128 224
 f32 coatnet_0 train 128 224
 f32 resnet18 eval 256 224
 f32 coatnet_2 eval 256 224
@@ -55,18 +59,20 @@ else
   echo "|---|---|---:|---:|---:|---:|"
 fi
 one_case=$(mktemp)
-cases | while read -r precision model mode batch size teacher; do
+cases | while read -r label model mode batch size teacher; do
+  precision=${label%-tf32} pt_tf32=0
+  [ "$precision" != "$label" ] && pt_tf32=1
   if [ "$have_torch" = 1 ]; then
     echo "$model $mode $batch $size $teacher" > "$one_case"
-    KD=$KD DEVICE=$DEVICE PRECISION=$precision STEPS=$STEPS WARMUP=3 CASES_FILE=$one_case \
-      timeout "$CASE_TIMEOUT" bench/compare.sh | grep -E '^\| [^ ]+ (train|eval|distill) \|' | sed "s/^/| $precision /" ||
-      echo "| $precision | $model $mode | $batch | $size | timed out or failed | | | | |"
+    KD=$KD DEVICE=$DEVICE PRECISION=$precision PT_TF32=$pt_tf32 STEPS=$STEPS WARMUP=3 CASES_FILE=$one_case \
+      timeout "$CASE_TIMEOUT" bench/compare.sh | grep -E '^\| [^ ]+ (train|eval|distill) \|' | sed "s/^/| $label /" ||
+      echo "| $label | $model $mode | $batch | $size | timed out or failed | | | | |"
   else
     out=$(timeout "$CASE_TIMEOUT" "$KD" bench --model "$model" --mode "$mode" --batch "$batch" \
       --image-size "$size" --teacher "${teacher:-coatnet_0}" --device "$DEVICE" --precision "$precision" \
       --steps "$STEPS" --warmup 3 --json 2>/tmp/kd-gpu.err) ||
-      { echo "| $precision | $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-gpu.err) | |"; continue; }
-    echo "$out" | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"| $precision | $model $mode | $batch | $size | {r['images_per_second']:.1f} | {'-' if r['peak_device_mib'] is None else round(r['peak_device_mib'])} |\")"
+      { echo "| $label | $model $mode | $batch | $size | failed: $(tail -1 /tmp/kd-gpu.err) | |"; continue; }
+    echo "$out" | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"| $label | $model $mode | $batch | $size | {r['images_per_second']:.1f} | {'-' if r['peak_device_mib'] is None else round(r['peak_device_mib'])} |\")"
   fi
 done
 rm -f "$one_case"

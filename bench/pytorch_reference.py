@@ -6,6 +6,8 @@ Adam, cross-entropy; median images/s over the timed steps after warm-up. Prints 
 object like `kd bench --json`. `--device cuda` runs on the GPU (synchronised before each
 timing); `--precision bf16` is autocast bf16 with channels_last, as the issue's reference;
 `--mode distill` is a KD step: the teacher's no-grad forward plus the student's step.
+`--tf32` lets f32 matrix products use TF32 tensor cores too (PyTorch's default already does so
+for cuDNN convolutions but not for matmuls; Burn's CUDA kernels may pick TF32 for both).
 """
 import argparse
 import json
@@ -40,7 +42,10 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--classes", type=int, default=12)
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls (convolutions: cuDNN's default)")
     a = p.parse_args()
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     device = torch.device(a.device)
     low = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[a.precision]
@@ -94,6 +99,8 @@ def main():
             torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
         ),
         "threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_conv": torch.backends.cudnn.allow_tf32,
     }))
 
 
