@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kd's GPU code path (Burn's CubeCL kernels, fusion and autotune instead of kd's flex
 # kernels) on the CPU, through Burn's CubeCL CPU runtime, for machines without a GPU:
-# train, distil, evaluate, predict, and a bf16 benchmark step, with a few images on a
+# train, distil, evaluate, predict, compare, and a bf16 benchmark step, with a few images on a
 # width-2 ResNet-18; training, distillation and evaluation must agree with the flex CPU path.
 # Slow: about half an hour on 2 cores (CubeCL's CPU kernels are not built for speed).
 #
@@ -49,6 +49,12 @@ step "train, against the flex CPU path"
 "$KD" train "${common[@]}" --model resnet18 --init-from "$out/init.safetensors" --out "$out/teacher" --device cubecl-cpu
 "$KD" train "${common[@]}" --model resnet18 --init-from "$out/init.safetensors" --out "$out/teacher-flex"
 agree "$out/teacher" "$out/teacher-flex" train
+python3 - "$out/teacher/metrics.json" "$out/teacher-flex/metrics.json" <<'PY' || fail "device memory not recorded"
+import json, sys
+cube, flex = (json.load(open(f))[-1] for f in sys.argv[1:])
+print(f"peak device memory: {cube['peak_device_mib']:.1f} MiB on cubecl-cpu, {flex['peak_device_mib']} on cpu")
+assert cube["peak_device_mib"] > 0 and flex["peak_device_mib"] is None
+PY
 
 step "distill (teacher logits stay on the device), against the flex CPU path"
 "$KD" distill "${common[@]}" --model resnet18 --teacher "$out/teacher" --init-from "$out/init.safetensors" --out "$out/kd" --device cubecl-cpu
@@ -69,6 +75,11 @@ PY
 step "predict"
 n=$("$KD" predict --run "$out/kd" "$out/few/3" --device cubecl-cpu | grep -c '\.png')
 [ "$n" = 2 ] || fail "predict printed $n rows for 2 images"
+
+step "compare"
+"$KD" compare "$out/teacher" "$out/kd" --out "$out/report" --device cubecl-cpu > /dev/null
+python3 -c "import json,sys; rows=json.load(open(sys.argv[1])); assert all(r['inference_device'].startswith('cubecl-cpu') and r['inference_images_per_second'] > 0 for r in rows), rows" \
+  "$out/report/results.json" || fail "compare did not measure on cubecl-cpu"
 
 step "bench bf16"
 "$KD" bench --model resnet18 --batch 2 --image-size 32 --small-stem --width 2 --steps 1 \
