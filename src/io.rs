@@ -8,6 +8,12 @@ use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename, fsync folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// Writes the concatenation of `parts` to `path` atomically, like [`write_atomic`], without
+/// first copying them into one buffer.
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -23,10 +29,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
         if fault_injected(path) {
-            file.write_all(&bytes[..bytes.len() / 2])?;
+            let first = parts.first().copied().unwrap_or_default();
+            file.write_all(&first[..first.len() / 2])?;
             return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
         }
-        file.write_all(bytes)?;
+        for part in parts {
+            file.write_all(part)?;
+        }
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, path)?;

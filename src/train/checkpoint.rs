@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::EpochMetrics;
-use crate::io::write_atomic;
+use crate::io::write_atomic_parts;
 
 const MAGIC: &[u8; 8] = b"KDRESUM1";
 
@@ -65,13 +65,19 @@ pub struct ResumeState {
 /// Writes the resume file atomically.
 pub fn save_resume(path: &Path, model: &[u8], optimizer: &[u8], state: &LoopState) -> Result<()> {
     let json = serde_json::to_vec(state)?;
-    let mut buf = Vec::with_capacity(model.len() + optimizer.len() + json.len() + 32);
-    buf.extend_from_slice(MAGIC);
-    for part in [model, optimizer, &json] {
-        buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        buf.extend_from_slice(part);
-    }
-    write_atomic(path, &buf)
+    let lengths = [model, optimizer, &json].map(|part| (part.len() as u64).to_le_bytes());
+    write_atomic_parts(
+        path,
+        &[
+            MAGIC,
+            &lengths[0],
+            model,
+            &lengths[1],
+            optimizer,
+            &lengths[2],
+            &json,
+        ],
+    )
 }
 
 /// Reads a resume file, rejecting truncated or foreign files with a clear message.

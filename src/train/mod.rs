@@ -13,10 +13,12 @@ pub mod config;
 pub mod dataset;
 pub mod metrics;
 pub mod teacher;
+pub mod writer;
 
 use crate::data::CacheMode;
 use crate::device::DeviceSpec;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -39,6 +41,7 @@ use crate::metrics::Evaluation;
 use crate::models::{Network, weights};
 use crate::run::{Run, classes_map, files};
 use checkpoint::{EpochProgress, LoopState, load_resume, save_resume};
+use writer::{BackgroundWriter, WriteJob};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -286,17 +289,17 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
 
     let schedule = config.schedule();
     let ckpt = out.join(files::CHECKPOINTS);
-    let save_state = |model: &Network, optim: &ModuleOptimizer, state: &LoopState| -> Result<()> {
+    // The resume state, written last in each batch of writes: model, optimizer, loop state.
+    let resume_job = |model: &Arc<Vec<u8>>, optim: &ModuleOptimizer, state: &LoopState| {
         let optim_bytes = optim
             .into_bytes()
             .map_err(|e| anyhow::anyhow!("cannot serialise optimizer state: {e:?}"))?;
-        save_resume(
-            &resume_path,
-            &weights::to_bytes(model)?,
-            &optim_bytes,
-            state,
-        )
+        let (path, model, state) = (resume_path.clone(), model.clone(), state.clone());
+        Ok::<WriteJob, anyhow::Error>(Box::new(move || {
+            save_resume(&path, &model, &optim_bytes, &state)
+        }))
     };
+    let mut writer = BackgroundWriter::default();
     for epoch in state.epochs_done..config.epochs {
         let lr = schedule.lr(epoch);
         let mut progress = match state.partial.take() {
@@ -365,7 +368,9 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
                 bar.abandon();
                 progress.seconds += start.elapsed().as_secs_f64();
                 state.partial = Some(progress.clone());
-                save_state(&model.valid(), &optim, &state)?;
+                let model_bytes = Arc::new(weights::to_bytes(&model.valid())?);
+                writer.write(vec![resume_job(&model_bytes, &optim, &state)?])?;
+                writer.wait()?;
                 return Err(Interrupted {
                     epoch: epoch + 1,
                     batch: progress.batches,
@@ -387,19 +392,28 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         state.history.push(m);
         state.epochs_done = epoch + 1;
         state.seconds += seconds;
-        // Order matters for a crash at any point: checkpoints and metrics first, the resume
-        // state last, so a resumed run redoes (deterministically) whatever was not recorded.
-        let model_bytes = weights::to_bytes(&valid)?;
+        // Serialised now, written while the next epoch trains. Order matters for a crash at
+        // any point: checkpoints and metrics first, the resume state last, so a resumed run
+        // redoes (deterministically) whatever was not recorded.
+        let model_bytes = Arc::new(weights::to_bytes(&valid)?);
+        let mut jobs: Vec<WriteJob> = Vec::new();
+        let checkpoint = |name: &str| -> WriteJob {
+            let (path, bytes) = (ckpt.join(name), model_bytes.clone());
+            Box::new(move || write_atomic(&path, &bytes))
+        };
         if eval.accuracy > state.best_accuracy {
             state.best_accuracy = eval.accuracy;
-            write_atomic(&ckpt.join("best.bpk"), &model_bytes)?;
+            jobs.push(checkpoint("best.bpk"));
         }
         if state.epochs_done == config.epochs {
-            write_atomic(&ckpt.join("final.bpk"), &model_bytes)?;
+            jobs.push(checkpoint("final.bpk"));
         }
-        metrics::write_metrics(out, &state.history)?;
-        save_state(&valid, &optim, &state)?;
+        let (dir, history) = (out.to_path_buf(), state.history.clone());
+        jobs.push(Box::new(move || metrics::write_metrics(&dir, &history)));
+        jobs.push(resume_job(&model_bytes, &optim, &state)?);
+        writer.write(jobs)?;
     }
+    writer.wait()?;
     Ok(TrainSummary {
         dir: out.to_path_buf(),
         history: state.history,
