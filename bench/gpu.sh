@@ -8,8 +8,9 @@
 # Rows are the issue's reference table (synthetic 224x224 batches, Adam, median after warm-up)
 # in f32 and in bf16 (kd: autocast; PyTorch: autocast bf16 + channels_last), the issue's
 # targets first, so a run cut short by the device's time limit still answers them. Then the
-# batch-16 rows the tutorial's study runs at, and the demo's accuracy in f32 and bf16 on the
-# GPU. Each case is cut off after CASE_TIMEOUT seconds (default 180) and reported as such.
+# batch-16 rows the tutorial's study runs at, the input pipeline's img/s on this machine's
+# CPUs, and the demo's accuracy in f32 and bf16 on the GPU. Each case is cut off after
+# CASE_TIMEOUT seconds (default 180) and reported as such.
 # Precision "f32-tf32" is kd in f32 against PyTorch f32 with TF32 matmuls (--tf32): Burn's
 # autotuner may run f32 products on TF32 tensor cores, PyTorch's default only its convolutions.
 # For a dry run elsewhere: DEVICE=cpu GPU_CASES=file (lines "precision model mode batch size
@@ -76,6 +77,16 @@ cases | while read -r label model mode batch size teacher; do
   fi
 done
 rm -f "$one_case"
+echo
+# The input pipeline on this machine's CPUs, next to the GPU's img/s above: photo-sized PNGs
+# (bench/make_images.py), decoded and augmented as in the tutorial, then served from the cache.
+images=/tmp/kd-gpu-images
+if python3 bench/make_images.py "$images" --per-class 64; then
+  for cache in off resized; do
+    "$KD" bench --data "$images" --image-size 224 --batch 32 --steps 3 --warmup 1 --cache-images "$cache" ||
+      echo "data pipeline ($cache cache) failed"
+  done
+fi
 echo
 [ "${DEMO:-1}" = 0 ] && exit 0
 for precision in f32 bf16; do
