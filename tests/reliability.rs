@@ -95,6 +95,25 @@ fn bad_images_fail_before_training_and_name_the_file() {
         );
         assert!(!out.exists(), "{name}: nothing written");
     }
+    // A bad training or validation image is found whether or not the training images are
+    // decoded for their statistics (given --mean/--std skip that pass).
+    let normalised: &[&str] = &["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"];
+    for split in ["train", "val"] {
+        for extra in [&[][..], normalised] {
+            let data = dir.path().join(format!("split-{split}-{}", extra.len()));
+            mnist_subset(&data.join("train"), 2, 6);
+            mnist_subset(&data.join("val"), 2, 3);
+            let victim = first_png(&data.join(split).join("1"));
+            std::fs::write(&victim, b"").unwrap();
+            let err = kd_err(&train_args(s(&data), s(&out), extra));
+            assert!(
+                err.contains("0-byte")
+                    && err.contains(victim.file_name().unwrap().to_str().unwrap()),
+                "{split} {extra:?}: {err}"
+            );
+            assert!(!out.exists(), "{split} {extra:?}: nothing written");
+        }
+    }
 }
 
 #[test]

@@ -212,7 +212,6 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         None => data.val.clone(),
     };
     dataset::report_skipped(&data.skipped, config.strict)?;
-    verify_images(&train_samples, &val_samples)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
     let resumed = if options.resume {
@@ -231,10 +230,16 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     crate::device::set_precision(config.precision);
     let teacher = Teacher::load(&mut config, &data.classes, &device)?;
 
+    // Every image is decoded once before any training, so a corrupt, truncated or empty file
+    // is reported by name now rather than hours later; computing the training images'
+    // statistics decodes (and so checks) them in the same pass.
+    verify_images(&val_samples)?;
     if config.mean.is_none() || config.std.is_none() {
         let stats = channel_stats(&train_samples, Some(config.image_size))?;
         config.mean.get_or_insert(stats.mean);
         config.std.get_or_insert(stats.std);
+    } else {
+        verify_images(&train_samples)?;
     }
     ensure_dir(&out.join(files::CHECKPOINTS))?;
     write_json(&out.join(files::CONFIG), &config)?;
@@ -421,13 +426,11 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     })
 }
 
-/// Decodes every image once, in parallel, before any training: a corrupt, truncated or
-/// empty file is reported by name now rather than after hours of training.
-fn verify_images(train: &[crate::data::Sample], val: &[crate::data::Sample]) -> Result<()> {
+/// Decodes every image of `samples` in parallel; the first that fails is named in the error.
+fn verify_images(samples: &[crate::data::Sample]) -> Result<()> {
     use rayon::prelude::*;
-    train
+    samples
         .par_iter()
-        .chain(val.par_iter())
         .try_for_each(|s| crate::data::load_image(&s.path).map(|_| ()))
 }
 
