@@ -304,35 +304,27 @@ alpha = 0.5
 
     // kd compare measures in the precision asked for, and refuses a device this build lacks
     // before writing anything.
-    let runs: Vec<String> = ["teacher", "student", "kd_student"]
-        .iter()
-        .map(|s| out.join(s).display().to_string())
-        .collect();
+    let compare = |report: &Path, flag: &str, value: &str| -> Vec<String> {
+        let mut args: Vec<String> = ["compare", "--out", report.to_str().unwrap(), flag, value]
+            .map(String::from)
+            .into();
+        args.extend(
+            ["teacher", "student", "kd_student"].map(|r| out.join(r).display().to_string()),
+        );
+        args
+    };
+    fn as_strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
     let bf16_out = dir.path().join("compare-bf16");
-    let mut args = vec![
-        "compare",
-        "--out",
-        bf16_out.to_str().unwrap(),
-        "--precision",
-        "bf16",
-    ];
-    args.extend(runs.iter().map(String::as_str));
-    let printed = kd_ok(&args);
+    let printed = kd_ok(&as_strs(&compare(&bf16_out, "--precision", "bf16")));
     assert!(printed.contains("on flex (CPU), bf16"), "{printed}");
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(bf16_out.join("results.json")).unwrap())
             .unwrap();
     assert!(rows.iter().all(|r| r["inference_precision"] == "bf16"));
     let cuda_out = dir.path().join("compare-cuda");
-    let mut args = vec![
-        "compare",
-        "--out",
-        cuda_out.to_str().unwrap(),
-        "--device",
-        "cuda",
-    ];
-    args.extend(runs.iter().map(String::as_str));
-    let err = kd_err(&args);
+    let err = kd_err(&as_strs(&compare(&cuda_out, "--device", "cuda")));
     assert!(err.contains("--features cuda"), "{err}");
     assert!(!cuda_out.exists(), "no output on a refused device");
 
