@@ -302,6 +302,24 @@ fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
         left.is_empty(),
         "no partial or temporary checkpoint: {left:?}"
     );
+
+    // Written in the background while later epochs train, a failed metrics file still stops
+    // the run, and the resume state (always written after it) never gets ahead of it.
+    let out = dir.path().join("run3");
+    let res = kd_with_fault(
+        &train_args(s(&data), s(&out), &["--epochs", "3"]),
+        "KD_FAULT_DISK_FULL",
+        "metrics.json",
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains("metrics.json") && stderr.contains("No space left"),
+        "{stderr}"
+    );
+    assert!(!out.join("metrics.json").exists());
+    assert!(!out.join("checkpoints/last.kdc").exists());
+    assert!(!out.join("checkpoints/final.bpk").exists());
 }
 
 #[test]

@@ -329,6 +329,8 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             device: &ad,
         };
         for batch in train_loader.epoch(epoch, progress.batches) {
+            // The last epoch's files are written meanwhile; a failure stops training now.
+            writer.poll()?;
             let mut batch = batch?;
             let (loss, parts) = step.loss(&model, &mut batch);
             // The backward pass is queued before the loss is read, so a GPU has it in hand
@@ -410,11 +412,12 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             state.best_accuracy = eval.accuracy;
             jobs.push(checkpoint("best.bpk"));
         }
+        let (dir, history) = (out.to_path_buf(), state.history.clone());
+        jobs.push(Box::new(move || metrics::write_metrics(&dir, &history)));
+        // After the metrics: a run with `final.bpk` counts as finished (`kd run` skips it).
         if state.epochs_done == config.epochs {
             jobs.push(checkpoint("final.bpk"));
         }
-        let (dir, history) = (out.to_path_buf(), state.history.clone());
-        jobs.push(Box::new(move || metrics::write_metrics(&dir, &history)));
         jobs.push(resume_job(&model_bytes, &optim, &state)?);
         writer.write(jobs)?;
     }

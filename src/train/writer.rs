@@ -10,8 +10,8 @@ pub type WriteJob = Box<dyn FnOnce() -> Result<()> + Send>;
 
 /// Runs batches of writes in order on one background thread, one batch at a time. A failed
 /// write skips the rest of its batch (so the resume state, queued last, never gets ahead of
-/// the checkpoints and metrics) and is returned by the next [`wait`](Self::wait) or
-/// [`write`](Self::write).
+/// the checkpoints and metrics) and is returned by the next [`poll`](Self::poll),
+/// [`wait`](Self::wait) or [`write`](Self::write).
 #[derive(Default)]
 pub struct BackgroundWriter {
     pending: Option<JoinHandle<Result<()>>>,
@@ -25,6 +25,16 @@ impl BackgroundWriter {
                 .join()
                 .map_err(|_| anyhow!("the thread writing the checkpoints panicked"))?,
             None => Ok(()),
+        }
+    }
+
+    /// Returns the error of a batch that has finished and failed, without waiting for one
+    /// still running; training calls it every step so a full disk stops it at once.
+    pub fn poll(&mut self) -> Result<()> {
+        if self.pending.as_ref().is_some_and(JoinHandle::is_finished) {
+            self.wait()
+        } else {
+            Ok(())
         }
     }
 
@@ -74,7 +84,10 @@ mod tests {
         writer
             .write(vec![job("c", false), job("resume", true)])
             .unwrap();
-        let err = writer.wait().unwrap_err();
+        while writer.pending.as_ref().is_some_and(|h| !h.is_finished()) {
+            std::thread::yield_now();
+        }
+        let err = writer.poll().unwrap_err();
         assert_eq!(err.to_string(), "c failed");
         assert_eq!(*log.lock().unwrap(), ["a", "b", "c"]);
         writer.wait().unwrap();
