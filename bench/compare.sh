@@ -60,7 +60,7 @@ while read -r model mode batch size teacher; do
       failed=1 && break
     fi
     kd_runs+=("$ips")
-    if ! "$PYTHON" bench/pytorch_reference.py "${common[@]}" "${pt_flags[@]}" >"$pt_json" 2>/tmp/kd-compare.err ||
+    if ! "$PYTHON" bench/pytorch_reference.py "${common[@]}" ${pt_flags[@]+"${pt_flags[@]}"} >"$pt_json" 2>/tmp/kd-compare.err ||
        ! ips=$(field "$pt_json" images_per_second); then
       echo "| $model $mode | $batch | $size | ${kd_runs[0]} | failed: $(tail -1 /tmp/kd-compare.err) | |"
       failed=1 && break
