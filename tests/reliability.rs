@@ -281,18 +281,23 @@ fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
     mnist_subset(&data, 2, 8);
+    // Trains for `epochs` with writes of `file` failing as on a full disk; the run must fail
+    // naming the file.
+    let train_on_full_disk = |out: &Path, epochs: &str, file: &str| {
+        let res = kd_with_fault(
+            &train_args(s(&data), s(out), &["--epochs", epochs]),
+            "KD_FAULT_DISK_FULL",
+            file,
+        );
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success());
+        assert!(
+            stderr.contains(file) && stderr.contains("No space left"),
+            "{stderr}"
+        );
+    };
     let out = dir.path().join("run");
-    let res = kd_with_fault(
-        &train_args(s(&data), s(&out), &["--epochs", "1"]),
-        "KD_FAULT_DISK_FULL",
-        "best.bpk",
-    );
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success());
-    assert!(
-        stderr.contains("best.bpk") && stderr.contains("No space left"),
-        "{stderr}"
-    );
+    train_on_full_disk(&out, "1", "best.bpk");
     let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
         .flatten()
@@ -306,17 +311,7 @@ fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
     // Written in the background while later epochs train, a failed metrics file still stops
     // the run, and the resume state (always written after it) never gets ahead of it.
     let out = dir.path().join("run3");
-    let res = kd_with_fault(
-        &train_args(s(&data), s(&out), &["--epochs", "3"]),
-        "KD_FAULT_DISK_FULL",
-        "metrics.json",
-    );
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success());
-    assert!(
-        stderr.contains("metrics.json") && stderr.contains("No space left"),
-        "{stderr}"
-    );
+    train_on_full_disk(&out, "3", "metrics.json");
     assert!(!out.join("metrics.json").exists());
     assert!(!out.join("checkpoints/last.kdc").exists());
     assert!(!out.join("checkpoints/final.bpk").exists());
