@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::data::{AugmentConfig, CacheMode, ImageFolder, Loader, Transform};
 use crate::device::{ComputeArgs, PeakDeviceMemory};
 use crate::losses::cross_entropy;
-use crate::models::{ModelSpec, Stem};
+use crate::models::{ModelSpec, Network, Stem};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -110,7 +110,30 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Seconds of each of `steps` timed inference forwards of `x` (after `warmup` untimed ones,
+/// which on a GPU compile and autotune kernels), sampling device memory after each.
+pub fn inference_times(
+    net: &Network,
+    x: Tensor<4>,
+    warmup: usize,
+    steps: usize,
+    memory: &mut PeakDeviceMemory,
+) -> Vec<f64> {
+    let device = x.device();
+    let mut times = Vec::new();
+    for step in 0..warmup + steps {
+        let t0 = Instant::now();
+        let _ = net.forward(x.clone()).into_data();
+        if step >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        memory.sample(&device);
+    }
+    times
+}
+
+/// The median of `v` (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -212,16 +235,8 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
         }
         BenchMode::Eval => {
             let model = spec.build(a.classes, s, &device)?.valid();
-            for step in 0..a.warmup + a.steps {
-                let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
-                let t0 = Instant::now();
-                let out = model.forward(x);
-                let _ = out.into_data();
-                if step >= a.warmup {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-                memory.sample(&device);
-            }
+            let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+            times = inference_times(&model, x, a.warmup, a.steps, &mut memory);
         }
     }
     let sps = median(times);

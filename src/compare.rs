@@ -1,13 +1,13 @@
 //! `kd compare`: accuracy and loss curves of several runs and a results table.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{DeviceSpec, Precision};
+use crate::bench::{inference_times, median};
+use crate::device::{DeviceSpec, PeakDeviceMemory, Precision};
 use crate::io::{ensure_dir, read_json, write_atomic, write_json};
 use crate::models::{Network, param_count};
 use crate::report::{Series, curves_png};
@@ -85,16 +85,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 fn inference_speed(net: &Network, s: usize, device: &Device, on_cpu: bool) -> f64 {
     let (warmup, timed) = if on_cpu { (1, 3) } else { (3, 5) };
     let x = Tensor::<4>::random([32, 3, s, s], Distribution::Normal(0.0, 1.0), device);
-    let mut times = Vec::new();
-    for i in 0..warmup + timed {
-        let t0 = Instant::now();
-        let _ = net.forward(x.clone()).into_data();
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    32.0 / times[times.len() / 2]
+    let times = inference_times(net, x, warmup, timed, &mut PeakDeviceMemory::default());
+    32.0 / median(times)
 }
 
 /// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
