@@ -177,6 +177,16 @@ fn same_padded_and_grouped_convolutions_stay_on_burn() {
     assert_eq!(kd::conv::conv2d(&grouped, x).dims(), [1, 4, 6, 6]);
 }
 
+/// Turns the running variance Burn's `BatchNorm` keeps after one step from a fresh layer
+/// (`0.9 + 0.1 · biased variance`) into PyTorch's (unbiased, over `count` values), which
+/// kd keeps.
+fn pytorch_running_var(running_var: &mut [f64], count: usize) {
+    let unbiased = count as f64 / (count - 1) as f64;
+    for v in running_var {
+        *v = 0.9 + (*v - 0.9) * unbiased;
+    }
+}
+
 /// Output, running mean/var after the step, and gradients of x, gamma and beta.
 fn batch_norm_results(
     bn: &BatchNorm,
@@ -192,8 +202,8 @@ fn batch_norm_results(
     let grads = (y.clone() * probe.clone()).sum().backward();
     [
         values(y),
-        values(bn.running_mean.value()),
-        values(bn.running_var.value()),
+        values(bn.running_mean.value_sync()),
+        values(bn.running_var.value_sync()),
         values(x.grad(&grads).unwrap()),
         values(bn.gamma.val().grad(&grads).unwrap()),
         values(bn.beta.val().grad(&grads).unwrap()),
@@ -222,7 +232,8 @@ fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
             kd::norm::fused_applies(&our_bn, &x),
             "not routed to the fused kernel"
         );
-        let burn = batch_norm_results(&burn_bn, &x, &probe, false);
+        let mut burn = batch_norm_results(&burn_bn, &x, &probe, false);
+        pytorch_running_var(&mut burn[2], b * h * w);
         let ours = batch_norm_results(&our_bn, &x, &probe, true);
         assert_all_close(&BN_RESULTS, &burn, &ours, 1e-5, &format!("{b}x{c}x{h}x{w}"));
     }
@@ -255,8 +266,8 @@ fn fused_batch_norm_relu_and_residual_match_burn() {
                 let grads = (y.clone() * probe.clone()).sum().backward();
                 let mut results = vec![
                     values(y),
-                    values(bn.running_mean.value()),
-                    values(bn.running_var.value()),
+                    values(bn.running_mean.value_sync()),
+                    values(bn.running_var.value_sync()),
                     values(x.grad(&grads).unwrap()),
                     values(bn.gamma.val().grad(&grads).unwrap()),
                     values(bn.beta.val().grad(&grads).unwrap()),
@@ -266,7 +277,8 @@ fn fused_batch_norm_relu_and_residual_match_burn() {
                 }
                 results
             };
-            let (burn, ours) = (run(false), run(true));
+            let (mut burn, ours) = (run(false), run(true));
+            pytorch_running_var(&mut burn[2], b * h * w);
             let case = format!("{b}x{c}x{h}x{w}, residual {with_residual}");
             assert_all_close(&BN_RESULTS, &burn, &ours, 1e-5, &case);
         }

@@ -360,26 +360,51 @@ pub fn fused_applies<const D: usize>(bn: &BatchNorm, x: &Tensor<D>) -> bool {
 }
 
 /// `bn.forward(x)`, through the fused kernel when training on the flex device in f32.
-/// Updates the running statistics exactly as Burn's `BatchNorm` does. In inference the
-/// running statistics fold into one scale and shift per channel (two passes over `x`
-/// instead of Burn's four).
+/// Training updates the running statistics as PyTorch does (momentum 0.1, the batch's
+/// unbiased variance; Burn's `BatchNorm` takes the biased one). In inference the running
+/// statistics fold into one scale and shift per channel (two passes over `x` instead of
+/// Burn's four).
 pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     if !fused_applies(bn, &x) {
         let training = x.device().is_autodiff() && bn.training.is_enabled();
-        return if training || !crate::flex::is_flex_f32(&x) {
-            bn.forward(x)
-        } else {
+        return if training {
+            train_with_burn_ops(bn, x)
+        } else if crate::flex::is_flex_f32(&x) {
             inference(bn, x, None)
+        } else {
+            bn.forward(x)
         };
     }
+    let count = values_per_channel(&x);
     let (out, mean, variance) = <Dispatch as FusedBatchNorm>::fused_batch_norm_train(
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         bn.epsilon,
     );
-    update_running_stats(bn, mean, variance);
+    update_running_stats(
+        bn,
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(variance),
+        count,
+    );
     Tensor::<D>::from_dispatch(out)
+}
+
+/// Training-mode BatchNorm through Burn's operations (the GPU path), with PyTorch's running
+/// statistics.
+fn train_with_burn_ops<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    let count = values_per_channel(&x);
+    let result =
+        burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+    update_running_stats(bn, result.mean, result.variance, count);
+    result.output
+}
+
+/// How many values each channel's statistics are taken over (all dimensions but the 2nd).
+fn values_per_channel<const D: usize>(x: &Tensor<D>) -> usize {
+    let dims = x.dims();
+    dims[0] * dims[2..].iter().product::<usize>()
 }
 
 /// `relu(bn.forward(x) + residual)` (no residual: `relu(bn.forward(x))`), in one fused
@@ -405,6 +430,7 @@ pub fn batch_norm_relu<const D: usize>(
             None => out,
         });
     }
+    let count = values_per_channel(&x);
     let (x, gamma, beta) = (
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
@@ -422,20 +448,19 @@ pub fn batch_norm_relu<const D: usize>(
             <Dispatch as FusedBatchNorm>::fused_batch_norm_relu_train(x, gamma, beta, bn.epsilon)
         }
     };
-    update_running_stats(bn, mean, variance);
+    update_running_stats(
+        bn,
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(variance),
+        count,
+    );
     Tensor::<D>::from_dispatch(out)
 }
 
-/// Moves `bn`'s running statistics towards the batch's, as Burn's `BatchNorm` does.
-fn update_running_stats(
-    bn: &BatchNorm,
-    mean: FloatTensor<Dispatch>,
-    variance: FloatTensor<Dispatch>,
-) {
-    let (mean, variance) = (
-        Tensor::<1>::from_dispatch(mean),
-        Tensor::<1>::from_dispatch(variance),
-    );
+/// Moves `bn`'s running statistics towards the batch's, as PyTorch's `BatchNorm` does:
+/// `r ← (1 − m)·r + m·s`, with the variance of the batch's `count` values per channel
+/// made unbiased (`· count / (count − 1)`).
+fn update_running_stats(bn: &BatchNorm, mean: Tensor<1>, variance: Tensor<1>, count: usize) {
     let device = mean.device();
     let momentum = bn.momentum;
     let running_mean = bn.running_mean.value_sync().to_device(&device);
@@ -443,9 +468,14 @@ fn update_running_stats(
     let running_mean = running_mean
         .mul_scalar(1.0 - momentum)
         .add(mean.detach().mul_scalar(momentum));
+    let unbiased = if count > 1 {
+        count as f64 / (count - 1) as f64
+    } else {
+        1.0
+    };
     let running_var = running_var
         .mul_scalar(1.0 - momentum)
-        .add(variance.detach().mul_scalar(momentum));
+        .add(variance.detach().mul_scalar(momentum * unbiased));
     bn.running_mean.update(running_mean.detach());
     bn.running_var.update(running_var.detach());
 }
@@ -495,5 +525,60 @@ fn inference<const D: usize>(
         None => out,
         Some(None) => relu(out),
         Some(Some(r)) => relu(out + r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::BatchNormConfig;
+    use burn::tensor::{Device, Distribution};
+
+    fn floats<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+        let v = t.into_data().try_to_vec::<f32>().expect("f32 tensor");
+        v.into_iter().map(f64::from).collect()
+    }
+
+    /// After one training step from a fresh layer PyTorch holds `0.9 · 0 + 0.1 · mean` and
+    /// `0.9 · 1 + 0.1 · var` with the unbiased variance, on the fused (CPU) and the Burn
+    /// operations (GPU) path alike.
+    #[test]
+    fn running_statistics_follow_pytorch_on_both_paths() {
+        let device = Device::flex().autodiff();
+        let [b, c, h, w] = [3, 2, 4, 5];
+        let x: Tensor<4> = Tensor::random([b, c, h, w], Distribution::Normal(1.0, 2.0), &device);
+        let values = floats(x.clone());
+        let channel = |ch: usize| -> Vec<f64> {
+            (0..b)
+                .flat_map(|i| (0..h * w).map(move |p| (i * c + ch) * h * w + p))
+                .map(|k| values[k])
+                .collect()
+        };
+        let mut expected = (Vec::new(), Vec::new());
+        for ch in 0..c {
+            let v = channel(ch);
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            expected.0.push(0.1 * mean);
+            expected.1.push(0.9 + 0.1 * var);
+        }
+        for fused in [true, false] {
+            let bn: BatchNorm = BatchNormConfig::new(c).init(&device);
+            assert!(fused_applies(&bn, &x));
+            let _ = if fused {
+                batch_norm(&bn, x.clone())
+            } else {
+                train_with_burn_ops(&bn, x.clone())
+            };
+            for (got, want) in [
+                (floats(bn.running_mean.value_sync()), &expected.0),
+                (floats(bn.running_var.value_sync()), &expected.1),
+            ] {
+                for (g, e) in got.iter().zip(want) {
+                    assert!((g - e).abs() < 1e-5, "fused {fused}: {got:?} vs {want:?}");
+                }
+            }
+        }
     }
 }
