@@ -185,7 +185,9 @@ impl AugmentConfig {
 /// RandomRotation by `degrees` (counter-clockwise) about the centre, nearest neighbour, fill 0.
 pub fn rotate(img: &RgbImage, degrees: f32) -> RgbImage {
     let (w, h) = (img.width, img.height);
-    let (sin, cos) = (-degrees.to_radians()).sin_cos();
+    // In image coordinates (y down) this inverse map turns the picture counter-clockwise
+    // for a positive angle, as torchvision's and PIL's `rotate` do.
+    let (sin, cos) = degrees.to_radians().sin_cos();
     let (cx, cy) = ((w as f32 - 1.0) * 0.5, (h as f32 - 1.0) * 0.5);
     let mut out = vec![0.0; img.data.len()];
     for y in 0..h {
@@ -586,6 +588,25 @@ mod tests {
                 assert_eq!(a, b);
             }
         }
+    }
+
+    /// torchvision turns a positive angle counter-clockwise: the right edge's middle goes
+    /// to the top edge's middle, and the top's to the left.
+    #[test]
+    fn positive_rotation_is_counter_clockwise() {
+        let (w, h) = (7, 7);
+        let mut img = RgbImage {
+            width: w,
+            height: h,
+            data: vec![0.0; w * h * 3],
+        };
+        let pixel = |x: usize, y: usize| (y * w + x) * 3;
+        img.data[pixel(6, 3)] = 1.0; // right, red
+        img.data[pixel(3, 0) + 1] = 1.0; // top, green
+        let r = rotate(&img, 90.0);
+        assert_eq!(&r.data[pixel(3, 0)..][..3], &[1.0, 0.0, 0.0]);
+        assert_eq!(&r.data[pixel(0, 3)..][..3], &[0.0, 1.0, 0.0]);
+        assert_eq!(r.data.iter().sum::<f32>(), 2.0, "nothing else lit");
     }
 
     #[test]
