@@ -92,7 +92,13 @@ impl ConfusionMatrix {
                 support,
             });
         }
-        let macro_f1 = per_class.iter().map(|c| c.f1).sum::<f64>() / n.max(1) as f64;
+        // As scikit-learn's macro average: over the classes that occur as a label or as a
+        // prediction (a class absent from both says nothing about the model).
+        let present: Vec<f64> = (0..n)
+            .filter(|&c| per_class[c].support > 0 || (0..n).any(|t| self.counts[t][c] > 0))
+            .map(|c| per_class[c].f1)
+            .collect();
+        let macro_f1 = present.iter().sum::<f64>() / present.len().max(1) as f64;
         let micro_f1 = f1(
             ratio(tp_all, tp_all + fp_all),
             ratio(tp_all, tp_all + fn_all),
@@ -187,5 +193,19 @@ mod tests {
         assert!((e.macro_f1 - (f1a + f1b) / 2.0).abs() < 1e-12);
         assert!((e.micro_f1 - 0.75).abs() < 1e-12);
         assert!(e.to_text().contains("75.00%"));
+    }
+
+    /// scikit-learn's `f1_score(average="macro")` on y_true [0, 1], y_pred [0, 2] with
+    /// labels 0..4: class 3 occurs nowhere and is left out; class 2 (predicted, no
+    /// support) and class 1 (missed) count as 0: (1 + 0 + 0) / 3.
+    #[test]
+    fn macro_f1_leaves_out_classes_that_occur_nowhere() {
+        let mut m = ConfusionMatrix::new(4);
+        m.add(0, 0);
+        m.add(1, 2);
+        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let e = m.evaluation(&names, 0.0);
+        assert!((e.macro_f1 - 1.0 / 3.0).abs() < 1e-12, "{}", e.macro_f1);
+        assert_eq!(e.per_class.len(), 4, "every class keeps its row");
     }
 }
