@@ -13,6 +13,7 @@ use crate::models::{Network, param_count};
 use crate::report::{Series, curves_png};
 use crate::run::Run;
 use crate::train::EpochMetrics;
+use crate::train::metrics::best_epoch;
 
 /// One row of the results table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,14 +102,10 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         (Vec::new(), Vec::new(), Vec::new());
     for run in &opened {
         let history: Vec<EpochMetrics> = read_json(&run.dir.join("metrics.json"))?;
-        if history.is_empty() {
+        let Some(best) = best_epoch(&history) else {
             bail!("run {} has no finished epoch yet", run.dir.display());
-        }
+        };
         let label = label(run, &opened);
-        let best = history
-            .iter()
-            .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy))
-            .expect("non-empty");
         let precision = speed.precision.unwrap_or(run.config.precision);
         let device = crate::device::open(speed.device, precision)?;
         let net = run.load_network("best", &device)?;

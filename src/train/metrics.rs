@@ -37,6 +37,15 @@ pub struct EpochMetrics {
     pub peak_device_mib: Option<f64>,
 }
 
+/// The epoch whose weights `best.bpk` holds: the first one of the highest validation
+/// accuracy (training keeps a checkpoint only on a strict improvement).
+pub fn best_epoch(history: &[EpochMetrics]) -> Option<&EpochMetrics> {
+    history
+        .iter()
+        .rev()
+        .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy))
+}
+
 /// Writes `metrics.json` and `metrics.csv` into `dir`, atomically.
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
     write_json(&dir.join("metrics.json"), &history)?;
@@ -62,4 +71,30 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
         );
     }
     write_atomic(&dir.join("metrics.csv"), csv.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_epoch_is_the_first_of_tied_accuracies() {
+        let epoch = |epoch, val_accuracy| EpochMetrics {
+            epoch,
+            train_loss: 1.0,
+            train_kd_loss: None,
+            train_ce_loss: None,
+            val_loss: 1.0,
+            val_accuracy,
+            val_macro_f1: val_accuracy,
+            lr: 1e-3,
+            seconds: 1.0,
+            images_per_second: 1.0,
+            skipped_batches: 0,
+            peak_device_mib: None,
+        };
+        let history = [epoch(1, 0.5), epoch(2, 0.8), epoch(3, 0.7), epoch(4, 0.8)];
+        assert_eq!(best_epoch(&history).map(|e| e.epoch), Some(2));
+        assert!(best_epoch(&[]).is_none());
+    }
 }
