@@ -126,6 +126,10 @@ struct TrainArgs {
     /// Seed of initialisation, shuffling, augmentation and split [default: 42].
     #[arg(long)]
     seed: Option<u64>,
+    /// Seed of the in-memory split and the --train-limit/--val-limit subsets, to vary
+    /// --seed while keeping the data (a teacher's split, say) [default: --seed].
+    #[arg(long)]
+    split_seed: Option<u64>,
     /// Validation share when DATA has no train/ and val/ [default: 0.3].
     #[arg(long, allow_negative_numbers = true)]
     val_fraction: Option<f64>,
@@ -528,6 +532,7 @@ fn train_config(
         eta_min,
         image_size,
         seed,
+        split_seed,
         val_fraction
     );
     if a.width.is_some() {
@@ -628,21 +633,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = open_for_run(&a.compute, &run)?;
     let samples = match &a.data {
         None => {
-            let data = crate::train::dataset::resolve(
-                &run.config.data,
-                run.config.val_fraction,
-                run.config.seed,
-            )?;
+            let data = crate::train::dataset::for_config(&run.config)?;
             check_classes(&run, &data.classes, &run.config.data)?;
-            match run.config.val_limit {
-                Some(n) => crate::train::dataset::balanced_subset(
-                    &data.val,
-                    data.classes.len(),
-                    n,
-                    run.config.seed ^ 1,
-                ),
-                None => data.val,
-            }
+            data.val
         }
         Some(dir) => {
             let dir = if dir.join("val").is_dir() {
@@ -812,6 +805,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     for c in [&mut exp.teacher, &mut exp.student, &mut exp.kd_student] {
         c.data = data.clone();
         c.seed = a.seed;
+        c.split_seed = Some(a.seed);
     }
     if let Some(t) = exp.kd_student.teacher.as_mut() {
         t.run = a.out.join("teacher");

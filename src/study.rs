@@ -42,7 +42,8 @@ pub struct DataSection {
     /// Validation share (split and in-memory split).
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
-    /// Seed of the split.
+    /// Seed of the split (`split_to` or in memory) and of the data subsets of every stage;
+    /// also every stage's `seed` unless the stage sets its own.
     #[serde(default = "default_seed")]
     pub seed: u64,
 }
@@ -132,7 +133,11 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
         let mut v = serde_json::to_value(TrainConfig::recipe(data_dir.clone(), spec))?;
         merge(
             &mut v,
-            &serde_json::json!({"val_fraction": file.data.val_fraction, "seed": file.data.seed}),
+            &serde_json::json!({
+                "val_fraction": file.data.val_fraction,
+                "seed": file.data.seed,
+                "split_seed": file.data.seed,
+            }),
         );
         merge(&mut v, &recipe);
         merge(&mut v, &over);

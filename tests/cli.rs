@@ -253,6 +253,19 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     assert_eq!(demo.student.image_size, 32);
     assert!(demo.teacher.model.name.starts_with("coatnet"));
 
+    // A stage's own seed changes its initialisation, not the data every stage shares.
+    let reseeded = kd::study::parse_experiment(
+        "out = 'x'\n[data]\npath = 'd'\nseed = 5\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\nseed = 9\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (reseeded.teacher.seed, reseeded.teacher.data_seed()),
+        (5, 5)
+    );
+    for c in [&reseeded.student, &reseeded.kd_student] {
+        assert_eq!((c.seed, c.data_seed()), (9, 5));
+    }
+
     let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
     assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
 }

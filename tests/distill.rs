@@ -85,9 +85,7 @@ fn teacher_is_bit_identical_after_a_distillation_epoch() {
     let mut cfg = kd_config(&s.data, &s.teacher, 1);
     let data = dataset::resolve(&s.data, cfg.val_fraction, cfg.seed).unwrap();
     let device = Device::flex();
-    let teacher = Teacher::load(&mut cfg, &data.classes, &device)
-        .unwrap()
-        .unwrap();
+    let teacher = Teacher::load(&mut cfg, &data, &device).unwrap().unwrap();
     let before = weights::to_bytes(&teacher.net).unwrap();
     let file_before = std::fs::read(s.teacher.join("checkpoints/best.bpk")).unwrap();
 
@@ -233,6 +231,49 @@ fn class_mismatch_between_teacher_and_data_is_a_clear_error() {
     assert!(!out.join("checkpoints").exists(), "no training output");
 }
 
+/// A student split with another seed would validate on the teacher's training images.
+#[test]
+fn validating_on_the_teachers_training_images_is_refused() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kd");
+    let distill = |extra: &[&'static str]| -> Vec<String> {
+        let mut args: Vec<&str> = vec![
+            "distill",
+            "--data",
+            s.data.to_str().unwrap(),
+            "--teacher",
+            s.teacher.to_str().unwrap(),
+            "--student",
+            "resnet18",
+            "--width",
+            "4",
+            "--stem",
+            "small",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--no-augment",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let err = kd_err(&strs(&distill(&["--seed", "7"])));
+    assert!(
+        err.contains("are training images of teacher") && err.contains("--split-seed 42"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written: {err}");
+    // Another initialisation on the teacher's split is what --split-seed is for.
+    kd_ok(&strs(&distill(&["--seed", "7", "--split-seed", "42"])));
+    let run = Run::open(&out).unwrap();
+    assert_eq!((run.config.seed, run.config.data_seed()), (7, 42));
+}
+
 #[test]
 fn kd_run_completes_and_a_rerun_skips_every_stage() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,18 +354,15 @@ alpha = 0.5
         );
         args
     };
-    fn as_strs(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
     let bf16_out = dir.path().join("compare-bf16");
-    let printed = kd_ok(&as_strs(&compare(&bf16_out, "--precision", "bf16")));
+    let printed = kd_ok(&strs(&compare(&bf16_out, "--precision", "bf16")));
     assert!(printed.contains("on flex (CPU), bf16"), "{printed}");
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(bf16_out.join("results.json")).unwrap())
             .unwrap();
     assert!(rows.iter().all(|r| r["inference_precision"] == "bf16"));
     let cuda_out = dir.path().join("compare-cuda");
-    let err = kd_err(&as_strs(&compare(&cuda_out, "--device", "cuda")));
+    let err = kd_err(&strs(&compare(&cuda_out, "--device", "cuda")));
     assert!(err.contains("--features cuda"), "{err}");
     assert!(!cuda_out.exists(), "no output on a refused device");
 

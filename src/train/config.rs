@@ -62,8 +62,13 @@ pub struct TrainConfig {
     pub t_max: usize,
     /// Cosine schedule minimum rate.
     pub eta_min: f64,
-    /// Seed of initialisation, shuffling, augmentation and the in-memory split.
+    /// Seed of initialisation, shuffling and augmentation, and of the data (the in-memory
+    /// split and the `train_limit`/`val_limit` subsets) unless `split_seed` is set.
     pub seed: u64,
+    /// Seed of the data when it differs from `seed` (runs that must share one validation
+    /// set, such as a teacher and its students, with different initialisations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
     /// Validation share for an in-memory split.
     pub val_fraction: f64,
     /// Training augmentation.
@@ -118,6 +123,7 @@ impl TrainConfig {
             t_max: 20,
             eta_min: 1e-9,
             seed: 42,
+            split_seed: None,
             val_fraction: 0.3,
             augment: AugmentConfig::default(),
             mean: None,
@@ -198,12 +204,21 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Seed of the in-memory split and the data subsets: `split_seed`, else `seed`.
+    pub fn data_seed(&self) -> u64 {
+        self.split_seed.unwrap_or(self.seed)
+    }
+
     /// Keys (as JSON paths) whose values differ between two configs, leaving out settings
-    /// that cannot change results: the cache budget, and `decoded` vs no cache (same pixels).
+    /// that cannot change results: the cache budget, `decoded` vs no cache (same pixels),
+    /// and a `split_seed` equal to `seed`.
     pub fn differing_keys(&self, other: &Self) -> Vec<String> {
         let comparable = |c: &Self| {
             let mut c = c.clone();
             c.cache_mib = default_cache_mib();
+            if c.split_seed == Some(c.seed) {
+                c.split_seed = None;
+            }
             if c.cache_images == CacheMode::Decoded {
                 c.cache_images = CacheMode::Off;
             }

@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use super::TrainConfig;
 use crate::data::{ImageFolder, Sample, stratified_split};
 
 /// The images a run trains and validates on.
@@ -65,6 +66,21 @@ pub fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
             "{} gives no validation images: add images or lower --val-fraction",
             dir.display()
         );
+    }
+    Ok(data)
+}
+
+/// The images a run with `config` trains and validates on: [`resolve`], then the
+/// `--train-limit` / `--val-limit` subsets.
+pub fn for_config(config: &TrainConfig) -> Result<RunData> {
+    let seed = config.data_seed();
+    let mut data = resolve(&config.data, config.val_fraction, seed)?;
+    let classes = data.classes.len();
+    if let Some(n) = config.train_limit {
+        data.train = balanced_subset(&data.train, classes, n, seed);
+    }
+    if let Some(n) = config.val_limit {
+        data.val = balanced_subset(&data.val, classes, n, seed ^ 1);
     }
     Ok(data)
 }

@@ -201,16 +201,9 @@ pub fn default_device() -> Device {
 pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result<TrainSummary> {
     config.validate()?;
     let mut config = config.clone();
-    let data = dataset::resolve(&config.data, config.val_fraction, config.seed)?;
+    let data = dataset::for_config(&config)?;
+    let (train_samples, val_samples) = (data.train.clone(), data.val.clone());
     let n_classes = data.classes.len();
-    let train_samples = match config.train_limit {
-        Some(n) => dataset::balanced_subset(&data.train, n_classes, n, config.seed),
-        None => data.train.clone(),
-    };
-    let val_samples = match config.val_limit {
-        Some(n) => dataset::balanced_subset(&data.val, n_classes, n, config.seed ^ 1),
-        None => data.val.clone(),
-    };
     dataset::report_skipped(&data.skipped, config.strict)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
@@ -228,7 +221,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
 
     let device = crate::device::open(options.device, config.precision)?;
     crate::device::set_precision(config.precision);
-    let teacher = Teacher::load(&mut config, &data.classes, &device)?;
+    let teacher = Teacher::load(&mut config, &data, &device)?;
 
     // Every image is decoded once before any training, so a corrupt, truncated or empty file
     // is reported by name now rather than hours later; computing the training images'

@@ -1,11 +1,15 @@
 //! The frozen teacher of a distillation run.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::TrainConfig;
-use crate::data::{Batch, Loader};
+use super::dataset::{self, RunData};
+use crate::data::{Batch, Loader, Sample};
 use crate::eval::{images_tensor, logits_rows};
 use crate::losses::DistillLoss;
 use crate::models::Network;
@@ -24,11 +28,8 @@ pub struct Teacher {
 impl Teacher {
     /// Loads the frozen teacher of a distillation config and checks it fits the data; the
     /// student takes the teacher's normalization unless one is given (it must then match).
-    pub fn load(
-        config: &mut TrainConfig,
-        classes: &[String],
-        device: &Device,
-    ) -> Result<Option<Self>> {
+    pub fn load(config: &mut TrainConfig, data: &RunData, device: &Device) -> Result<Option<Self>> {
+        let classes = data.classes.as_slice();
         let Some(tc) = config.teacher.clone() else {
             return Ok(None);
         };
@@ -59,6 +60,7 @@ impl Teacher {
                 }
             );
         }
+        check_no_leak(&tc.run, &run.config, &data.val)?;
         if run.config.image_size != config.image_size {
             bail!(
                 "teacher {} uses image size {} but the student {}: use --image-size {}",
@@ -105,4 +107,35 @@ impl Teacher {
         }
         Ok(out)
     }
+}
+
+/// Refuses a student whose validation images include the teacher's training images (the
+/// teacher's folder split with another seed or fraction, say): the teacher would have seen
+/// the answers, and the comparison would flatter distillation. Skipped when the teacher's
+/// data folder can no longer be read.
+fn check_no_leak(run_dir: &Path, teacher: &TrainConfig, student_val: &[Sample]) -> Result<()> {
+    let Ok(teacher_data) = dataset::for_config(teacher) else {
+        return Ok(());
+    };
+    let key = |p: &Path| -> PathBuf { p.canonicalize().unwrap_or_else(|_| p.to_path_buf()) };
+    let seen: HashSet<PathBuf> = teacher_data.train.iter().map(|s| key(&s.path)).collect();
+    let leaked: Vec<&Sample> = student_val
+        .iter()
+        .filter(|s| seen.contains(&key(&s.path)))
+        .collect();
+    let Some(first) = leaked.first() else {
+        return Ok(());
+    };
+    bail!(
+        "{} of the {} validation images (e.g. {}) are training images of teacher {} (its data: {}, split seed {}, val fraction {}): pass --split-seed {} --val-fraction {} to validate on the teacher's held-out images, or split the folder once with `kd split`",
+        leaked.len(),
+        student_val.len(),
+        first.path.display(),
+        run_dir.display(),
+        teacher.data.display(),
+        teacher.data_seed(),
+        teacher.val_fraction,
+        teacher.data_seed(),
+        teacher.val_fraction,
+    )
 }

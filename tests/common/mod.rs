@@ -162,6 +162,11 @@ pub fn kd_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Borrows owned arguments for [`kd`], [`kd_ok`] and [`kd_err`].
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// Runs `kd`, asserts a clean failure (non-zero exit, one-line error, no panic) and
 /// returns stderr.
 pub fn kd_err(args: &[&str]) -> String {
