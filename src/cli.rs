@@ -689,8 +689,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let mut samples = Vec::new();
     for p in &a.paths {
         if p.is_dir() {
-            let mut files = Vec::new();
-            collect_images(p, &mut files)?;
+            let files = crate::data::folder::images_under(p)?;
             if files.is_empty() {
                 bail!(
                     "{} contains no images ({})",
@@ -729,23 +728,6 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
                 .map(|s| format!("{} {:.1}%", s.class, s.probability * 100.0))
                 .collect();
             println!("{}\t{}", p.path, top.join("  "));
-        }
-    }
-    Ok(())
-}
-
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            collect_images(&p, out)?;
-        } else if crate::data::folder::is_image_file(&p) {
-            out.push(p);
         }
     }
     Ok(())

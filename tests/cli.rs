@@ -114,6 +114,30 @@ fn empty_class_folder_and_single_class_are_reported() {
         out.to_str().unwrap(),
     ]);
     assert!(err.contains("only one class"), "{err}");
+
+    // Kaggle's layout: train/<classes> next to test/, no val/.
+    let kaggle = dir.path().join("kaggle");
+    mnist_subset(&kaggle.join("train"), 2, 3);
+    mnist_subset(&kaggle.join("test"), 1, 3);
+    for args in [
+        vec!["split", kaggle.to_str().unwrap(), out.to_str().unwrap()],
+        vec![
+            "train",
+            "--data",
+            kaggle.to_str().unwrap(),
+            "--model",
+            "resnet18",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let err = kd_err(&args);
+        assert!(
+            err.contains("looks like a dataset root") && err.contains("kaggle/train"),
+            "{err}"
+        );
+    }
+    assert!(!out.exists());
 }
 
 #[test]

@@ -172,16 +172,31 @@ fn folder_shapes_mixed_images_and_symlink_loops() {
     image::RgbImage::from_pixel(9, 70, image::Rgb([9, 9, 9]))
         .save(mixed.join("1/old.bmp"))
         .unwrap();
+    // Links back into the dataset: to the class itself, to the dataset folder (twice) and
+    // to another class. None may add an image, or put one under a second class.
     #[cfg(unix)]
-    std::os::unix::fs::symlink(mixed.join("0"), mixed.join("0/loop")).unwrap();
+    for (target, link) in [
+        ("0", "0/loop"),
+        ("..", "1/up"),
+        ("..", "1/up2"),
+        ("../1", "0/one"),
+    ] {
+        std::os::unix::fs::symlink(target, mixed.join(link)).unwrap();
+    }
     let stats: serde_json::Value =
         serde_json::from_str(&kd_ok(&["stats", s(&mixed), "--json"])).unwrap();
-    assert_eq!(stats["images"], 16, "each image once despite the loop");
-    kd_ok(&train_args(
-        s(&mixed),
-        s(&dir.path().join("r2")),
-        &["--epochs", "1"],
-    ));
+    assert_eq!(stats["images"], 16, "each image once despite the links");
+    let scanned = kd::data::ImageFolder::scan(&mixed).unwrap();
+    let labels: Vec<usize> = scanned.samples.iter().map(|x| x.label).collect();
+    assert_eq!(
+        labels,
+        [[0; 8], [1; 8]].concat(),
+        "every image under its own class"
+    );
+    let run = dir.path().join("r2");
+    kd_ok(&train_args(s(&mixed), s(&run), &["--epochs", "1"]));
+    let predicted = kd_ok(&["predict", "--run", s(&run), s(&mixed.join("1"))]);
+    assert_eq!(predicted.lines().count(), 8, "{predicted}");
 }
 
 #[test]

@@ -78,7 +78,39 @@ pub fn class_names(root: &Path) -> Result<Vec<String>> {
             root.display()
         );
     }
+    let has = |name: &str| classes.iter().any(|c| c == name);
+    if has("train") && (classes.len() == 1 || SPLIT_NAMES.iter().any(|n| has(n))) {
+        bail!(
+            "{} looks like a dataset root ({}/), not a folder of class folders: pass {} (split in memory, or with `kd split`), or give it a val/ folder to train on train/ and val/",
+            root.display(),
+            classes.join("/, "),
+            root.join("train").display()
+        );
+    }
     Ok(classes)
+}
+
+/// Folder names that, next to `train`, mark a dataset root rather than a class.
+const SPLIT_NAMES: &[&str] = &["val", "valid", "validation", "test"];
+
+/// Every image file under `dir` (sorted; hidden entries skipped, symlinks followed but no
+/// folder entered twice, none above `dir`): the images `kd predict` is given a folder of.
+pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let own = canonical(dir);
+    let fence = Fence {
+        root: own.clone(),
+        own: own.clone(),
+    };
+    let (mut files, mut skipped) = (Vec::new(), Vec::new());
+    walk(
+        dir,
+        &mut files,
+        &mut skipped,
+        &mut HashSet::from([own]),
+        &fence,
+    )?;
+    files.sort();
+    Ok(files)
 }
 
 impl ImageFolder {
@@ -87,11 +119,22 @@ impl ImageFolder {
         let classes = class_names(root)?;
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
+        let dataset = canonical(root);
         for (label, class) in classes.iter().enumerate() {
             let dir = root.join(class);
             let mut files = Vec::new();
-            let mut seen = HashSet::new();
-            walk(&dir, &mut files, &mut skipped, &mut seen)?;
+            let own = canonical(&dir);
+            let fence = Fence {
+                root: dataset.clone(),
+                own: own.clone(),
+            };
+            walk(
+                &dir,
+                &mut files,
+                &mut skipped,
+                &mut HashSet::from([own]),
+                &fence,
+            )?;
             if files.is_empty() {
                 bail!(
                     "class folder {} has no images ({}): add images or remove the folder",
@@ -111,17 +154,35 @@ impl ImageFolder {
     }
 }
 
-/// Recursively collects image files; follows symlinks but never enters a folder twice.
+/// The folders a walk for one class (or one `kd predict` folder) may enter.
+struct Fence {
+    /// The dataset folder (canonical).
+    root: PathBuf,
+    /// The class's own folder (canonical).
+    own: PathBuf,
+}
+
+impl Fence {
+    /// Never the dataset folder or one above it (a symlink loop, or every class at once),
+    /// nor another class's folder; anything outside the dataset (a linked folder) is fine.
+    fn allows(&self, dir: &Path) -> bool {
+        !self.root.starts_with(dir) && (!dir.starts_with(&self.root) || dir.starts_with(&self.own))
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Recursively collects image files below `dir`; follows symlinks where `fence` allows but
+/// never enters a folder twice.
 fn walk(
     dir: &Path,
     files: &mut Vec<PathBuf>,
     skipped: &mut Vec<PathBuf>,
     seen: &mut HashSet<PathBuf>,
+    fence: &Fence,
 ) -> Result<()> {
-    let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    if !seen.insert(canonical) {
-        return Ok(()); // a symlink loop or a second link to the same folder
-    }
     let entries =
         fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?;
     for entry in entries.flatten() {
@@ -130,7 +191,10 @@ fn walk(
             continue;
         }
         if path.is_dir() {
-            walk(&path, files, skipped, seen)?;
+            let target = canonical(&path);
+            if fence.allows(&target) && seen.insert(target) {
+                walk(&path, files, skipped, seen, fence)?;
+            }
         } else if is_image_file(&path) {
             files.push(path);
         } else if path.is_file() {
