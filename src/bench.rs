@@ -143,6 +143,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
+    if a.classes < 2 {
+        bail!("--classes {} is invalid: use at least 2", a.classes);
+    }
     let result = match &a.data {
         Some(dir) => bench_pipeline(a, dir)?,
         None => bench_model(a)?,

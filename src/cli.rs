@@ -473,6 +473,9 @@ fn cmd_stats(a: StatsArgs) -> Result<()> {
     } else {
         a.dir.clone()
     };
+    if let Some(size) = a.size {
+        crate::data::check_image_size(size)?;
+    }
     let folder = ImageFolder::scan(&dir)?;
     let stats = channel_stats(&folder.samples, a.size)?;
     if a.json {
@@ -685,6 +688,9 @@ fn check_classes(run: &Run, classes: &[String], dir: &Path) -> Result<()> {
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
+    if a.top_k == 0 {
+        bail!("--top-k 0 is invalid: show at least 1 class per image");
+    }
     let run = Run::open(&a.run)?;
     let mut samples = Vec::new();
     for p in &a.paths {

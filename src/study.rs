@@ -101,8 +101,9 @@ fn stage_value(table: &toml::Table, stage: &str) -> Result<(ModelSpec, Value)> {
         name,
         width: obj
             .remove("width")
-            .and_then(|w| w.as_u64())
-            .map(|w| w as usize),
+            .map(serde_json::from_value::<usize>)
+            .transpose()
+            .with_context(|| format!("[{stage}] width must be a positive whole number"))?,
         stem: obj
             .remove("stem")
             .map(serde_json::from_value)

@@ -65,6 +65,10 @@ fn bad_values_are_refused_before_any_work() {
         (vec!["--lr", "NaN"], "--lr"),
         (vec!["--val-fraction", "1.5"], "--val-fraction"),
         (vec!["--epochs", "0"], "--epochs"),
+        (vec!["--t-max", "0"], "--t-max"),
+        (vec!["--train-limit", "0"], "--train-limit"),
+        (vec!["--val-limit", "0"], "--val-limit"),
+        (vec!["--image-size", "100000"], "image size 100000"),
     ] {
         let mut args = vec!["train", "--data", d, "--out", o, "--model", "resnet18"];
         args.extend(flags);
@@ -90,6 +94,20 @@ fn bad_values_are_refused_before_any_work() {
     ];
     args.extend(["--alpha", "1.5"]);
     assert!(kd_err(&args).contains("--alpha"));
+
+    let tiny_bench = [
+        "bench",
+        "--model",
+        "resnet18",
+        "--width",
+        "2",
+        "--image-size",
+        "32",
+    ];
+    let err = kd_err(&[&tiny_bench[..], &["--classes", "0"]].concat());
+    assert!(err.contains("--classes 0"), "{err}");
+    let err = kd_err(&["stats", d, "--size", "100000"]);
+    assert!(err.contains("image size 100000"), "{err}");
 }
 
 #[test]
@@ -288,6 +306,14 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     );
     for c in [&reseeded.student, &reseeded.kd_student] {
         assert_eq!((c.seed, c.data_seed()), (9, 5));
+    }
+
+    for width in ["'4'", "-4", "4.0"] {
+        let text = format!(
+            "out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\nwidth = {width}\n"
+        );
+        let err = format!("{:#}", kd::study::parse_experiment(&text).unwrap_err());
+        assert!(err.contains("[student] width"), "{width}: {err}");
     }
 
     let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();

@@ -67,6 +67,7 @@ impl ModelSpec {
         if self.width == Some(0) {
             bail!("model width must be at least 1");
         }
+        crate::data::check_image_size(image_size)?;
         match arch {
             Arch::ResNet(_) => {
                 if image_size < 32 {

@@ -157,6 +157,17 @@ impl TrainConfig {
         if self.epochs == 0 {
             bail!("--epochs 0 is invalid: use at least 1");
         }
+        if self.t_max == 0 {
+            bail!("--t-max 0 is invalid: use at least 1 epoch (the recipe uses 20)");
+        }
+        for (flag, limit) in [
+            ("--train-limit", self.train_limit),
+            ("--val-limit", self.val_limit),
+        ] {
+            if limit == Some(0) {
+                bail!("{flag} 0 is invalid: use at least 1 image, or leave it out to use them all");
+            }
+        }
         if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
             bail!(
                 "--adam-epsilon {} is invalid: use a small positive number such as 1e-8",
