@@ -352,6 +352,50 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
     let m: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(stop.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m.len(), 1);
+    assert!(stderr.contains("last good checkpoint is kept"), "{stderr}");
+
+    // A NaN before the first epoch is saved leaves nothing worth keeping: the same command
+    // starts the run again in the same folder, and so does --resume.
+    let early = dir.path().join("early");
+    let args = train_args(s(&data), s(&early), &["--epochs", "1"]);
+    let res = kd_with_fault(&args, "KD_FAULT_NAN_AT_BATCH", "2");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("no epoch was saved"),
+        "{stderr}"
+    );
+    assert!(early.join("config.json").is_file());
+    let again = kd(&args);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("saved no epoch"), "says so: {stderr}");
+    assert!(early.join("checkpoints/final.bpk").is_file());
+    kd_err(&args); // now it holds a finished run
+
+    // Resuming after a class folder was added is refused before the run is touched.
+    let grown = dir.path().join("grown");
+    mnist_subset(&grown, 2, 12);
+    let run = dir.path().join("grown-run");
+    kd_ok(&train_args(s(&grown), s(&run), &["--epochs", "1"]));
+    let classes_before = std::fs::read(run.join("classes.json")).unwrap();
+    mnist_subset(&grown, 3, 12);
+    let err = kd_err(&train_args(
+        s(&grown),
+        s(&run),
+        &["--epochs", "2", "--resume"],
+    ));
+    assert!(
+        err.contains("now has other classes") && err.contains("\"2\""),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("classes.json")).unwrap(),
+        classes_before
+    );
+    let image = first_png(&grown.join("0"));
+    kd_ok(&["predict", "--run", s(&run), s(&image)]);
+    let err = kd_err(&["predict", "--run", s(&run), "--top-k", "0", s(&image)]);
+    assert!(err.contains("--top-k 0"), "{err}");
 
     let skip = dir.path().join("skip");
     let res = kd_with_fault(

@@ -207,8 +207,17 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     dataset::report_skipped(&data.skipped, config.strict)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
-    let resumed = if options.resume {
-        Some(check_resume(&mut config, out, &resume_path)?)
+    let restart = saved_no_epoch(out);
+    if restart {
+        eprintln!(
+            "note: {} holds a run that saved no epoch (it stopped during its first); starting it again",
+            out.display()
+        );
+    }
+    let resumed = if options.resume && !restart {
+        Some(check_resume(&mut config, out, &resume_path, &data.classes)?)
+    } else if restart {
+        None
     } else {
         if out.join(files::CONFIG).exists() {
             bail!(
@@ -347,12 +356,16 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
                 }
                 progress.seen += batch.len();
             } else if config.nan_policy == NanPolicy::Stop {
+                let kept = if state.epochs_done == 0 {
+                    "no epoch was saved, so the same command starts again".to_string()
+                } else {
+                    format!("the last good checkpoint is kept in {}", ckpt.display())
+                };
                 bail!(
                     "training loss became {value} at epoch {} batch {}: lower --lr or check the data; \
-                     the last good checkpoint is kept in {} (or pass --nan-policy skip-batch)",
+                     {kept} (or pass --nan-policy skip-batch)",
                     epoch + 1,
                     progress.batches,
-                    ckpt.display()
                 );
             } else {
                 progress.skipped += 1;
@@ -432,12 +445,33 @@ fn verify_images(samples: &[crate::data::Sample]) -> Result<()> {
 
 /// Checks that `out` holds a resumable run made with the same config; fills in the
 /// recorded normalization.
+/// Whether `out` holds a run that stopped before saving anything of its first epoch (an
+/// error, Ctrl-C or `kill -9` then): nothing in it is worth keeping, so a new run (with or
+/// without `--resume`) starts there afresh.
+fn saved_no_epoch(out: &Path) -> bool {
+    let ckpt = out.join(files::CHECKPOINTS);
+    out.join(files::CONFIG).is_file()
+        && !out.join("metrics.json").exists()
+        && ["best.bpk", "final.bpk", files::RESUME]
+            .iter()
+            .all(|f| !ckpt.join(f).exists())
+}
+
 fn check_resume(
     config: &mut TrainConfig,
     out: &Path,
     resume_path: &Path,
+    classes: &[String],
 ) -> Result<checkpoint::ResumeState> {
     let previous = Run::open(out).with_context(|| format!("cannot resume {}", out.display()))?;
+    if previous.classes != classes {
+        let (now, before) = crate::data::folder::class_difference(classes, &previous.classes);
+        bail!(
+            "cannot resume {}: {} now has other classes (new: {now:?}, gone: {before:?}); restore the class folders or train a new run in another --out",
+            out.display(),
+            config.data.display()
+        );
+    }
     if config.mean.is_none() {
         config.mean = previous.config.mean;
     }
@@ -456,7 +490,7 @@ fn check_resume(
     }
     if !resume_path.is_file() {
         bail!(
-            "cannot resume {}: no completed epoch was saved ({} missing); start it again without --resume in a new folder",
+            "cannot resume {}: its resume state {} is missing: train it again in a new --out, or delete the folder",
             out.display(),
             resume_path.display()
         );
