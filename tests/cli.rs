@@ -156,6 +156,43 @@ fn empty_class_folder_and_single_class_are_reported() {
         );
     }
     assert!(!out.exists());
+
+    // Outputs inside the data (they would be read as classes) or holding it (--force would
+    // delete it) are refused, and the data stays whole.
+    let clean = dir.path().join("clean");
+    mnist_subset(&clean, 2, 3);
+    let d = clean.to_str().unwrap();
+    let inner = clean.join("runs/r");
+    let parent = dir.path().to_str().unwrap();
+    let refused = [
+        (
+            vec!["split", d, inner.to_str().unwrap()],
+            "inside the source",
+        ),
+        (
+            vec!["split", d, parent, "--force"],
+            "inside the destination",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                d,
+                "--model",
+                "resnet18",
+                "--out",
+                inner.to_str().unwrap(),
+            ],
+            "inside --data",
+        ),
+    ];
+    for (args, needle) in refused {
+        let err = kd_err(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!clean.join("runs").exists());
+    let scanned = kd::data::ImageFolder::scan(&clean).unwrap();
+    assert_eq!(scanned.samples.len(), 6, "data intact");
 }
 
 #[test]

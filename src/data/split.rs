@@ -9,6 +9,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::folder::{ImageFolder, Sample};
+use crate::io::resolved;
 
 /// The two halves of a split.
 #[derive(Debug, Clone)]
@@ -78,6 +79,21 @@ pub fn write_split(
     mode: LinkMode,
     force: bool,
 ) -> Result<()> {
+    let (src, out) = (resolved(&folder.root), resolved(dst));
+    if out.starts_with(&src) {
+        bail!(
+            "destination {} is inside the source {}: its train/ and val/ would be read as classes; choose a folder outside it",
+            dst.display(),
+            folder.root.display()
+        );
+    }
+    if src.starts_with(&out) {
+        bail!(
+            "the source {} is inside the destination {}, which the split replaces: choose another destination",
+            folder.root.display(),
+            dst.display()
+        );
+    }
     if dst.exists() {
         let non_empty = fs::read_dir(dst)
             .with_context(|| format!("cannot read {}", dst.display()))?

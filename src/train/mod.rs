@@ -201,6 +201,13 @@ pub fn default_device() -> Device {
 pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result<TrainSummary> {
     config.validate()?;
     let mut config = config.clone();
+    if crate::io::resolved(out).starts_with(crate::io::resolved(&config.data)) {
+        bail!(
+            "--out {} is inside --data {}: the run folder would be read as images; choose an --out outside the data folder",
+            out.display(),
+            config.data.display()
+        );
+    }
     let data = dataset::for_config(&config)?;
     let (train_samples, val_samples) = (data.train.clone(), data.val.clone());
     let n_classes = data.classes.len();
