@@ -88,6 +88,19 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     })
 }
 
+/// `path` made absolute with symlinks resolved as far as it exists (the rest appended), so
+/// that two spellings of one place compare equal, even for a folder not created yet.
+pub fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
+        (_, Some(name)) => resolved(Path::new(".")).join(name),
+        _ => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,18 +122,5 @@ mod tests {
         let path = dir.path().join("missing").join("a.json");
         let err = write_atomic(&path, b"x").unwrap_err();
         assert!(format!("{err:#}").contains("a.json"));
-    }
-}
-
-/// `path` made absolute with symlinks resolved as far as it exists (the rest appended), so
-/// that two spellings of one place compare equal, even for a folder not created yet.
-pub fn resolved(path: &Path) -> PathBuf {
-    if let Ok(p) = fs::canonicalize(path) {
-        return p;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
-        (_, Some(name)) => resolved(Path::new(".")).join(name),
-        _ => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
     }
 }
