@@ -146,6 +146,41 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     let err = rel_err(&values(net.forward(x)), &fx["expected_logits_eval"].data);
     assert!(err < 1e-4, "eval logits from .pth rel err {err}");
 
+    // Fine-tuning on other classes: everything but the head `fc` is loaded, the head is
+    // fresh. Another width does not fit, and the error names a weight and both shapes.
+    let five = spec.build(5, 64, &device).unwrap();
+    let mut tuned = five.clone();
+    weights::load_pytorch(&mut tuned, &fixture("resnet_tiny.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let weights_of = |n: &Network, key: &str| {
+        let file = dir.path().join("w.safetensors");
+        std::fs::write(&file, weights::to_pytorch_safetensors(n).unwrap()).unwrap();
+        read_safetensors(&file)[key].data.clone()
+    };
+    let reference = weights_of(&tiny_resnet(&device), "conv1.weight");
+    assert_eq!(weights_of(&tuned, "conv1.weight"), reference, "body loaded");
+    assert_eq!(
+        weights_of(&tuned, "fc.weight"),
+        weights_of(&five, "fc.weight"),
+        "head left as initialised"
+    );
+    let mut wider = ModelSpec {
+        width: Some(16),
+        ..spec.clone()
+    }
+    .build(12, 64, &device)
+    .unwrap();
+    let msg = format!(
+        "{:#}",
+        weights::load_pytorch(&mut wider, &fixture("resnet_tiny.safetensors")).unwrap_err()
+    );
+    assert!(
+        msg.contains("does not fit this model")
+            && msg.contains("in this model")
+            && msg.contains("width"),
+        "{msg}"
+    );
+
     // `torch.save(model)` pickles the whole module: refused with the fix.
     let mut net = spec.build(12, 64, &device).unwrap();
     let err = weights::load_pytorch(&mut net, &fixture("whole_tiny_module.pth")).unwrap_err();

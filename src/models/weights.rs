@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::store::{
-    ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, ModuleStore,
+    ApplyError, ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, ModuleStore,
     PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 use burn::tensor::Bytes;
@@ -113,8 +113,9 @@ pub fn to_bytes(net: &Network) -> Result<Vec<u8>> {
 pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()> {
     // Partial loading turns a foreign model into a list of missing weights (reported by
     // `check_complete`) instead of one enormous validation error.
-    let mut store =
-        BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes))).allow_partial(true);
+    let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)))
+        .allow_partial(true)
+        .validate(false);
     let result = net.load_from(&mut store).map_err(|e| {
         let reason: String = e.to_string().chars().take(160).collect();
         anyhow::anyhow!(
@@ -127,11 +128,25 @@ pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()
 
 fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
     if let Some(err) = result.errors.first() {
-        let err: String = format!("{err}").chars().take(160).collect();
+        let err = match err {
+            ApplyError::ShapeMismatch {
+                path,
+                expected,
+                found,
+            } => format!(
+                "'{path}' is {:?} there but {:?} in this model",
+                found.as_slice(),
+                expected.as_slice()
+            ),
+            other => format!("{other}").chars().take(160).collect(),
+        };
         bail!(
-            "checkpoint {} does not fit this model ({}): it was saved for another architecture or class count",
+            "{} does not fit this model ({err}{}): it was saved for another architecture, width or class count",
             origin.display(),
-            err
+            match result.errors.len() {
+                1 => String::new(),
+                n => format!(", and {} more", n - 1),
+            }
         );
     }
     if let Some((name, _)) = result.missing.first() {
@@ -162,11 +177,12 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let remaps: Vec<Remap> = from_torch_remaps(net).collect();
-    let result = match ext {
+    let mut result = match ext {
         "safetensors" => {
             let mut store = SafetensorsStore::from_file(path)
                 .with_from_adapter(PyTorchToBurnAdapter)
-                .allow_partial(true);
+                .allow_partial(true)
+                .validate(false);
             for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
@@ -175,7 +191,9 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             })?
         }
         "pth" | "pt" | "bin" => {
-            let mut store = PytorchStore::from_file(path).allow_partial(true);
+            let mut store = PytorchStore::from_file(path)
+                .allow_partial(true)
+                .validate(false);
             for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
@@ -204,7 +222,25 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             }
         );
     }
+    fresh_head_if_other_classes(&mut result, path);
     check_complete_torch(result, path)
+}
+
+/// Fine-tuning from weights trained on other classes (ImageNet's 1000, say): a classifier
+/// head `fc` of another shape, or none, is left freshly initialised, with a note.
+fn fresh_head_if_other_classes(result: &mut ApplyResult, path: &Path) {
+    let is_head = |p: &str| p.starts_with("fc.");
+    let before = (result.errors.len(), result.missing.len());
+    result
+        .errors
+        .retain(|e| !matches!(e, ApplyError::ShapeMismatch { path, .. } if is_head(path)));
+    result.missing.retain(|(name, _)| !is_head(name));
+    if (result.errors.len(), result.missing.len()) != before {
+        eprintln!(
+            "note: the classifier head (fc) of {} does not fit this model's classes; it starts from fresh weights",
+            path.display()
+        );
+    }
 }
 
 /// Loads the architecture's own module (not the `Network` enum, whose variant would
