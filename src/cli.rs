@@ -396,6 +396,9 @@ impl Cli {
                 let run = Run::open(&a.run)?;
                 let net = run.load_network(&a.checkpoint, &default_device())?;
                 let bytes = crate::models::weights::to_pytorch_safetensors(&net)?;
+                if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    crate::io::ensure_dir(parent)?;
+                }
                 crate::io::write_atomic(&a.out, &bytes)?;
                 println!(
                     "wrote {} ({} classes: {}); in PyTorch: model.load_state_dict(safetensors.torch.load_file(...))",
@@ -636,7 +639,20 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = open_for_run(&a.compute, &run)?;
     let samples = match &a.data {
         None => {
-            let data = crate::train::dataset::for_config(&run.config)?;
+            let data = crate::train::dataset::for_config(&run.config).with_context(|| {
+                let relative = if run.config.data.is_relative() {
+                    format!(
+                        ", or run kd eval from the folder it was trained in (its data path {} is relative)",
+                        run.config.data.display()
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "cannot read the validation images of run {}: pass --data{relative}",
+                    a.run.display()
+                )
+            })?;
             check_classes(&run, &data.classes, &run.config.data)?;
             data.val
         }

@@ -110,7 +110,7 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     );
 
     // kd export writes PyTorch-named weights that load back to identical logits.
-    let exported = dir.path().join("student.safetensors");
+    let exported = dir.path().join("deploy/new/student.safetensors"); // folders made
     kd_ok(&["export", "--run", r, "--out", exported.to_str().unwrap()]);
     let device = burn::tensor::Device::flex();
     let run = kd::run::Run::open(&run).unwrap();
