@@ -122,7 +122,14 @@ pub fn load_experiment(path: &Path) -> Result<Experiment> {
 
 /// Parses experiment TOML text.
 pub fn parse_experiment(text: &str) -> Result<Experiment> {
-    let file: ExperimentFile = toml::from_str(text)?;
+    let file: ExperimentFile = toml::from_str(text).map_err(|e| {
+        // One line: the position and the message, without toml's quoted excerpt.
+        let line = e
+            .span()
+            .map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
+            .unwrap_or_default();
+        anyhow::anyhow!("{line}{}", e.message().trim_end())
+    })?;
     let data_dir = file
         .data
         .split_to

@@ -345,6 +345,12 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         assert_eq!((c.seed, c.data_seed()), (9, 5));
     }
 
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "out = 'x'\n[data\n").unwrap();
+    let err = kd_err(&["run", broken.to_str().unwrap()]);
+    assert!(err.contains("broken.toml: line 2: unclosed table"), "{err}");
+
     for width in ["'4'", "-4", "4.0"] {
         let text = format!(
             "out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\nwidth = {width}\n"

@@ -194,7 +194,12 @@ impl TrainConfig {
                 && (v.iter().any(|x| !x.is_finite())
                     || (name == "std" && v.iter().any(|&x| x <= 0.0)))
             {
-                bail!("{name} {v:?} is invalid: use finite values (std > 0)");
+                let what = if name == "std" {
+                    "finite positive values"
+                } else {
+                    "finite values"
+                };
+                bail!("{name} {v:?} is invalid: use {what}");
             }
         }
         if let Some(t) = &self.teacher {
