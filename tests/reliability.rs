@@ -392,6 +392,18 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
         std::fs::read(run.join("classes.json")).unwrap(),
         classes_before
     );
+    // So is resuming after images were added to a class; restored, the run resumes.
+    std::fs::remove_dir_all(grown.join("2")).unwrap();
+    let extra = grown.join("0/extra.png");
+    std::fs::copy(first_png(&grown.join("1")), &extra).unwrap();
+    let resume = train_args(s(&grown), s(&run), &["--epochs", "2", "--resume"]);
+    let err = kd_err(&resume);
+    assert!(
+        err.contains("images under") && err.contains("changed"),
+        "{err}"
+    );
+    std::fs::remove_file(&extra).unwrap();
+    kd_ok(&resume);
     let image = first_png(&grown.join("0"));
     kd_ok(&["predict", "--run", s(&run), s(&image)]);
     let err = kd_err(&["predict", "--run", s(&run), "--top-k", "0", s(&image)]);

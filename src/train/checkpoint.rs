@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::EpochMetrics;
+use crate::data::Sample;
 use crate::io::write_atomic_parts;
 
 const MAGIC: &[u8; 8] = b"KDRESUM1";
@@ -26,6 +27,46 @@ pub struct LoopState {
     /// The epoch in progress when training was interrupted (Ctrl-C), if any.
     #[serde(default)]
     pub partial: Option<EpochProgress>,
+    /// The images the run trains and validates on (absent in older resume files).
+    #[serde(default)]
+    pub data: Option<DataFingerprint>,
+}
+
+/// Which images a run trains and validates on, so that `--resume` can refuse a folder whose
+/// images changed (the same batches could not be replayed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    /// Training images.
+    pub train_images: usize,
+    /// Validation images.
+    pub val_images: usize,
+    /// FNV-1a hash of every image's path (relative to the data folder) and label, in order.
+    pub hash: u64,
+}
+
+impl DataFingerprint {
+    /// The fingerprint of a run's samples under its data folder `root`.
+    pub fn of(root: &Path, train: &[Sample], val: &[Sample]) -> Self {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for (part, samples) in [(&b"train"[..], train), (&b"val"[..], val)] {
+            feed(part);
+            for s in samples {
+                let path = s.path.strip_prefix(root).unwrap_or(&s.path);
+                feed(path.to_string_lossy().as_bytes());
+                feed(&(s.label as u64).to_le_bytes());
+            }
+        }
+        Self {
+            train_images: train.len(),
+            val_images: val.len(),
+            hash,
+        }
+    }
 }
 
 /// Running totals of an epoch, enough to continue it after an interruption.

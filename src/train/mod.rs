@@ -40,7 +40,7 @@ use crate::losses::cross_entropy;
 use crate::metrics::Evaluation;
 use crate::models::{Network, weights};
 use crate::run::{Run, classes_map, files};
-use checkpoint::{EpochProgress, LoopState, load_resume, save_resume};
+use checkpoint::{DataFingerprint, EpochProgress, LoopState, load_resume, save_resume};
 use writer::{BackgroundWriter, WriteJob};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -214,6 +214,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     dataset::report_skipped(&data.skipped, config.strict)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
+    let fingerprint = DataFingerprint::of(&config.data, &train_samples, &val_samples);
     let restart = saved_no_epoch(out);
     if restart {
         eprintln!(
@@ -222,7 +223,13 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         );
     }
     let resumed = if options.resume && !restart {
-        Some(check_resume(&mut config, out, &resume_path, &data.classes)?)
+        Some(check_resume(
+            &mut config,
+            out,
+            &resume_path,
+            &data.classes,
+            &fingerprint,
+        )?)
     } else if restart {
         None
     } else {
@@ -287,6 +294,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         best_accuracy: -1.0, // below any accuracy; finite so it survives JSON
         seconds: 0.0,
         partial: None,
+        data: Some(fingerprint.clone()),
     };
     if let Some(r) = resumed {
         weights::load_bytes(&mut model, r.model, &resume_path)?;
@@ -469,6 +477,7 @@ fn check_resume(
     out: &Path,
     resume_path: &Path,
     classes: &[String],
+    fingerprint: &DataFingerprint,
 ) -> Result<checkpoint::ResumeState> {
     let previous = Run::open(out).with_context(|| format!("cannot resume {}", out.display()))?;
     if previous.classes != classes {
@@ -502,7 +511,21 @@ fn check_resume(
             resume_path.display()
         );
     }
-    load_resume(resume_path)
+    let resumed = load_resume(resume_path)?;
+    if let Some(saved) = &resumed.state.data
+        && saved != fingerprint
+    {
+        bail!(
+            "cannot resume {}: the images under {} changed since it started ({} training and {} validation images then, {} and {} now, or other files): restore them, or train a new run in another --out",
+            out.display(),
+            config.data.display(),
+            saved.train_images,
+            saved.val_images,
+            fingerprint.train_images,
+            fingerprint.val_images
+        );
+    }
+    Ok(resumed)
 }
 
 fn progress_bar(batches: usize, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {
