@@ -155,6 +155,11 @@ fn empty_class_folder_and_single_class_are_reported() {
             "{err}"
         );
     }
+    let presplit = dir.path().join("presplit");
+    mnist_subset(&presplit.join("train"), 2, 3);
+    mnist_subset(&presplit.join("val"), 2, 3);
+    let err = kd_err(&["split", presplit.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(err.contains("is already split"), "{err}");
     assert!(!out.exists());
 
     // Outputs inside the data (they would be read as classes) or holding it (--force would

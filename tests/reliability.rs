@@ -176,7 +176,7 @@ fn folder_shapes_mixed_images_and_symlink_loops() {
     // to another class. None may add an image, or put one under a second class.
     #[cfg(unix)]
     for (target, link) in [
-        ("0", "0/loop"),
+        (".", "0/loop"),
         ("..", "1/up"),
         ("..", "1/up2"),
         ("../1", "0/one"),
@@ -197,6 +197,20 @@ fn folder_shapes_mixed_images_and_symlink_loops() {
     kd_ok(&train_args(s(&mixed), s(&run), &["--epochs", "1"]));
     let predicted = kd_ok(&["predict", "--run", s(&run), s(&mixed.join("1"))]);
     assert_eq!(predicted.lines().count(), 8, "{predicted}");
+
+    // A class folder that is itself a link to another class, or to the dataset, would
+    // read images under two labels: refused, naming the folders.
+    #[cfg(unix)]
+    for (target, name, needle) in [
+        ("1", "alias", "the same folder"),
+        (".", "all", "whole dataset"),
+    ] {
+        let link = mixed.join(name);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let err = kd_err(&["stats", s(&mixed)]);
+        assert!(err.contains(name) && err.contains(needle), "{err}");
+        std::fs::remove_file(&link).unwrap();
+    }
 }
 
 #[test]

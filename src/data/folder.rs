@@ -79,6 +79,13 @@ pub fn class_names(root: &Path) -> Result<Vec<String>> {
         );
     }
     let has = |name: &str| classes.iter().any(|c| c == name);
+    if has("train") && has("val") {
+        bail!(
+            "{} is already split (train/, val/), not a folder of class folders: kd train and kd distill take it as it is; here pass {}",
+            root.display(),
+            root.join("train").display()
+        );
+    }
     if has("train") && (classes.len() == 1 || SPLIT_NAMES.iter().any(|n| has(n))) {
         bail!(
             "{} looks like a dataset root ({}/), not a folder of class folders: pass {} (split in memory, or with `kd split`), or give it a val/ folder to train on train/ and val/",
@@ -91,7 +98,7 @@ pub fn class_names(root: &Path) -> Result<Vec<String>> {
 }
 
 /// Folder names that, next to `train`, mark a dataset root rather than a class.
-const SPLIT_NAMES: &[&str] = &["val", "valid", "validation", "test"];
+const SPLIT_NAMES: &[&str] = &["valid", "validation", "test"];
 
 /// Every image file under `dir` (sorted; hidden entries skipped, symlinks followed but no
 /// folder entered twice, none above `dir`): the images `kd predict` is given a folder of.
@@ -100,6 +107,7 @@ pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let fence = Fence {
         root: own.clone(),
         own: own.clone(),
+        others: Vec::new(),
     };
     let (mut files, mut skipped) = (Vec::new(), Vec::new());
     walk(
@@ -120,13 +128,15 @@ impl ImageFolder {
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
         let dataset = canonical(root);
+        let targets = class_targets(root, &dataset, &classes)?;
         for (label, class) in classes.iter().enumerate() {
             let dir = root.join(class);
             let mut files = Vec::new();
-            let own = canonical(&dir);
+            let own = targets[label].clone();
             let fence = Fence {
                 root: dataset.clone(),
                 own: own.clone(),
+                others: [&targets[..label], &targets[label + 1..]].concat(),
             };
             walk(
                 &dir,
@@ -154,19 +164,61 @@ impl ImageFolder {
     }
 }
 
+/// The canonical folder of each class, refusing class folders that are symlinks to the
+/// dataset folder or one above it, or to the same folder as another class (or one holding
+/// it): their images would be read under two labels.
+fn class_targets(root: &Path, dataset: &Path, classes: &[String]) -> Result<Vec<PathBuf>> {
+    let targets: Vec<PathBuf> = classes.iter().map(|c| canonical(&root.join(c))).collect();
+    for (class, t) in classes.iter().zip(&targets) {
+        if dataset.starts_with(t) {
+            bail!(
+                "class folder {} links to {}, which holds the whole dataset: make it a folder of that class's images",
+                root.join(class).display(),
+                t.display()
+            );
+        }
+    }
+    for (i, t) in targets.iter().enumerate() {
+        let dir = root.join(&classes[i]);
+        if let Some(j) = (0..targets.len())
+            .find(|&j| j != i && (targets[j].starts_with(t) || t.starts_with(&targets[j])))
+        {
+            bail!(
+                "class folders {} and {} are the same folder, or one holds the other (through a symlink): give each class a folder of its own images",
+                dir.display(),
+                root.join(&classes[j]).display()
+            );
+        }
+    }
+    Ok(targets)
+}
+
 /// The folders a walk for one class (or one `kd predict` folder) may enter.
 struct Fence {
     /// The dataset folder (canonical).
     root: PathBuf,
     /// The class's own folder (canonical).
     own: PathBuf,
+    /// The other classes' folders (canonical; they may lie outside the dataset).
+    others: Vec<PathBuf>,
 }
 
 impl Fence {
-    /// Never the dataset folder or one above it (a symlink loop, or every class at once),
-    /// nor another class's folder; anything outside the dataset (a linked folder) is fine.
+    /// The class's own folders, and linked folders outside the dataset; never the dataset
+    /// folder or one above it (a symlink loop, or every class at once), nor a folder of, in
+    /// or holding another class.
     fn allows(&self, dir: &Path) -> bool {
-        !self.root.starts_with(dir) && (!dir.starts_with(&self.root) || dir.starts_with(&self.own))
+        if self.root.starts_with(dir) {
+            return false;
+        }
+        if dir.starts_with(&self.own) {
+            return true;
+        }
+        !dir.starts_with(&self.root)
+            && !self
+                .others
+                .iter()
+                .any(|o| dir.starts_with(o) || o.starts_with(dir))
     }
 }
 
