@@ -161,6 +161,26 @@ fn empty_class_folder_and_single_class_are_reported() {
     let err = kd_err(&["split", presplit.to_str().unwrap(), out.to_str().unwrap()]);
     assert!(err.contains("is already split"), "{err}");
     assert!(!out.exists());
+    // A run folder next to train/ and val/ is not read, so it may live there.
+    let beside = presplit.join("runs/r");
+    kd_ok(&[
+        "train",
+        "--data",
+        presplit.to_str().unwrap(),
+        "--out",
+        beside.to_str().unwrap(),
+        "--model",
+        "resnet18",
+        "--width",
+        "2",
+        "--stem",
+        "small",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
 
     // Outputs inside the data (they would be read as classes) or holding it (--force would
     // delete it) are refused, and the data stays whole.
@@ -188,7 +208,7 @@ fn empty_class_folder_and_single_class_are_reported() {
                 "--out",
                 inner.to_str().unwrap(),
             ],
-            "inside --data",
+            "where the run reads its images",
         ),
     ];
     for (args, needle) in refused {

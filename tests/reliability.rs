@@ -386,6 +386,18 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
     assert!(early.join("checkpoints/final.bpk").is_file());
     kd_err(&args); // now it holds a finished run
 
+    // While a process trains in a folder (holding its lock), a second one is refused at
+    // once and writes nothing there.
+    let busy = dir.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    let lock = std::fs::File::create(busy.join(".kd-lock")).unwrap();
+    lock.try_lock().unwrap();
+    let err = kd_err(&train_args(s(&data), s(&busy), &["--epochs", "1"]));
+    assert!(err.contains("in use by another kd process"), "{err}");
+    assert!(!busy.join("config.json").exists());
+    drop(lock);
+    kd_ok(&train_args(s(&data), s(&busy), &["--epochs", "1"]));
+
     // Resuming after a class folder was added is refused before the run is touched.
     let grown = dir.path().join("grown");
     mnist_subset(&grown, 2, 12);

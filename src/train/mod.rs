@@ -201,13 +201,7 @@ pub fn default_device() -> Device {
 pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result<TrainSummary> {
     config.validate()?;
     let mut config = config.clone();
-    if crate::io::resolved(out).starts_with(crate::io::resolved(&config.data)) {
-        bail!(
-            "--out {} is inside --data {}: the run folder would be read as images; choose an --out outside the data folder",
-            out.display(),
-            config.data.display()
-        );
-    }
+    check_out_is_not_read(out, &config.data)?;
     let data = dataset::for_config(&config)?;
     let (train_samples, val_samples) = (data.train.clone(), data.val.clone());
     let n_classes = data.classes.len();
@@ -215,6 +209,13 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
     let fingerprint = DataFingerprint::of(&config.data, &train_samples, &val_samples);
+    // An existing run folder is locked before it is judged, so that a second process
+    // cannot take a first epoch in progress for an abandoned one.
+    let lock = if out.is_dir() {
+        Some(lock_run_folder(out)?)
+    } else {
+        None
+    };
     let restart = saved_no_epoch(out);
     if restart {
         eprintln!(
@@ -257,6 +258,11 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     } else {
         verify_images(&train_samples)?;
     }
+    // Held until training returns (dropped after the checkpoint writer has finished).
+    let _lock = match lock {
+        Some(lock) => lock,
+        None => lock_run_folder(out)?,
+    };
     ensure_dir(&out.join(files::CHECKPOINTS))?;
     write_json(&out.join(files::CONFIG), &config)?;
     write_json(&out.join(files::CLASSES), &classes_map(&data.classes))?;
@@ -296,6 +302,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         partial: None,
         data: Some(fingerprint.clone()),
     };
+    let started_fresh = resumed.is_none();
     if let Some(r) = resumed {
         weights::load_bytes(&mut model, r.model, &resume_path)?;
         optim = optim
@@ -371,7 +378,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
                 }
                 progress.seen += batch.len();
             } else if config.nan_policy == NanPolicy::Stop {
-                let kept = if state.epochs_done == 0 {
+                let kept = if started_fresh && state.epochs_done == 0 {
                     "no epoch was saved, so the same command starts again".to_string()
                 } else {
                     format!("the last good checkpoint is kept in {}", ckpt.display())
@@ -458,20 +465,72 @@ fn verify_images(samples: &[crate::data::Sample]) -> Result<()> {
         .try_for_each(|s| crate::data::load_image(&s.path).map(|_| ()))
 }
 
-/// Checks that `out` holds a resumable run made with the same config; fills in the
-/// recorded normalization.
+/// Refuses a run folder inside the folders the run reads its images from (`data`, or its
+/// `train/` and `val/`): it would be read as a class.
+fn check_out_is_not_read(out: &Path, data: &Path) -> Result<()> {
+    let (train, val) = (data.join("train"), data.join("val"));
+    let read = if train.is_dir() && val.is_dir() {
+        vec![train, val]
+    } else {
+        vec![data.to_path_buf()]
+    };
+    let out_resolved = crate::io::resolved(out);
+    if let Some(dir) = read
+        .iter()
+        .find(|d| out_resolved.starts_with(crate::io::resolved(d)))
+    {
+        bail!(
+            "--out {} is inside {}, where the run reads its images: choose an --out outside it",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Holds `out/.kd-lock` exclusively while this process trains in `out`, so that a second
+/// `kd train` / `kd distill` on the same folder stops at once instead of mixing its files in.
+/// The operating system releases it when the process ends, however it ends.
+fn lock_run_folder(out: &Path) -> Result<std::fs::File> {
+    ensure_dir(out)?;
+    let path = out.join(".kd-lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| {
+            format!(
+                "cannot create {}: check that the folder is writable",
+                path.display()
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another kd process training there: wait for it to finish, or choose another --out",
+            out.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// Whether `out` holds a run that stopped before saving anything of its first epoch (an
-/// error, Ctrl-C or `kill -9` then): nothing in it is worth keeping, so a new run (with or
-/// without `--resume`) starts there afresh.
+/// error or `kill -9` then; Ctrl-C saves a resumable state): nothing in it is worth keeping,
+/// so a new run (with or without `--resume`) starts there afresh.
 fn saved_no_epoch(out: &Path) -> bool {
     let ckpt = out.join(files::CHECKPOINTS);
-    out.join(files::CONFIG).is_file()
+    Run::open(out).is_ok()
         && !out.join("metrics.json").exists()
         && ["best.bpk", "final.bpk", files::RESUME]
             .iter()
             .all(|f| !ckpt.join(f).exists())
 }
 
+/// Checks that `out` holds a resumable run made with the same config and data; fills in
+/// the recorded normalization.
 fn check_resume(
     config: &mut TrainConfig,
     out: &Path,
