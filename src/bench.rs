@@ -262,6 +262,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
 }
 
 fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
+    crate::data::check_image_size(a.image_size)?;
     let folder = ImageFolder::scan(dir)?;
     let transform = Transform {
         augment: Some(AugmentConfig::default()),

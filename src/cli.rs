@@ -123,7 +123,8 @@ struct TrainArgs {
     /// Square input size in pixels [default: 224].
     #[arg(long)]
     image_size: Option<usize>,
-    /// Seed of initialisation, shuffling, augmentation and split [default: 42].
+    /// Seed of initialisation, shuffling and augmentation, and of the split and subsets
+    /// unless --split-seed is given [default: 42].
     #[arg(long)]
     seed: Option<u64>,
     /// Seed of the in-memory split and the --train-limit/--val-limit subsets, to vary

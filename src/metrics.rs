@@ -195,9 +195,10 @@ mod tests {
         assert!(e.to_text().contains("75.00%"));
     }
 
-    /// scikit-learn's `f1_score(average="macro")` on y_true [0, 1], y_pred [0, 2] with
-    /// labels 0..4: class 3 occurs nowhere and is left out; class 2 (predicted, no
-    /// support) and class 1 (missed) count as 0: (1 + 0 + 0) / 3.
+    /// scikit-learn's default `f1_score(y_true, y_pred, average="macro")` (labels taken
+    /// from y_true and y_pred) on y_true [0, 1], y_pred [0, 2] of 4 classes: class 3 occurs
+    /// nowhere and is left out; class 2 (predicted, no support) and class 1 (missed) count
+    /// as 0: (1 + 0 + 0) / 3.
     #[test]
     fn macro_f1_leaves_out_classes_that_occur_nowhere() {
         let mut m = ConfusionMatrix::new(4);

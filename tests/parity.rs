@@ -176,8 +176,8 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     );
     assert!(
         msg.contains("does not fit this model")
-            && msg.contains("in this model")
-            && msg.contains("width"),
+            && msg.contains("' is [")
+            && msg.contains("] in this model"),
         "{msg}"
     );
 

@@ -222,25 +222,31 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             }
         );
     }
-    fresh_head_if_other_classes(&mut result, path);
-    check_complete_torch(result, path)
-}
-
-/// Fine-tuning from weights trained on other classes (ImageNet's 1000, say): a classifier
-/// head `fc` of another shape, or none, is left freshly initialised, with a note.
-fn fresh_head_if_other_classes(result: &mut ApplyResult, path: &Path) {
-    let is_head = |p: &str| p.starts_with("fc.");
-    let before = (result.errors.len(), result.missing.len());
-    result
-        .errors
-        .retain(|e| !matches!(e, ApplyError::ShapeMismatch { path, .. } if is_head(path)));
-    result.missing.retain(|(name, _)| !is_head(name));
-    if (result.errors.len(), result.missing.len()) != before {
+    let fresh_head = fresh_head_if_other_classes(&mut result);
+    check_complete_torch(result, path)?;
+    if fresh_head {
         eprintln!(
             "note: the classifier head (fc) of {} does not fit this model's classes; it starts from fresh weights",
             path.display()
         );
     }
+    Ok(())
+}
+
+/// Fine-tuning from weights trained on other classes (ImageNet's 1000, say): when none of
+/// the file's classifier head `fc` fits (another shape, or absent), the head is left
+/// freshly initialised and its errors are dropped. Returns whether that happened.
+fn fresh_head_if_other_classes(result: &mut ApplyResult) -> bool {
+    let is_head = |p: &str| p.starts_with("fc.");
+    if result.applied.iter().any(|p| is_head(p)) {
+        return false; // a head that partly fits is an error, reported as such
+    }
+    let before = (result.errors.len(), result.missing.len());
+    result
+        .errors
+        .retain(|e| !matches!(e, ApplyError::ShapeMismatch { path, .. } if is_head(path)));
+    result.missing.retain(|(name, _)| !is_head(name));
+    (result.errors.len(), result.missing.len()) != before
 }
 
 /// Loads the architecture's own module (not the `Network` enum, whose variant would

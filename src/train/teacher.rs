@@ -60,7 +60,7 @@ impl Teacher {
                 }
             );
         }
-        check_no_leak(&tc.run, &run.config, &data.val)?;
+        check_no_leak(&tc.run, &run.config, &config.data, &data.val)?;
         if run.config.image_size != config.image_size {
             bail!(
                 "teacher {} uses image size {} but the student {}: use --image-size {}",
@@ -113,7 +113,12 @@ impl Teacher {
 /// teacher's folder split with another seed or fraction, say): the teacher would have seen
 /// the answers, and the comparison would flatter distillation. Skipped when the teacher's
 /// data folder can no longer be read.
-fn check_no_leak(run_dir: &Path, teacher: &TrainConfig, student_val: &[Sample]) -> Result<()> {
+fn check_no_leak(
+    run_dir: &Path,
+    teacher: &TrainConfig,
+    student_data: &Path,
+    student_val: &[Sample],
+) -> Result<()> {
     let Ok(teacher_data) = dataset::for_config(teacher) else {
         return Ok(());
     };
@@ -126,15 +131,25 @@ fn check_no_leak(run_dir: &Path, teacher: &TrainConfig, student_val: &[Sample]) 
     let Some(first) = leaked.first() else {
         return Ok(());
     };
+    let fix = if crate::io::resolved(student_data) == crate::io::resolved(&teacher.data) {
+        format!(
+            "pass --split-seed {} --val-fraction {} to validate on the teacher's held-out images, or split the folder once with `kd split`",
+            teacher.data_seed(),
+            teacher.val_fraction
+        )
+    } else {
+        format!(
+            "pass the teacher's --data {} (and its split), so that both hold out the same images",
+            teacher.data.display()
+        )
+    };
     bail!(
-        "{} of the {} validation images (e.g. {}) are training images of teacher {} (its data: {}, split seed {}, val fraction {}): pass --split-seed {} --val-fraction {} to validate on the teacher's held-out images, or split the folder once with `kd split`",
+        "{} of the {} validation images (e.g. {}) are training images of teacher {} (its data: {}, split seed {}, val fraction {}): {fix}",
         leaked.len(),
         student_val.len(),
         first.path.display(),
         run_dir.display(),
         teacher.data.display(),
-        teacher.data_seed(),
-        teacher.val_fraction,
         teacher.data_seed(),
         teacher.val_fraction,
     )
