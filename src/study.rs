@@ -223,8 +223,20 @@ pub fn run_stage(
     }
     let resumable = dir.join(files::CHECKPOINTS).join(files::RESUME).is_file();
     if dir.join(files::CONFIG).is_file() && !resumable {
-        // Interrupted before its first epoch finished: nothing worth keeping.
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        // Interrupted before its first epoch finished: nothing worth keeping. Cleared under
+        // the folder's lock, so that a stage another process is training is left alone.
+        let _lock = crate::train::lock_run_folder(dir)?;
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else if entry.file_name() == ".kd-lock" {
+                Ok(())
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("cannot clear {}", path.display()))?;
+        }
     }
     let options = TrainOptions {
         resume: resumable,

@@ -382,6 +382,26 @@ alpha = 0.5
         metrics_before
     );
 
+    // A stage that stopped with part of its first epoch's files written (no resume state)
+    // is cleared and trained again; a stage being trained by another process is left alone.
+    let kd_dir = out.join("kd_student");
+    for f in ["checkpoints/final.bpk", "checkpoints/last.kdc"] {
+        std::fs::remove_file(kd_dir.join(f)).unwrap();
+    }
+    let lock = std::fs::File::create(kd_dir.join(".kd-lock")).unwrap();
+    lock.try_lock().unwrap();
+    let err = kd_err(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert!(err.contains("in use by another kd process"), "{err}");
+    assert!(kd_dir.join("checkpoints/best.bpk").is_file(), "left alone");
+    drop(lock);
+    let third = kd_ok(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert_eq!(
+        third.matches("finished earlier, skipped").count(),
+        2,
+        "{third}"
+    );
+    assert!(kd_dir.join("checkpoints/final.bpk").is_file());
+
     // Editing a finished stage's recipe is refused rather than silently mixed.
     let edited = std::fs::read_to_string(&file)
         .unwrap()

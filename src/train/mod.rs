@@ -491,7 +491,7 @@ fn check_out_is_not_read(out: &Path, data: &Path) -> Result<()> {
 /// Holds `out/.kd-lock` exclusively while this process trains in `out`, so that a second
 /// `kd train` / `kd distill` on the same folder stops at once instead of mixing its files in.
 /// The operating system releases it when the process ends, however it ends.
-fn lock_run_folder(out: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_run_folder(out: &Path) -> Result<std::fs::File> {
     ensure_dir(out)?;
     let path = out.join(".kd-lock");
     let file = std::fs::OpenOptions::new()
