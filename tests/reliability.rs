@@ -198,6 +198,17 @@ fn folder_shapes_mixed_images_and_symlink_loops() {
     let predicted = kd_ok(&["predict", "--run", s(&run), s(&mixed.join("1"))]);
     assert_eq!(predicted.lines().count(), 8, "{predicted}");
 
+    // A class name that is not UTF-8 cannot be recorded: named, with the fix.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = mixed.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+        std::fs::create_dir(&odd).unwrap();
+        let err = kd_err(&["stats", s(&mixed)]);
+        assert!(err.contains("not valid UTF-8"), "{err}");
+        std::fs::remove_dir(&odd).unwrap();
+    }
+
     // A class folder that is itself a link to another class, or to the dataset, would
     // read images under two labels: refused, naming the folders.
     #[cfg(unix)]

@@ -68,7 +68,13 @@ pub fn class_names(root: &Path) -> Result<Vec<String>> {
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() && !entry.file_name().to_string_lossy().starts_with('.') {
-            classes.push(entry.file_name().to_string_lossy().into_owned());
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                bail!(
+                    "class folder name {} is not valid UTF-8: rename the folder (class names go into classes.json)",
+                    path.display()
+                );
+            };
+            classes.push(name);
         }
     }
     classes.sort();
