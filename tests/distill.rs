@@ -199,19 +199,17 @@ fn teacher_logit_cache_gives_the_same_training() {
     assert!(format!("{err:#}").contains("--cache-teacher"), "{err:#}");
 }
 
-#[test]
-fn class_mismatch_between_teacher_and_data_is_a_clear_error() {
-    let s = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let three = dir.path().join("three");
-    mnist_subset(&three, 3, 10);
-    let out = dir.path().join("kd");
-    let err = kd_err(&[
+/// `kd distill` of a width-4 ResNet-18 at 32x32 from `teacher` on `data` into `out`.
+fn distill_args(data: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let paths = [data, teacher, out].map(|p| p.display().to_string());
+    let mut args: Vec<String> = [
         "distill",
         "--data",
-        three.to_str().unwrap(),
+        &paths[0],
         "--teacher",
-        s.teacher.to_str().unwrap(),
+        &paths[1],
+        "--out",
+        &paths[2],
         "--student",
         "resnet18",
         "--width",
@@ -220,9 +218,21 @@ fn class_mismatch_between_teacher_and_data_is_a_clear_error() {
         "small",
         "--image-size",
         "32",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    ]
+    .map(String::from)
+    .into();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+#[test]
+fn class_mismatch_between_teacher_and_data_is_a_clear_error() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let three = dir.path().join("three");
+    mnist_subset(&three, 3, 10);
+    let out = dir.path().join("kd");
+    let err = kd_err(&strs(&distill_args(&three, &s.teacher, &out, &[])));
     assert!(
         err.contains("other classes") && err.contains("teacher only"),
         "{err}"
@@ -237,31 +247,9 @@ fn validating_on_the_teachers_training_images_is_refused() {
     let s = shared();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("kd");
-    let distill = |extra: &[&'static str]| -> Vec<String> {
-        let mut args: Vec<&str> = vec![
-            "distill",
-            "--data",
-            s.data.to_str().unwrap(),
-            "--teacher",
-            s.teacher.to_str().unwrap(),
-            "--student",
-            "resnet18",
-            "--width",
-            "4",
-            "--stem",
-            "small",
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--no-augment",
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        args.into_iter().map(String::from).collect()
-    };
+    let quick = ["--epochs", "1", "--no-augment", "--quiet"];
+    let distill =
+        |extra: &[&str]| distill_args(&s.data, &s.teacher, &out, &[&quick, extra].concat());
     let err = kd_err(&strs(&distill(&["--seed", "7"])));
     assert!(
         err.contains("are training images of teacher") && err.contains("--split-seed 42"),
