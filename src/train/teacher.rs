@@ -11,6 +11,7 @@ use super::TrainConfig;
 use super::dataset::{self, RunData};
 use crate::data::{Batch, Loader, Sample};
 use crate::eval::{images_tensor, logits_rows};
+use crate::io::resolved;
 use crate::losses::DistillLoss;
 use crate::models::Network;
 use crate::run::Run;
@@ -122,16 +123,19 @@ fn check_no_leak(
     let Ok(teacher_data) = dataset::for_config(teacher) else {
         return Ok(());
     };
-    let key = |p: &Path| -> PathBuf { p.canonicalize().unwrap_or_else(|_| p.to_path_buf()) };
-    let seen: HashSet<PathBuf> = teacher_data.train.iter().map(|s| key(&s.path)).collect();
+    let seen: HashSet<PathBuf> = teacher_data
+        .train
+        .iter()
+        .map(|s| resolved(&s.path))
+        .collect();
     let leaked: Vec<&Sample> = student_val
         .iter()
-        .filter(|s| seen.contains(&key(&s.path)))
+        .filter(|s| seen.contains(&resolved(&s.path)))
         .collect();
     let Some(first) = leaked.first() else {
         return Ok(());
     };
-    let fix = if crate::io::resolved(student_data) == crate::io::resolved(&teacher.data) {
+    let fix = if resolved(student_data) == resolved(&teacher.data) {
         format!(
             "pass --split-seed {} --val-fraction {} to validate on the teacher's held-out images, or split the folder once with `kd split`",
             teacher.data_seed(),
