@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
+use crate::io::resolved;
+
 /// File extensions `kd` decodes (what the `image` crate is built with here).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "webp"];
 
@@ -109,7 +111,7 @@ const SPLIT_NAMES: &[&str] = &["valid", "validation", "test"];
 /// Every image file under `dir` (sorted; hidden entries skipped, symlinks followed but no
 /// folder entered twice, none above `dir`): the images `kd predict` is given a folder of.
 pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    let own = canonical(dir);
+    let own = resolved(dir);
     let fence = Fence {
         root: own.clone(),
         own: own.clone(),
@@ -133,7 +135,7 @@ impl ImageFolder {
         let classes = class_names(root)?;
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
-        let dataset = canonical(root);
+        let dataset = resolved(root);
         let targets = class_targets(root, &dataset, &classes)?;
         for (label, class) in classes.iter().enumerate() {
             let dir = root.join(class);
@@ -174,7 +176,7 @@ impl ImageFolder {
 /// dataset folder or one above it, or to the same folder as another class (or one holding
 /// it): their images would be read under two labels.
 fn class_targets(root: &Path, dataset: &Path, classes: &[String]) -> Result<Vec<PathBuf>> {
-    let targets: Vec<PathBuf> = classes.iter().map(|c| canonical(&root.join(c))).collect();
+    let targets: Vec<PathBuf> = classes.iter().map(|c| resolved(&root.join(c))).collect();
     for (class, t) in classes.iter().zip(&targets) {
         if dataset.starts_with(t) {
             bail!(
@@ -228,10 +230,6 @@ impl Fence {
     }
 }
 
-fn canonical(path: &Path) -> PathBuf {
-    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
 /// Recursively collects image files below `dir`; follows symlinks where `fence` allows but
 /// never enters a folder twice.
 fn walk(
@@ -249,7 +247,7 @@ fn walk(
             continue;
         }
         if path.is_dir() {
-            let target = canonical(&path);
+            let target = resolved(&path);
             if fence.allows(&target) && seen.insert(target) {
                 walk(&path, files, skipped, seen, fence)?;
             }
