@@ -74,6 +74,9 @@ impl ConfusionMatrix {
         let n = self.counts.len();
         let mut per_class = Vec::with_capacity(n);
         let (mut tp_all, mut fp_all, mut fn_all) = (0usize, 0usize, 0usize);
+        // As scikit-learn's macro average: over the classes that occur as a label or as a
+        // prediction (a class absent from both says nothing about the model).
+        let mut present_f1 = Vec::with_capacity(n);
         for (c, name) in classes.iter().enumerate().take(n) {
             let tp = self.counts[c][c];
             let predicted: usize = (0..n).map(|t| self.counts[t][c]).sum();
@@ -84,21 +87,19 @@ impl ConfusionMatrix {
             fn_all += fnn;
             let precision = ratio(tp, predicted);
             let recall = ratio(tp, support);
+            let score = f1(precision, recall);
+            if support + predicted > 0 {
+                present_f1.push(score);
+            }
             per_class.push(ClassScores {
                 class: name.clone(),
                 precision,
                 recall,
-                f1: f1(precision, recall),
+                f1: score,
                 support,
             });
         }
-        // As scikit-learn's macro average: over the classes that occur as a label or as a
-        // prediction (a class absent from both says nothing about the model).
-        let present: Vec<f64> = (0..n)
-            .filter(|&c| per_class[c].support > 0 || (0..n).any(|t| self.counts[t][c] > 0))
-            .map(|c| per_class[c].f1)
-            .collect();
-        let macro_f1 = present.iter().sum::<f64>() / present.len().max(1) as f64;
+        let macro_f1 = present_f1.iter().sum::<f64>() / present_f1.len().max(1) as f64;
         let micro_f1 = f1(
             ratio(tp_all, tp_all + fp_all),
             ratio(tp_all, tp_all + fn_all),
