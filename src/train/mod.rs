@@ -203,12 +203,11 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     let mut config = config.clone();
     check_out_is_not_read(out, &config.data)?;
     let data = dataset::for_config(&config)?;
-    let (train_samples, val_samples) = (data.train.clone(), data.val.clone());
     let n_classes = data.classes.len();
     dataset::report_skipped(&data.skipped, config.strict)?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
-    let fingerprint = DataFingerprint::of(&config.data, &train_samples, &val_samples);
+    let fingerprint = DataFingerprint::of(&config.data, &data.train, &data.val);
     // An existing run folder is locked before it is judged, so that a second process
     // cannot take a first epoch in progress for an abandoned one.
     let lock = if out.is_dir() {
@@ -223,7 +222,9 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             out.display()
         );
     }
-    let resumed = if options.resume && !restart {
+    let resumed = if restart {
+        None
+    } else if options.resume {
         Some(check_resume(
             &mut config,
             out,
@@ -231,8 +232,6 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             &data.classes,
             &fingerprint,
         )?)
-    } else if restart {
-        None
     } else {
         if out.join(files::CONFIG).exists() {
             bail!(
@@ -250,13 +249,13 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     // Every image is decoded once before any training, so a corrupt, truncated or empty file
     // is reported by name now rather than hours later; computing the training images'
     // statistics decodes (and so checks) them in the same pass.
-    verify_images(&val_samples)?;
+    verify_images(&data.val)?;
     if config.mean.is_none() || config.std.is_none() {
-        let stats = channel_stats(&train_samples, Some(config.image_size))?;
+        let stats = channel_stats(&data.train, Some(config.image_size))?;
         config.mean.get_or_insert(stats.mean);
         config.std.get_or_insert(stats.std);
     } else {
-        verify_images(&train_samples)?;
+        verify_images(&data.train)?;
     }
     // Held until training returns (dropped after the checkpoint writer has finished).
     let _lock = match lock {
@@ -272,14 +271,14 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         augment: Some(config.augment.clone()),
         ..eval_t.clone()
     };
-    let train_loader = Loader::new(train_samples, train_t, config.batch_size, true, config.seed)
+    let train_loader = Loader::new(data.train, train_t, config.batch_size, true, config.seed)
         .with_cache(config.cache_images, config.cache_mib);
     // Validation images are always cached as decoded (exact), so that `kd eval` agrees.
     let val_cache = match config.cache_images {
         CacheMode::Off => CacheMode::Off,
         _ => CacheMode::Decoded,
     };
-    let val_loader = Loader::new(val_samples, eval_t, config.batch_size, false, config.seed)
+    let val_loader = Loader::new(data.val, eval_t, config.batch_size, false, config.seed)
         .with_cache(val_cache, config.cache_mib);
 
     let teacher_cache = match (&teacher, &config.teacher) {
