@@ -137,7 +137,7 @@ struct TrainArgs {
     /// Base width of the model (first stage; tiny models for tests).
     #[arg(long)]
     width: Option<usize>,
-    /// ResNet stem: imagenet (7x7/2 + max pool) or small (3x3/1, for small images).
+    /// ResNet stem: imagenet (7x7/2 + max pool, images from 32) or small (3x3/1, from 8).
     #[arg(long, value_enum)]
     stem: Option<StemArg>,
     /// Normalization mean "r,g,b" [default: computed on the training images].

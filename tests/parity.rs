@@ -33,6 +33,41 @@ fn resnet_tiny_matches_torchvision_in_eval_and_train_mode() {
 }
 
 #[test]
+fn resnet_minimum_image_size_follows_the_stem() {
+    let spec = |stem| ModelSpec {
+        name: "resnet18".into(),
+        width: Some(4),
+        stem,
+    };
+    let err = spec(None).validate(28).unwrap_err().to_string();
+    assert!(
+        err.contains("imagenet stem")
+            && err.contains("at least 32")
+            && err.contains("--stem small"),
+        "{err}"
+    );
+    assert!(spec(None).validate(32).is_ok());
+    let small = spec(Some(kd::models::Stem::Small));
+    let err = small.validate(7).unwrap_err().to_string();
+    assert!(
+        err.contains("small stem") && err.contains("at least 8"),
+        "{err}"
+    );
+
+    // MNIST's own 28x28 and the 8x8 floor train: a forward and backward in train mode.
+    let device = Device::flex().autodiff();
+    for size in [8, 28] {
+        small.validate(size).unwrap();
+        let net = small.build(10, size, &device).unwrap();
+        let x: Tensor<4> = Tensor::ones([2, 3, size, size], &device).require_grad();
+        let logits = net.forward(x.clone());
+        assert_eq!(logits.dims(), [2, 10]);
+        let grads = logits.sum().backward();
+        assert!(x.grad(&grads).is_some(), "no input gradient at {size}");
+    }
+}
+
+#[test]
 fn reference_parameter_counts() {
     let counts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())

@@ -61,7 +61,8 @@ impl ModelSpec {
     }
 
     /// Checks the name and options without building anything.
-    /// CoAtNet needs an image size that is a multiple of 32.
+    /// CoAtNet needs an image size that is a multiple of 32; ResNet at least its stem's
+    /// total stride (32 with torchvision's stem, 8 with the small one).
     pub fn validate(&self, image_size: usize) -> Result<()> {
         let arch = self.arch()?;
         if self.width == Some(0) {
@@ -70,10 +71,21 @@ impl ModelSpec {
         crate::data::check_image_size(image_size)?;
         match arch {
             Arch::ResNet(_) => {
-                if image_size < 32 {
+                // The last stage must see at least one pixel that is not padding.
+                let (min, stem) = match self.stem.unwrap_or(Stem::Imagenet) {
+                    Stem::Imagenet => (32, "imagenet"),
+                    Stem::Small => (8, "small"),
+                };
+                if image_size < min {
                     bail!(
-                        "image size {image_size} is too small for {}: use at least 32",
-                        self.name
+                        "image size {image_size} is too small for {} with the {stem} stem: \
+                         use at least {min}{}",
+                        self.name,
+                        if min > 8 {
+                            " (or --stem small, from 8)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
