@@ -113,15 +113,20 @@ pub struct Series {
     /// Legend label.
     pub label: String,
     /// Points.
-    pub points: Vec<(f64, f64)>,
+    pub points: Vec<(u32, f64)>,
 }
 
-/// Line chart of several series over epochs.
+/// Values spread over more than this factor get a logarithmic axis (a diverged run's loss
+/// would otherwise flatten every other curve).
+const LOG_AXIS_SPREAD: f64 = 50.0;
+
+/// Line chart of several series over whole epochs, each point marked (a one-epoch run shows
+/// as a dot). Positive values spread over more than [`LOG_AXIS_SPREAD`] get a log axis.
 pub fn curves_png(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let max_x = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
-        .fold(1.0, f64::max);
+        .fold(2, u32::max);
     let ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -133,37 +138,92 @@ pub fn curves_png(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
     if ys.is_empty() {
         (lo, hi) = (0.0, 1.0);
     }
-    let pad = ((hi - lo) * 0.05).max(1e-6);
     render_png(path, (900, 560), |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(1.0..max_x.max(2.0), (lo - pad)..(hi + pad))
-            .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc(y_label)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        for (i, s) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e}"))?
-                .label(s.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+        if lo > 0.0 && hi / lo > LOG_AXIS_SPREAD {
+            let range = (lo / 1.2..hi * 1.2).log_scale();
+            let y_label = format!("{y_label} (log scale)");
+            draw_curves(&root, title, 1..max_x, range, &y_label, series)
+        } else {
+            let pad = ((hi - lo) * 0.05).max(1e-6);
+            draw_curves(
+                &root,
+                title,
+                1..max_x,
+                (lo - pad)..(hi + pad),
+                y_label,
+                series,
+            )
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        Ok(())
     })
+}
+
+fn draw_curves<Y>(
+    root: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    title: &str,
+    x_range: std::ops::Range<u32>,
+    y_range: Y,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()>
+where
+    Y: plotters::coord::ranged1d::AsRangedCoord<Value = f64>,
+    Y::CoordDescType: plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points = s.points.iter().copied().filter(|p| p.1.is_finite());
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pixels of the first series' colour in a chart of `points`.
+    fn first_colour_pixels(points: Vec<(u32, f64)>) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let series = [Series {
+            label: "run".into(),
+            points,
+        }];
+        curves_png(&path, "t", "y", &series).unwrap();
+        let c = Palette99::pick(0).to_rgba().rgb();
+        let img = image::open(&path).unwrap().to_rgb8();
+        img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count()
+    }
+
+    #[test]
+    fn a_one_epoch_run_is_drawn_as_a_point() {
+        let legend_only = first_colour_pixels(vec![]);
+        let one_point = first_colour_pixels(vec![(1, 0.5)]);
+        assert!(one_point > legend_only + 10, "{one_point} vs {legend_only}");
+    }
 }
