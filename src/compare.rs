@@ -57,28 +57,79 @@ pub struct SpeedOptions {
     pub precision: Option<Precision>,
 }
 
-/// Label for a run: its role in a distillation study.
-fn label(run: &Run, all: &[Run]) -> String {
-    let role = if run.config.teacher.is_some() {
+/// Labels for the runs: each one's role in a distillation study and its network; runs
+/// whose labels would be the same also get their folder's name (or, if that is shared too,
+/// their path).
+fn labels(all: &[Run]) -> Vec<String> {
+    let plain: Vec<String> = all
+        .iter()
+        .map(|run| format!("{} ({})", role(run, all), run.config.model.name))
+        .collect();
+    let count = |l: &String| plain.iter().filter(|m| *m == l).count();
+    let name = |run: &Run| {
+        let name = run
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let shared = all
+            .iter()
+            .filter(|r| r.dir.file_name() == run.dir.file_name())
+            .count();
+        match name {
+            Some(n) if shared == 1 => n,
+            _ => run.dir.display().to_string(),
+        }
+    };
+    all.iter()
+        .zip(&plain)
+        .map(|(run, label)| match count(label) {
+            1 => label.clone(),
+            _ => format!(
+                "{} ({}, {})",
+                role(run, all),
+                run.config.model.name,
+                name(run)
+            ),
+        })
+        .collect()
+}
+
+/// A run's role: "student with KD" if it has a teacher, "teacher" if one of `all` names
+/// it as its teacher, else "student without KD".
+fn role(run: &Run, all: &[Run]) -> &'static str {
+    if run.config.teacher.is_some() {
         "student with KD"
     } else if all.iter().any(|r| {
         r.config
             .teacher
             .as_ref()
-            .is_some_and(|t| same_dir(&t.run, &run.dir))
+            .is_some_and(|t| is_teacher_path(&t.run, &run.dir))
     }) {
         "teacher"
     } else {
         "student without KD"
-    };
-    format!("{role} ({})", run.config.model.name)
+    }
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
+/// Whether a KD run's recorded teacher path names `dir`. The path is recorded as typed,
+/// relative to where `kd distill` ran: when it does not resolve from here, a relative path
+/// without `..` still matches a `dir` ending in the same folders.
+fn is_teacher_path(teacher: &Path, dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return teacher == dir;
+    };
+    if let Ok(teacher) = teacher.canonicalize() {
+        return teacher == dir;
     }
+    let mut tail = PathBuf::new();
+    for part in teacher.components() {
+        match part {
+            std::path::Component::Normal(p) => tail.push(p),
+            std::path::Component::CurDir => {}
+            _ => return false,
+        }
+    }
+    !tail.as_os_str().is_empty() && dir.ends_with(&tail)
 }
 
 /// Median images/s of batch-32 inference at `s` x `s` on `device`. A GPU gets more warm-up
@@ -97,15 +148,15 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         bail!("no runs given: pass one or more run folders");
     }
     let opened: Vec<Run> = runs.iter().map(|r| Run::open(r)).collect::<Result<_>>()?;
+    let labels = labels(&opened);
     let mut rows = Vec::new();
     let (mut acc_series, mut val_loss_series, mut train_loss_series) =
         (Vec::new(), Vec::new(), Vec::new());
-    for run in &opened {
+    for (run, label) in opened.iter().zip(labels) {
         let history: Vec<EpochMetrics> = read_json(&run.dir.join("metrics.json"))?;
         let Some(best) = best_epoch(&history) else {
             bail!("run {} has no finished epoch yet", run.dir.display());
         };
-        let label = label(run, &opened);
         let precision = speed.precision.unwrap_or(run.config.precision);
         let device = crate::device::open(speed.device, precision)?;
         let net = run.load_network("best", &device)?;
@@ -136,7 +187,7 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         });
         let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
-            points: history.iter().map(|m| (m.epoch as f64, f(m))).collect(),
+            points: history.iter().map(|m| (m.epoch as u32, f(m))).collect(),
         };
         acc_series.push(series(|m| m.val_accuracy * 100.0));
         val_loss_series.push(series(|m| m.val_loss));
@@ -212,5 +263,35 @@ fn format_duration(s: f64) -> String {
         format!("{:.1} min", s / 60.0)
     } else {
         format!("{:.1} h", s / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_teacher_path_recorded_elsewhere_still_names_its_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("study-7f3a/teacher");
+        std::fs::create_dir_all(&dir).unwrap();
+        // As typed where `kd distill` ran (tmp), so it does not resolve from the test's folder.
+        for (recorded, names_it) in [
+            ("study-7f3a/teacher", true),
+            ("./study-7f3a/teacher", true),
+            ("teacher", true),
+            ("other/teacher", false),
+            ("../study-7f3a/teacher", false),
+            ("study-7f3a", false),
+        ] {
+            assert_eq!(
+                is_teacher_path(Path::new(recorded), &dir),
+                names_it,
+                "{recorded}"
+            );
+        }
+        // A path that resolves decides by itself.
+        assert!(is_teacher_path(&dir, &dir));
+        assert!(!is_teacher_path(tmp.path(), &dir));
     }
 }

@@ -349,6 +349,20 @@ alpha = 0.5
         serde_json::from_str(&std::fs::read_to_string(bf16_out.join("results.json")).unwrap())
             .unwrap();
     assert!(rows.iter().all(|r| r["inference_precision"] == "bf16"));
+    // Runs that share role and network are told apart by their folders' names.
+    let copy = dir.path().join("student-seed2");
+    copy_dir(&out.join("student"), &copy);
+    let mut args = compare(&dir.path().join("compare-two"), "--precision", "f32");
+    args.push(copy.display().to_string());
+    let printed = kd_ok(&strs(&args));
+    for label in [
+        "| teacher (resnet18) |",
+        "| student without KD (resnet18, student) |",
+        "| student without KD (resnet18, student-seed2) |",
+        "| student with KD (resnet18) |",
+    ] {
+        assert!(printed.contains(label), "{label} in {printed}");
+    }
     let cuda_out = dir.path().join("compare-cuda");
     let err = kd_err(&strs(&compare(&cuda_out, "--device", "cuda")));
     assert!(err.contains("--features cuda"), "{err}");
