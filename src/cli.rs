@@ -182,7 +182,8 @@ struct TrainArgs {
     /// Start from a PyTorch state dict (.safetensors or .pth; torchvision or reference CoAtNet names).
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch.
+    /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch (an epoch
+    /// with every batch skipped still stops).
     #[arg(long, value_enum)]
     nan_policy: Option<NanArg>,
     /// Fail on non-image files in the class folders (default: skip them with a warning).

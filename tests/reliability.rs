@@ -470,6 +470,33 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
         ),
         (Some(0), Some(1))
     );
+
+    // An epoch whose every batch is skipped stops the run: it learnt nothing and has no
+    // training loss to record (it had been recorded as 0).
+    let all = dir.path().join("skip-all");
+    let args = [
+        "--epochs",
+        "2",
+        "--train-limit",
+        "16",
+        "--nan-policy",
+        "skip-batch",
+    ];
+    let res = kd_with_fault(
+        &train_args(s(&data), s(&all), &args),
+        "KD_FAULT_NAN_AT_BATCH",
+        "2",
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("every batch of epoch 2 (1) had a non-finite training loss")
+            && err.contains("last good checkpoint is kept"),
+        "{err}"
+    );
+    let m: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(all.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m.len(), 1, "only the good epoch is recorded");
 }
 
 /// Metrics without the timing fields, and the exported weights.

@@ -327,6 +327,14 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             save_resume(&path, &model, &optim_bytes, &state)
         }))
     };
+    // What a stop for non-finite losses leaves behind.
+    let kept = |epochs_done: usize| {
+        if started_fresh && epochs_done == 0 {
+            "no epoch was saved, so the same command starts again".to_string()
+        } else {
+            format!("the last good checkpoint is kept in {}", ckpt.display())
+        }
+    };
     let mut writer = BackgroundWriter::default();
     for epoch in state.epochs_done..config.epochs {
         let lr = schedule.lr(epoch);
@@ -377,16 +385,12 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
                 }
                 progress.seen += batch.len();
             } else if config.nan_policy == NanPolicy::Stop {
-                let kept = if started_fresh && state.epochs_done == 0 {
-                    "no epoch was saved, so the same command starts again".to_string()
-                } else {
-                    format!("the last good checkpoint is kept in {}", ckpt.display())
-                };
                 bail!(
                     "training loss became {value} at epoch {} batch {}: lower --lr or check the data; \
-                     {kept} (or pass --nan-policy skip-batch)",
+                     {} (or pass --nan-policy skip-batch)",
                     epoch + 1,
                     progress.batches,
+                    kept(state.epochs_done),
                 );
             } else {
                 progress.skipped += 1;
@@ -414,6 +418,16 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
             }
         }
         bar.finish_and_clear();
+        if progress.seen == 0 {
+            // Nothing was learnt and there is no training loss to record.
+            bail!(
+                "every batch of epoch {} ({}) had a non-finite training loss and was skipped: \
+                 lower --lr or check the data; {}",
+                epoch + 1,
+                progress.skipped,
+                kept(state.epochs_done),
+            );
+        }
         let train_seconds = progress.seconds + start.elapsed().as_secs_f64();
         let valid = model.valid();
         let eval = evaluate(&valid, &val_loader, &data.classes, &device)?;
