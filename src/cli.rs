@@ -9,7 +9,7 @@ use crate::data::{
     AugmentConfig, ImageFolder, LinkMode, Loader, channel_stats, stratified_split, write_split,
 };
 use crate::device::ComputeArgs;
-use crate::eval::{evaluate, predict};
+use crate::eval::{EvalReport, evaluate, predict};
 use crate::io::{ensure_dir, write_json};
 use crate::losses::{KdConfig, KdLossKind};
 use crate::models::{KNOWN_MODELS, ModelSpec, Stem};
@@ -258,7 +258,8 @@ struct EvalArgs {
     /// Images to evaluate: DIR/val if it exists, else every image of DIR [default: the run's validation images].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Folder for eval JSON and confusion PNG [default: RUN/eval].
+    /// Folder for eval JSON and confusion PNG [default: RUN/eval; files named
+    /// eval-CHECKPOINT.json, or eval-CHECKPOINT-on-FOLDER.json with --data].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -639,7 +640,7 @@ fn open_for_run(compute: &ComputeArgs, run: &Run) -> Result<Device> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run)?;
     let device = open_for_run(&a.compute, &run)?;
-    let samples = match &a.data {
+    let (samples, data, suffix) = match &a.data {
         None => {
             let data = crate::train::dataset::for_config(&run.config).with_context(|| {
                 let relative = if run.config.data.is_relative() {
@@ -656,17 +657,25 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 )
             })?;
             check_classes(&run, &data.classes, &run.config.data)?;
-            data.val
+            (data.val, run.config.data.clone(), String::new())
         }
-        Some(dir) => {
-            let dir = if dir.join("val").is_dir() {
-                dir.join("val")
+        Some(given) => {
+            let dir = if given.join("val").is_dir() {
+                given.join("val")
             } else {
-                dir.clone()
+                given.clone()
             };
             let folder = ImageFolder::scan(&dir)?;
             check_classes(&run, &folder.classes, &dir)?;
-            folder.samples
+            // Named after the folder, so it does not replace the run's own evaluation.
+            let name = crate::io::resolved(given)
+                .file_name()
+                .map(|n| {
+                    n.to_string_lossy()
+                        .replace(|c: char| !c.is_alphanumeric() && c != '-' && c != '.', "_")
+                })
+                .unwrap_or_else(|| "data".into());
+            (folder.samples, dir, format!("-on-{name}"))
         }
     };
     let net = run.load_network(&a.checkpoint, &device)?;
@@ -680,13 +689,32 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let eval = evaluate(&net, &loader, &run.classes, &device)?;
     let out = a.out.clone().unwrap_or_else(|| run.dir.join("eval"));
     ensure_dir(&out)?;
-    let json_path = out.join(format!("eval-{}.json", a.checkpoint));
-    let png_path = out.join(format!("confusion-{}.png", a.checkpoint));
-    write_json(&json_path, &eval)?;
+    let json_path = out.join(format!("eval-{}{suffix}.json", a.checkpoint));
+    let png_path = out.join(format!("confusion-{}{suffix}.png", a.checkpoint));
+    let evaluated = EvalReport {
+        run: &run.dir,
+        checkpoint: &a.checkpoint,
+        epoch: run.checkpoint_epoch(&a.checkpoint),
+        data: &data,
+        validation_split: a.data.is_none(),
+        evaluation: &eval,
+    };
+    write_json(&json_path, &evaluated)?;
     report::confusion_png(&eval, &png_path)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&eval)?);
+        println!("{}", serde_json::to_string_pretty(&evaluated)?);
     } else {
+        let epoch = evaluated
+            .epoch
+            .map(|e| format!(" (epoch {e})"))
+            .unwrap_or_default();
+        println!(
+            "run {}, checkpoint {}{epoch}, the {}images of {}\n",
+            run.dir.display(),
+            a.checkpoint,
+            if a.data.is_none() { "validation " } else { "" },
+            data.display()
+        );
         print!("{}", eval.to_text());
         println!("\nwrote {} and {}", json_path.display(), png_path.display());
     }

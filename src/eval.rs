@@ -10,6 +10,24 @@ use crate::losses::cross_entropy;
 use crate::metrics::{ConfusionMatrix, Evaluation};
 use crate::models::Network;
 
+/// What `kd eval` writes and prints: an evaluation and what it evaluated.
+#[derive(Debug, Serialize)]
+pub struct EvalReport<'a> {
+    /// Run folder.
+    pub run: &'a std::path::Path,
+    /// Checkpoint name (best or final).
+    pub checkpoint: &'a str,
+    /// The epoch that checkpoint holds, when the run's metrics say.
+    pub epoch: Option<usize>,
+    /// The images' folder.
+    pub data: &'a std::path::Path,
+    /// Whether the images were the run's validation split of `data` (else all of `data`).
+    pub validation_split: bool,
+    /// The scores.
+    #[serde(flatten)]
+    pub evaluation: &'a Evaluation,
+}
+
 /// Moves a batch's images into a tensor on `device` (no copy of the pixel array; the
 /// batch keeps its labels and indices).
 pub fn take_images_tensor(batch: &mut Batch, device: &Device) -> Tensor<4> {

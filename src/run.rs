@@ -93,6 +93,18 @@ impl Run {
         Ok(path)
     }
 
+    /// The epoch (1-based) that checkpoint `name` holds, from the run's metrics: the first
+    /// epoch of best validation accuracy for `best`, the last epoch for `final`.
+    pub fn checkpoint_epoch(&self, name: &str) -> Option<usize> {
+        let history: Vec<crate::train::EpochMetrics> =
+            crate::io::read_json(&self.dir.join("metrics.json")).ok()?;
+        match name {
+            "best" => crate::train::metrics::best_epoch(&history).map(|m| m.epoch),
+            "final" => history.last().map(|m| m.epoch),
+            _ => None,
+        }
+    }
+
     /// Builds the network and loads a checkpoint into it, on `device`.
     pub fn load_network(&self, checkpoint: &str, device: &Device) -> Result<Network> {
         let path = self.checkpoint_path(checkpoint)?;

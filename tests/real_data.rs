@@ -79,6 +79,43 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     assert_eq!(eval["confusion"].as_array().unwrap().len(), 10);
     assert!(run.join("eval/confusion-best.png").is_file());
     image::open(run.join("eval/confusion-best.png")).expect("readable PNG");
+    // It says what it evaluated: the checkpoint, its epoch, the validation split.
+    let best_epoch = metrics
+        .iter()
+        .find(|m| m["val_accuracy"].as_f64().unwrap() == best)
+        .unwrap()["epoch"]
+        .clone();
+    assert_eq!(
+        (
+            &eval["checkpoint"],
+            &eval["epoch"],
+            &eval["validation_split"]
+        ),
+        (&"best".into(), &best_epoch, &true.into())
+    );
+    // Other images are evaluated into their own files; the run's evaluation is kept.
+    let own = std::fs::read(run.join("eval/eval-best.json")).unwrap();
+    let text = kd_ok(&[
+        "eval",
+        "--run",
+        r,
+        "--data",
+        data.join("train").to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("checkpoint best (epoch") && text.contains("the images of"),
+        "{text}"
+    );
+    let other: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("eval/eval-best-on-train.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&other["images"], &other["validation_split"]),
+        (&700.into(), &false.into())
+    );
+    assert!(run.join("eval/confusion-best-on-train.png").is_file());
+    assert_eq!(std::fs::read(run.join("eval/eval-best.json")).unwrap(), own);
 
     // kd predict's top-1 over the validation folder gives the same accuracy.
     let preds: Vec<serde_json::Value> = serde_json::from_str(&kd_ok(&[
