@@ -106,7 +106,8 @@ pub fn report_skipped(skipped: &[PathBuf], strict: bool) -> Result<()> {
     Ok(())
 }
 
-/// A class-balanced subset of at most `limit` samples, deterministic for a seed.
+/// A class-balanced subset of at most `limit` samples, deterministic for a seed: each class
+/// gives its share (classes in a seeded order get one more when `limit` does not divide).
 pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u64) -> Vec<Sample> {
     if limit >= samples.len() {
         return samples.to_vec();
@@ -119,10 +120,14 @@ pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u
     for g in &mut groups {
         g.shuffle(&mut rng);
     }
+    // The classes take turns in a seeded order, so a last, partial round (a limit below
+    // the class count, say) does not always favour the first classes.
+    let mut order: Vec<&Vec<&Sample>> = groups.iter().collect();
+    order.shuffle(&mut rng);
     let mut out = Vec::with_capacity(limit);
     let mut round = 0;
     while out.len() < limit {
-        for g in &groups {
+        for g in &order {
             if let Some(s) = g.get(round).filter(|_| out.len() < limit) {
                 out.push((*s).clone());
             }
@@ -131,4 +136,49 @@ pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u
     }
     out.sort_by(|a, b| (a.label, &a.path).cmp(&(b.label, &b.path)));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(classes: usize, per_class: usize) -> Vec<Sample> {
+        (0..classes * per_class)
+            .map(|i| Sample {
+                path: PathBuf::from(format!("{}/{i}.png", i % classes)),
+                label: i % classes,
+            })
+            .collect()
+    }
+
+    fn labels(subset: &[Sample]) -> Vec<usize> {
+        subset.iter().map(|s| s.label).collect()
+    }
+
+    #[test]
+    fn balanced_subset_shares_classes_and_leftovers_fairly() {
+        let all = samples(10, 6);
+        // 23 of 10 classes: 2 each, 3 classes a third; the same for the same seed.
+        let subset = balanced_subset(&all, 10, 23, 3);
+        let counts: Vec<usize> = (0..10)
+            .map(|c| labels(&subset).iter().filter(|&&l| l == c).count())
+            .collect();
+        assert_eq!(subset.len(), 23);
+        assert!(counts.iter().all(|&n| n == 2 || n == 3), "{counts:?}");
+        assert_eq!(labels(&balanced_subset(&all, 10, 23, 3)), labels(&subset));
+        // Below the class count, which classes are picked depends on the seed: it had
+        // always been the first ones.
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            let subset = labels(&balanced_subset(&all, 10, 4, seed));
+            let distinct: std::collections::BTreeSet<usize> = subset.iter().copied().collect();
+            assert_eq!(distinct.len(), 4, "{subset:?}");
+            seen.extend(distinct);
+        }
+        assert_eq!(
+            seen.len(),
+            10,
+            "every class gets picked by some seed: {seen:?}"
+        );
+    }
 }
