@@ -261,9 +261,14 @@ fn load_into<S: ModuleStore>(net: &mut Network, store: &mut S) -> Result<ApplyRe
 /// Writes the weights under PyTorch names as safetensors bytes: torchvision's for ResNet;
 /// the reference's for CoAtNet, `relative_index` (int64) included. BatchNorm's
 /// `num_batches_tracked` counters are not written (kd does not track them; PyTorch fills
-/// them in when loading such a state dict).
+/// them in when loading such a state dict). The bytes depend only on the weights.
 pub fn to_pytorch_safetensors(net: &Network) -> Result<Vec<u8>> {
-    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter);
+    // One metadata entry, PyTorch's usual one: Burn's default three live in a hash map, so
+    // their order (and the file's bytes) changed from one export to the next.
+    let mut store = SafetensorsStore::from_bytes(None)
+        .clear_metadata()
+        .metadata("format", "pt")
+        .with_to_adapter(BurnToPyTorchAdapter);
     for (from, to) in to_torch_remaps(net) {
         store = store.with_key_remapping(from, *to);
     }
