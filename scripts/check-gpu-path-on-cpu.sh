@@ -82,7 +82,7 @@ python3 -c "import json,sys; rows=json.load(open(sys.argv[1])); assert all(r['in
   "$out/report/results.json" || fail "compare did not measure on cubecl-cpu"
 
 step "bench bf16"
-"$KD" bench --model resnet18 --batch 2 --image-size 32 --small-stem --width 2 --steps 1 \
+"$KD" bench --model resnet18 --batch 2 --image-size 32 --stem small --width 2 --steps 1 \
   --warmup 1 --device cubecl-cpu --precision bf16 --json > "$out/bench.json"
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['images_per_second'] > 0 and r['peak_device_mib'] > 0, r" \
   "$out/bench.json" || fail "bench reported no speed or device memory"

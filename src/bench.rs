@@ -35,12 +35,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Batch size.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, visible_alias = "batch-size", default_value_t = 16)]
     pub batch: usize,
     /// Square image size.
     #[arg(long, default_value_t = 224)]
     pub image_size: usize,
-    /// train or eval.
+    /// What to time.
     #[arg(long, value_enum, default_value = "train")]
     pub mode: BenchMode,
     /// Timed steps (the median is reported).
@@ -55,9 +55,9 @@ pub struct BenchArgs {
     /// Base width override.
     #[arg(long)]
     pub width: Option<usize>,
-    /// Use the small-image stem.
-    #[arg(long)]
-    pub small_stem: bool,
+    /// ResNet stem [default: imagenet].
+    #[arg(long, value_enum)]
+    pub stem: Option<Stem>,
     /// Teacher architecture for --mode distill.
     #[arg(long, default_value = "coatnet_0")]
     pub teacher: String,
@@ -184,7 +184,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     let spec = ModelSpec {
         name: a.model.clone(),
         width: a.width,
-        stem: a.small_stem.then_some(Stem::Small),
+        stem: a.stem,
     };
     let (b, s) = (a.batch, a.image_size);
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();

@@ -137,9 +137,10 @@ struct TrainArgs {
     /// Base width of the model (first stage; tiny models for tests).
     #[arg(long)]
     width: Option<usize>,
-    /// ResNet stem: imagenet (7x7/2 + max pool, images from 32) or small (3x3/1, from 8).
+    /// ResNet stem: imagenet (7x7/2 + max pool, images from 32) or small (3x3/1, from 8)
+    /// [default: imagenet].
     #[arg(long, value_enum)]
-    stem: Option<StemArg>,
+    stem: Option<Stem>,
     /// Normalization mean "r,g,b" [default: computed on the training images].
     #[arg(long, value_parser = parse_triple)]
     mean: Option<[f32; 3]>,
@@ -183,13 +184,14 @@ struct TrainArgs {
     #[arg(long)]
     init_from: Option<PathBuf>,
     /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch (an epoch
-    /// with every batch skipped still stops).
+    /// with every batch skipped still stops) [default: stop].
     #[arg(long, value_enum)]
     nan_policy: Option<NanArg>,
     /// Fail on non-image files in the class folders (default: skip them with a warning).
     #[arg(long)]
     strict: bool,
-    /// Keep images in memory after the first epoch: decoded (exact) or resized (augment after resize).
+    /// Keep images in memory after the first epoch: decoded (exact) or resized (augment
+    /// after resize) [default: off].
     #[arg(long, value_enum)]
     cache_images: Option<crate::data::CacheMode>,
     /// Memory budget of each image cache in MiB [default: 4096].
@@ -227,12 +229,6 @@ struct DistillArgs {
     /// hinton (KL averaged per sample) or seed (the tutorial's exact formula).
     #[arg(long, value_enum, default_value = "hinton")]
     kd_loss: KdLossArg,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum StemArg {
-    Imagenet,
-    Small,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -547,11 +543,8 @@ fn train_config(
     if a.width.is_some() {
         c.model.width = a.width;
     }
-    if let Some(s) = a.stem {
-        c.model.stem = Some(match s {
-            StemArg::Imagenet => Stem::Imagenet,
-            StemArg::Small => Stem::Small,
-        });
+    if a.stem.is_some() {
+        c.model.stem = a.stem;
     }
     if a.mean.is_some() {
         c.mean = a.mean;

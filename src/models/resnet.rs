@@ -33,12 +33,13 @@ impl BlockKind {
 }
 
 /// The network's first layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Stem {
-    /// torchvision's: 7x7 stride-2 convolution and 3x3 stride-2 max pool (input / 4).
+    /// torchvision's: 7x7 stride-2 convolution and 3x3 stride-2 max pool (input / 4);
+    /// images from 32x32.
     Imagenet,
-    /// For small images (e.g. 32x32): 3x3 stride-1 convolution, no pool.
+    /// For small images (e.g. 32x32): 3x3 stride-1 convolution, no pool; images from 8x8.
     Small,
 }
 
