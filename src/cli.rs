@@ -156,6 +156,9 @@ struct TrainArgs {
     /// GaussianBlur kernel size, odd, 0 = off [default: 5].
     #[arg(long)]
     blur_kernel: Option<usize>,
+    /// GaussianBlur sigma range "min,max", drawn per image [default: 0.1,3].
+    #[arg(long, value_parser = parse_pair)]
+    blur_sigma: Option<[f32; 2]>,
     /// ColorJitter brightness [default: 0.5].
     #[arg(long)]
     brightness: Option<f32>,
@@ -174,6 +177,9 @@ struct TrainArgs {
     /// RandomResizedCrop instead of Resize.
     #[arg(long)]
     random_resized_crop: bool,
+    /// RandomResizedCrop area scale range "min,max" [default: 0.08,1].
+    #[arg(long, value_parser = parse_pair)]
+    crop_scale: Option<[f32; 2]>,
     /// Train on a class-balanced subset of at most N images.
     #[arg(long)]
     train_limit: Option<usize>,
@@ -349,12 +355,19 @@ struct ModelsArgs {
 }
 
 fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    parse_floats(s, "three comma-separated numbers, e.g. 0.44,0.47,0.43")
+}
+
+fn parse_pair(s: &str) -> Result<[f32; 2], String> {
+    parse_floats(s, "two comma-separated numbers, min,max, e.g. 0.1,3")
+}
+
+fn parse_floats<const N: usize>(s: &str, expected: &str) -> Result<[f32; N], String> {
     let v: Vec<f32> = s
         .split(',')
         .map(|x| x.trim().parse::<f32>().map_err(|e| format!("'{x}': {e}")))
         .collect::<Result<_, _>>()?;
-    v.try_into()
-        .map_err(|_| "expected three comma-separated numbers, e.g. 0.44,0.47,0.43".to_string())
+    v.try_into().map_err(|_| format!("expected {expected}"))
 }
 
 impl Cli {
@@ -562,6 +575,9 @@ fn train_config(
     if let Some(v) = a.blur_kernel {
         aug.blur_kernel = v;
     }
+    if let Some(v) = a.blur_sigma {
+        aug.blur_sigma = v;
+    }
     if let Some(v) = a.brightness {
         aug.brightness = v;
     }
@@ -576,6 +592,9 @@ fn train_config(
     }
     aug.hflip |= a.hflip;
     aug.random_resized_crop |= a.random_resized_crop;
+    if let Some(v) = a.crop_scale {
+        aug.crop_scale = v;
+    }
     if a.train_limit.is_some() {
         c.train_limit = a.train_limit;
     }

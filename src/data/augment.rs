@@ -152,7 +152,7 @@ impl AugmentConfig {
             );
         }
         let [lo, hi] = self.blur_sigma;
-        if self.blur_kernel > 0 && !(lo > 0.0 && hi >= lo) {
+        if self.blur_kernel > 0 && !(lo > 0.0 && hi >= lo && hi.is_finite()) {
             bail!(
                 "blur_sigma {:?} must be a positive range, e.g. [0.1, 3.0]",
                 self.blur_sigma
