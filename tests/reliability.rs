@@ -441,6 +441,21 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
     );
     std::fs::remove_file(&extra).unwrap();
     kd_ok(&resume);
+    // A larger --epochs extends a run (above: 1 -> 2); a smaller one is refused untouched.
+    let config_before = std::fs::read(run.join("config.json")).unwrap();
+    let err = kd_err(&train_args(
+        s(&grown),
+        s(&run),
+        &["--epochs", "1", "--resume"],
+    ));
+    assert!(
+        err.contains("--epochs 1") && err.contains("finished 2 epochs"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("config.json")).unwrap(),
+        config_before
+    );
     let image = first_png(&grown.join("0"));
     kd_ok(&["predict", "--run", s(&run), s(&image)]);
     let err = kd_err(&["predict", "--run", s(&run), "--top-k", "0", s(&image)]);

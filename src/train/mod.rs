@@ -584,6 +584,14 @@ fn check_resume(
         );
     }
     let resumed = load_resume(resume_path)?;
+    if config.epochs < resumed.state.epochs_done {
+        bail!(
+            "cannot resume {} with --epochs {}: it has finished {} epochs; pass at least that many (more extend the run)",
+            out.display(),
+            config.epochs,
+            resumed.state.epochs_done
+        );
+    }
     if let Some(saved) = &resumed.state.data
         && saved != fingerprint
     {
