@@ -214,7 +214,7 @@ pub fn run_stage(
         let diff = wanted.differing_keys(&done.config);
         if !diff.is_empty() {
             bail!(
-                "{} was trained with another config ({}): delete that folder to retrain it, or change `out`",
+                "{} was trained with another config ({}): delete that folder to retrain it, or choose another output folder (`out` in the TOML, `--out` of kd demo)",
                 dir.display(),
                 diff.join("; ")
             );
@@ -298,7 +298,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
     let rows = compare(&runs, &report, speed)?;
     println!("\n{}", results_table(&rows));
     println!(
-        "report: {} (results.md, accuracy.png, loss.png, train_loss.png)",
+        "report: {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
         report.display()
     );
     Ok(rows)
