@@ -113,6 +113,34 @@ fn stage_value(table: &toml::Table, stage: &str) -> Result<(ModelSpec, Value)> {
     Ok((spec, v))
 }
 
+/// Keys of a stage table besides the training keys.
+const MODEL_KEYS: [&str; 3] = ["model", "width", "stem"];
+/// Keys of `[distill]` besides a stage's (`loss` is `kd distill --kd-loss`).
+const DISTILL_KEYS: [&str; 4] = ["temperature", "alpha", "loss", "cache_teacher"];
+
+/// Refuses a key that `[section]` does not take, listing those it does: the training keys
+/// (but `data` and `teacher`, which come from `[data]` and `[distill]`) and `extra`.
+fn check_keys(table: &toml::Table, section: &str, extra: &[&str]) -> Result<()> {
+    let recipe = TrainConfig::recipe(PathBuf::new(), ModelSpec::named("resnet18"));
+    let Value::Object(fields) = serde_json::to_value(recipe)? else {
+        unreachable!("a config serialises to an object")
+    };
+    let mut known: Vec<&str> = fields
+        .keys()
+        .map(String::as_str)
+        .chain(["split_seed"]) // left out of the JSON when unset
+        .filter(|k| !["data", "model", "teacher"].contains(k))
+        .collect();
+    known.extend(extra);
+    match table.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => bail!(
+            "[{section}] has an unknown key `{key}`: use one of {}",
+            known.join(", ")
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Reads and validates an experiment file.
 pub fn load_experiment(path: &Path) -> Result<Experiment> {
     let text = std::fs::read_to_string(path)
@@ -135,6 +163,14 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
         .split_to
         .clone()
         .unwrap_or_else(|| file.data.path.clone());
+    check_keys(&file.recipe, "recipe", &[])?;
+    check_keys(&file.teacher, "teacher", &MODEL_KEYS)?;
+    check_keys(&file.student, "student", &MODEL_KEYS)?;
+    check_keys(
+        &file.distill,
+        "distill",
+        &[&MODEL_KEYS[..], &DISTILL_KEYS].concat(),
+    )?;
     let recipe = serde_json::to_value(&file.recipe)?;
     let build = |table: &toml::Table, stage: &str, extra: Option<Value>| -> Result<TrainConfig> {
         let (spec, over) = stage_value(table, stage)?;

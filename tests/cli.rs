@@ -386,6 +386,15 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
 
     let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
     assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
+    // [distill] names its own keys: the flag --kd-loss is the key `loss`.
+    let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n[distill]\nkd_loss = 'seed'\n").unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("[distill] has an unknown key `kd_loss`")
+            && err.contains("temperature, alpha, loss, cache_teacher")
+            && !err.contains("teacher,"),
+        "{err}"
+    );
 }
 
 #[test]
