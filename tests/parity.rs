@@ -216,6 +216,18 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
         "{msg}"
     );
 
+    // A missing weight is named as the state dict names it (not Burn's `downsample.bn.gamma`).
+    let gap = dir.path().join("gap.safetensors");
+    let dropped = "layer2.0.downsample.1.weight";
+    write_without(
+        &fixture("resnet_tiny.safetensors"),
+        &format!("model.{dropped}"),
+        &gap,
+    );
+    let mut net = spec.build(12, 64, &device).unwrap();
+    let msg = format!("{:#}", weights::load_pytorch(&mut net, &gap).unwrap_err());
+    assert!(msg.contains(&format!("lacks weight '{dropped}'")), "{msg}");
+
     // `torch.save(model)` pickles the whole module: refused with the fix.
     let mut net = spec.build(12, 64, &device).unwrap();
     let err = weights::load_pytorch(&mut net, &fixture("whole_tiny_module.pth")).unwrap_err();
@@ -224,4 +236,39 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
         msg.contains("whole_tiny_module.pth") && msg.contains("state_dict"),
         "{msg}"
     );
+}
+
+/// Copies a safetensors file without tensor `key` (the others keep their bytes).
+fn write_without(from: &std::path::Path, key: &str, to: &std::path::Path) {
+    let bytes = std::fs::read(from).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let body = &bytes[8 + n..];
+    let mut entries: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(k, _)| k != key && k != "__metadata__")
+        .collect();
+    assert_eq!(entries.len() + 1, {
+        let all: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        all.as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .count()
+    });
+    let (mut out_header, mut out_body) = (serde_json::Map::new(), Vec::new());
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    for (k, mut v) in entries {
+        let [a, b]: [usize; 2] = serde_json::from_value(v["data_offsets"].clone()).unwrap();
+        let start = out_body.len();
+        out_body.extend_from_slice(&body[a..b]);
+        v["data_offsets"] = serde_json::json!([start, out_body.len()]);
+        out_header.insert(k, v);
+    }
+    let header = serde_json::to_vec(&out_header).unwrap();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(out_body);
+    std::fs::write(to, file).unwrap();
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::store::{
-    ApplyError, ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    ApplyError, ApplyResult, BurnToPyTorchAdapter, BurnpackStore, KeyRemapper, ModuleSnapshot,
+    ModuleStore, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 use burn::tensor::Bytes;
 
@@ -123,10 +123,15 @@ pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()
             origin.display()
         )
     })?;
-    check_complete(&result, origin)
+    check_complete(&result, origin, &str::to_string)
 }
 
-fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
+/// Errors for weights that did not fit or are missing, naming them with `name`.
+fn check_complete(
+    result: &ApplyResult,
+    origin: &Path,
+    name: &dyn Fn(&str) -> String,
+) -> Result<()> {
     if let Some(err) = result.errors.first() {
         let err = match err {
             ApplyError::ShapeMismatch {
@@ -134,7 +139,8 @@ fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
                 expected,
                 found,
             } => format!(
-                "'{path}' is {:?} there but {:?} in this model",
+                "'{}' is {:?} there but {:?} in this model",
+                name(path),
                 found.as_slice(),
                 expected.as_slice()
             ),
@@ -149,22 +155,44 @@ fn check_complete(result: &ApplyResult, origin: &Path) -> Result<()> {
             }
         );
     }
-    if let Some((name, _)) = result.missing.first() {
+    if let Some((missing, _)) = result.missing.first() {
         bail!(
-            "checkpoint {} lacks weight '{name}' ({} missing): it was saved for another architecture or class count",
+            "checkpoint {} lacks weight '{}' ({} missing): it was saved for another architecture or class count",
             origin.display(),
+            name(missing),
             result.missing.len()
         );
     }
     Ok(())
 }
 
-/// Like [`check_complete`], but a state dict may leave out buffers kd derives itself.
-fn check_complete_torch(mut result: ApplyResult, origin: &Path) -> Result<()> {
+/// Like [`check_complete`], but a state dict may leave out buffers kd derives itself, and
+/// weights are named as the state dict names them.
+fn check_complete_torch(net: &Network, mut result: ApplyResult, origin: &Path) -> Result<()> {
     result
         .missing
         .retain(|(name, _)| !DERIVED.iter().any(|d| name.ends_with(d)));
-    check_complete(&result, origin)
+    check_complete(&result, origin, &|name| torch_name(net, name))
+}
+
+/// A kd weight name as PyTorch's state dict spells it (for messages).
+fn torch_name(net: &Network, name: &str) -> String {
+    let remaps = KeyRemapper::from_patterns(to_torch_remaps(net).to_vec())
+        .expect("the remap patterns are valid regexes");
+    let mut name = name.to_string();
+    for (pattern, replacement) in remaps.to_regex_pairs() {
+        name = pattern
+            .replace_all(&name, replacement.as_str())
+            .into_owned();
+    }
+    // Burn's norm layers call their affine parameters gamma and beta.
+    if let Some(layer) = name.strip_suffix(".gamma") {
+        format!("{layer}.weight")
+    } else if let Some(layer) = name.strip_suffix(".beta") {
+        format!("{layer}.bias")
+    } else {
+        name
+    }
 }
 
 /// Initialises `net` from a PyTorch state dict (`.safetensors`, `.pth`, `.pt`) with
@@ -223,7 +251,7 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
         );
     }
     let fresh_head = fresh_head_if_other_classes(&mut result);
-    check_complete_torch(result, path)?;
+    check_complete_torch(net, result, path)?;
     if fresh_head {
         eprintln!(
             "note: the classifier head (fc) of {} does not fit this model's classes; it starts from fresh weights",
