@@ -352,6 +352,9 @@ struct ModelsArgs {
     /// Class count for the parameter counts.
     #[arg(long, default_value_t = 1000)]
     classes: usize,
+    /// Image size for the parameter counts (CoAtNet's attention tables grow with it).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
 }
 
 fn parse_triple(s: &str) -> Result<[f32; 3], String> {
@@ -801,15 +804,17 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
     if a.classes < 2 {
         bail!("--classes {} is invalid: use at least 2", a.classes);
     }
+    for name in KNOWN_MODELS {
+        ModelSpec::named(name).validate(a.image_size)?;
+    }
     let device = default_device();
     println!(
-        "{:<12} {:>14}  kind",
-        "model",
-        format!("params ({})", a.classes)
+        "{:<12} {:>14}  kind  ({} classes, {}x{} images)",
+        "model", "parameters", a.classes, a.image_size, a.image_size
     );
     for name in KNOWN_MODELS {
         let spec = ModelSpec::named(name);
-        let net = spec.build(a.classes, 224, &device)?;
+        let net = spec.build(a.classes, a.image_size, &device)?;
         let kind = if spec.is_coatnet() {
             "teacher (CoAtNet; image size a multiple of 32)"
         } else {

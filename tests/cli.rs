@@ -319,6 +319,20 @@ fn models_lists_reference_parameter_counts() {
         out.contains("resnet50") && out.contains("23532620"),
         "{out}"
     );
+    // CoAtNet's relative-position tables follow the image size; ResNet's count does not.
+    let count = |out: &str, model: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with(model)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let small = kd_ok(&["models", "--classes", "12", "--image-size", "64"]);
+    assert!(small.contains("12 classes, 64x64 images"), "{small}");
+    assert_eq!(count(&small, "resnet18"), count(&out, "resnet18"));
+    assert!(
+        count(&small, "coatnet_0") < count(&out, "coatnet_0"),
+        "{small}"
+    );
+    let err = kd_err(&["models", "--image-size", "100"]);
+    assert!(err.contains("use 96 or 128"), "{err}");
 }
 
 #[test]
