@@ -288,6 +288,10 @@ struct PredictArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also write each image's top class to this CSV file: file,class,probability (file
+    /// relative to the folder given, or the file's name).
+    #[arg(long)]
+    csv: Option<PathBuf>,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -754,6 +758,8 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     }
     let run = Run::open(&a.run)?;
     let mut samples = Vec::new();
+    // Each image's name in the CSV, by path.
+    let mut names = std::collections::HashMap::new();
     for p in &a.paths {
         if p.is_dir() {
             let files = crate::data::folder::images_under(p)?;
@@ -764,12 +770,17 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
                     crate::data::folder::IMAGE_EXTENSIONS.join("/")
                 );
             }
-            samples.extend(
-                files
-                    .into_iter()
-                    .map(|path| crate::data::Sample { path, label: 0 }),
-            );
+            for path in files {
+                let name = path.strip_prefix(p).unwrap_or(&path).display().to_string();
+                names.insert(path.display().to_string(), name);
+                samples.push(crate::data::Sample { path, label: 0 });
+            }
         } else if p.is_file() {
+            let name = p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            names.insert(p.display().to_string(), name);
             samples.push(crate::data::Sample {
                 path: p.clone(),
                 label: 0,
@@ -785,6 +796,23 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let net = run.load_network(&a.checkpoint, &device)?;
     let loader = Loader::new(samples, run.eval_transform(), 32, false, 0);
     let preds = predict(&net, &loader, &run.classes, a.top_k, &device)?;
+    if let Some(csv_path) = &a.csv {
+        let mut csv = String::from("file,class,probability\n");
+        for p in &preds {
+            let name = names.get(&p.path).unwrap_or(&p.path);
+            let top = &p.top[0];
+            csv += &format!(
+                "{},{},{}\n",
+                csv_field(name),
+                csv_field(&top.class),
+                top.probability
+            );
+        }
+        if let Some(parent) = csv_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            ensure_dir(parent)?;
+        }
+        crate::io::write_atomic(csv_path, csv.as_bytes())?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&preds)?);
     } else {
@@ -798,6 +826,15 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
 }
 
 fn cmd_models(a: ModelsArgs) -> Result<()> {
@@ -873,4 +910,17 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     exp.set_precision(a.compute.precision);
     crate::study::run_experiment(&exp, a.quiet, a.compute.device)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        assert_eq!(csv_field("Black-grass"), "Black-grass");
+        assert_eq!(csv_field("a,b.png"), "\"a,b.png\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
 }

@@ -118,15 +118,34 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     assert_eq!(std::fs::read(run.join("eval/eval-best.json")).unwrap(), own);
 
     // kd predict's top-1 over the validation folder gives the same accuracy.
+    let csv_path = dir.path().join("predictions/val.csv");
     let preds: Vec<serde_json::Value> = serde_json::from_str(&kd_ok(&[
         "predict",
         "--run",
         r,
         data.join("val").to_str().unwrap(),
         "--json",
+        "--csv",
+        csv_path.to_str().unwrap(),
     ]))
     .unwrap();
     assert_eq!(preds.len(), 300);
+    // The CSV holds the same top-1, named relative to the folder given (class/file.png).
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("file,class,probability"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 300);
+    for (row, p) in rows.iter().zip(&preds) {
+        let path = std::path::Path::new(p["path"].as_str().unwrap());
+        assert_eq!(
+            std::path::Path::new(row[0]),
+            path.strip_prefix(data.join("val")).unwrap()
+        );
+        assert_eq!(row[1], p["top"][0]["class"].as_str().unwrap());
+        let prob: f64 = row[2].parse().unwrap();
+        assert!((prob - p["top"][0]["probability"].as_f64().unwrap()).abs() < 1e-6);
+    }
     let correct = preds
         .iter()
         .filter(|p| {
