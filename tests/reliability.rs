@@ -378,6 +378,15 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
         serde_json::from_str(&std::fs::read_to_string(stop.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m.len(), 1);
     assert!(stderr.contains("last good checkpoint is kept"), "{stderr}");
+    // Resuming it with as many epochs as it has finished would leave it without a final
+    // checkpoint: refused.
+    let err = kd_err(&train_args(
+        s(&data),
+        s(&stop),
+        &["--epochs", "1", "--resume"],
+    ));
+    assert!(err.contains("finished 1 of its 2"), "{err}");
+    assert!(!stop.join("checkpoints/final.bpk").exists());
 
     // A NaN before the first epoch is saved leaves nothing worth keeping: the same command
     // starts the run again in the same folder, and so does --resume.
@@ -449,7 +458,7 @@ fn nan_loss_stops_keeping_the_last_good_checkpoint_or_skips_the_batch() {
         &["--epochs", "1", "--resume"],
     ));
     assert!(
-        err.contains("--epochs 1") && err.contains("finished 2 epochs"),
+        err.contains("with 1 epochs") && err.contains("finished 2 of its 2"),
         "{err}"
     );
     assert_eq!(

@@ -584,12 +584,17 @@ fn check_resume(
         );
     }
     let resumed = load_resume(resume_path)?;
-    if config.epochs < resumed.state.epochs_done {
+    // Fewer epochs than it has done, or (unfinished) exactly as many, would leave a run
+    // without its final checkpoint and with a config that does not describe it.
+    let done = resumed.state.epochs_done;
+    let finished = done == previous.config.epochs;
+    if config.epochs < done || (config.epochs == done && !finished) {
         bail!(
-            "cannot resume {} with --epochs {}: it has finished {} epochs; pass at least that many (more extend the run)",
+            "cannot resume {} with {} epochs: it has finished {done} of its {}; ask for more \
+             (--epochs, or `epochs` in a kd run file) to finish or extend it",
             out.display(),
             config.epochs,
-            resumed.state.epochs_done
+            previous.config.epochs
         );
     }
     if let Some(saved) = &resumed.state.data
