@@ -694,7 +694,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                         .replace(|c: char| !c.is_alphanumeric() && c != '-' && c != '.', "_")
                 })
                 .unwrap_or_else(|| "data".into());
-            (folder.samples, dir, format!("-on-{name}"))
+            (
+                folder.samples,
+                crate::io::resolved(&dir),
+                format!("-on-{name}"),
+            )
         }
     };
     let net = run.load_network(&a.checkpoint, &device)?;
@@ -710,6 +714,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     ensure_dir(&out)?;
     let json_path = out.join(format!("eval-{}{suffix}.json", a.checkpoint));
     let png_path = out.join(format!("confusion-{}{suffix}.png", a.checkpoint));
+    if a.data.is_some() {
+        refuse_other_data_in(&json_path, &data)?;
+    }
     let evaluated = EvalReport {
         run: &run.dir,
         checkpoint: &a.checkpoint,
@@ -736,6 +743,26 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
         print!("{}", eval.to_text());
         println!("\nwrote {} and {}", json_path.display(), png_path.display());
+    }
+    Ok(())
+}
+
+/// Refuses to replace an evaluation file that holds the scores of another folder (two
+/// folders with the same name, `a/test` and `b/test`).
+fn refuse_other_data_in(json_path: &Path, data: &Path) -> Result<()> {
+    let Ok(previous) = crate::io::read_json::<serde_json::Value>(json_path) else {
+        return Ok(());
+    };
+    let Some(before) = previous["data"].as_str().map(PathBuf::from) else {
+        return Ok(());
+    };
+    if crate::io::resolved(&before) != crate::io::resolved(data) {
+        bail!(
+            "{} holds the evaluation of {}, another folder named like {}: pass --out DIR to keep both",
+            json_path.display(),
+            before.display(),
+            data.display()
+        );
     }
     Ok(())
 }

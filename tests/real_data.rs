@@ -116,6 +116,18 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     );
     assert!(run.join("eval/confusion-best-on-train.png").is_file());
     assert_eq!(std::fs::read(run.join("eval/eval-best.json")).unwrap(), own);
+    // Another folder of the same name is not written over it (the same folder is).
+    let twin = dir.path().join("elsewhere/train");
+    copy_dir(&data.join("val"), &twin);
+    let err = kd_err(&["eval", "--run", r, "--data", twin.to_str().unwrap()]);
+    assert!(err.contains("pass --out"), "{err}");
+    kd_ok(&[
+        "eval",
+        "--run",
+        r,
+        "--data",
+        data.join("train").to_str().unwrap(),
+    ]);
 
     // kd predict's top-1 over the validation folder gives the same accuracy.
     let csv_path = dir.path().join("predictions/val.csv");
