@@ -785,8 +785,8 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     }
     let run = Run::open(&a.run)?;
     let mut samples = Vec::new();
-    // Each image's name in the CSV, by path.
-    let mut names = std::collections::HashMap::new();
+    // Each image with its name in the CSV: relative to the folder given, or its file name.
+    let mut found: Vec<(PathBuf, String)> = Vec::new();
     for p in &a.paths {
         if p.is_dir() {
             let files = crate::data::folder::images_under(p)?;
@@ -799,25 +799,40 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
             }
             for path in files {
                 let name = path.strip_prefix(p).unwrap_or(&path).display().to_string();
-                names.insert(path.display().to_string(), name);
-                samples.push(crate::data::Sample { path, label: 0 });
+                found.push((path, name));
             }
         } else if p.is_file() {
             let name = p.file_name().map_or_else(
                 || p.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            names.insert(p.display().to_string(), name);
-            samples.push(crate::data::Sample {
-                path: p.clone(),
-                label: 0,
-            });
+            found.push((p.clone(), name));
         } else {
             bail!(
                 "{} does not exist: pass image files or folders",
                 p.display()
             );
         }
+    }
+    // Each image once (given twice, or also inside a folder given); each CSV name once.
+    let mut seen = std::collections::HashSet::new();
+    let mut named: std::collections::HashMap<String, PathBuf> = Default::default();
+    let mut names = std::collections::HashMap::new();
+    for (path, name) in found {
+        if !seen.insert(crate::io::resolved(&path)) {
+            continue;
+        }
+        if a.csv.is_some()
+            && let Some(other) = named.insert(name.clone(), path.clone())
+        {
+            bail!(
+                "--csv: {} and {} would both be named '{name}': predict them separately, or pass the folder that holds both",
+                other.display(),
+                path.display()
+            );
+        }
+        names.insert(path.display().to_string(), name);
+        samples.push(crate::data::Sample { path, label: 0 });
     }
     let device = open_for_run(&a.compute, &run)?;
     let net = run.load_network(&a.checkpoint, &device)?;

@@ -158,6 +158,34 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
         let prob: f64 = row[2].parse().unwrap();
         assert!((prob - p["top"][0]["probability"].as_f64().unwrap()).abs() < 1e-6);
     }
+    // An image given twice (itself and inside its folder) is predicted once; two images
+    // that would share a CSV name are refused.
+    let one = preds[0]["path"].as_str().unwrap();
+    let val = data.join("val");
+    let twice = kd_ok(&["predict", "--run", r, val.to_str().unwrap(), one]);
+    assert_eq!(twice.lines().count(), 300);
+    let copy = dir
+        .path()
+        .join("other")
+        .join(std::path::Path::new(one).file_name().unwrap());
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(one, &copy).unwrap();
+    let csv_arg = csv_path.to_str().unwrap();
+    let err = kd_err(&[
+        "predict",
+        "--run",
+        r,
+        one,
+        copy.to_str().unwrap(),
+        "--csv",
+        csv_arg,
+    ]);
+    assert!(err.contains("would both be named"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&csv_path).unwrap(),
+        csv,
+        "left as it was"
+    );
     let correct = preds
         .iter()
         .filter(|p| {
