@@ -199,12 +199,14 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         "validation accuracy",
         "accuracy (%)",
         &acc_series,
+        false,
     )?;
     curves_png(
         &out.join("loss.png"),
         "validation loss (cross-entropy)",
         "loss",
         &val_loss_series,
+        true,
     )?;
     // Not comparable across runs: a KD run's objective includes the soft-target term.
     curves_png(
@@ -212,6 +214,7 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         "training loss (each run's objective)",
         "loss",
         &train_loss_series,
+        true,
     )?;
     write_json(&out.join("results.json"), &rows)?;
     write_atomic(&out.join("results.md"), results_table(&rows).as_bytes())?;

@@ -121,12 +121,21 @@ pub struct Series {
 const LOG_AXIS_SPREAD: f64 = 50.0;
 
 /// Line chart of several series over whole epochs, each point marked (a one-epoch run shows
-/// as a dot). Positive values spread over more than [`LOG_AXIS_SPREAD`] get a log axis.
-pub fn curves_png(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+/// as a dot). With `log_if_spread` (losses), positive values spread over more than
+/// [`LOG_AXIS_SPREAD`] get a log axis.
+pub fn curves_png(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[Series],
+    log_if_spread: bool,
+) -> Result<()> {
     let max_x = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
-        .fold(2, u32::max);
+        .fold(1, u32::max);
+    // Epochs 1..=max; one epoch alone is centred, not drawn on the axis.
+    let x_range = if max_x == 1 { 0..2 } else { 1..max_x };
     let ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -139,22 +148,31 @@ pub fn curves_png(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
         (lo, hi) = (0.0, 1.0);
     }
     render_png(path, (900, 560), |root| {
-        if lo > 0.0 && hi / lo > LOG_AXIS_SPREAD {
+        if log_if_spread && lo > 0.0 && hi / lo > LOG_AXIS_SPREAD {
             let range = (lo / 1.2..hi * 1.2).log_scale();
             let y_label = format!("{y_label} (log scale)");
-            draw_curves(&root, title, 1..max_x, range, &y_label, series)
+            draw_curves(&root, title, x_range, range, &y_label, series)
         } else {
-            let pad = ((hi - lo) * 0.05).max(1e-6);
-            draw_curves(
-                &root,
-                title,
-                1..max_x,
-                (lo - pad)..(hi + pad),
-                y_label,
-                series,
-            )
+            // Flat curves get a visible band around their value.
+            let pad = ((hi - lo) * 0.05)
+                .max(hi.abs().max(lo.abs()) * 0.05)
+                .max(1e-3);
+            let range = (lo - pad)..(hi + pad);
+            draw_curves(&root, title, x_range, range, y_label, series)
         }
     })
+}
+
+/// A y tick: at most 4 significant digits, in exponent form outside 0.001..10000 (the
+/// default format overflowed the label area for a diverged run's losses).
+fn tick_label(v: &f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e4).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn draw_curves<Y>(
@@ -180,6 +198,7 @@ where
         .configure_mesh()
         .x_desc("epoch")
         .y_desc(y_label)
+        .y_label_formatter(&tick_label)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     for (i, s) in series.iter().enumerate() {
@@ -214,10 +233,22 @@ mod tests {
             label: "run".into(),
             points,
         }];
-        curves_png(&path, "t", "y", &series).unwrap();
+        curves_png(&path, "t", "y", &series, true).unwrap();
         let c = Palette99::pick(0).to_rgba().rgb();
         let img = image::open(&path).unwrap().to_rgb8();
         img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count()
+    }
+
+    #[test]
+    fn tick_labels_stay_short() {
+        let labels: Vec<String> = [0.0, 0.25, 2.0, 97.5, 1234.5, 2.58e20, 1e-5]
+            .iter()
+            .map(tick_label)
+            .collect();
+        assert_eq!(
+            labels,
+            ["0", "0.25", "2", "97.5", "1234.5", "2.6e20", "1.0e-5"]
+        );
     }
 
     #[test]
