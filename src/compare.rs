@@ -113,7 +113,8 @@ fn role(run: &Run, all: &[Run]) -> &'static str {
 
 /// Whether a KD run's recorded teacher path names `dir`. The path is recorded as typed,
 /// relative to where `kd distill` ran: when it does not resolve from here, a relative path
-/// without `..` still matches a `dir` ending in the same folders.
+/// of two or more folders without `..` (`runs/teacher`) still matches a `dir` ending in the
+/// same folders (a bare folder name would match too many).
 fn is_teacher_path(teacher: &Path, dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else {
         return teacher == dir;
@@ -129,7 +130,7 @@ fn is_teacher_path(teacher: &Path, dir: &Path) -> bool {
             _ => return false,
         }
     }
-    !tail.as_os_str().is_empty() && dir.ends_with(&tail)
+    tail.components().count() >= 2 && dir.ends_with(&tail)
 }
 
 /// Median images/s of batch-32 inference at `s` x `s` on `device`. A GPU gets more warm-up
@@ -148,6 +149,16 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         bail!("no runs given: pass one or more run folders");
     }
     let opened: Vec<Run> = runs.iter().map(|r| Run::open(r)).collect::<Result<_>>()?;
+    for (i, run) in opened.iter().enumerate() {
+        let same = |other: &Run| crate::io::resolved(&other.dir) == crate::io::resolved(&run.dir);
+        if let Some(earlier) = opened[..i].iter().find(|r| same(r)) {
+            bail!(
+                "run {} is given twice (also as {}): pass each run once",
+                run.dir.display(),
+                earlier.dir.display()
+            );
+        }
+    }
     let labels = labels(&opened);
     let mut rows = Vec::new();
     let (mut acc_series, mut val_loss_series, mut train_loss_series) =
@@ -282,7 +293,7 @@ mod tests {
         for (recorded, names_it) in [
             ("study-7f3a/teacher", true),
             ("./study-7f3a/teacher", true),
-            ("teacher", true),
+            ("teacher", false),
             ("other/teacher", false),
             ("../study-7f3a/teacher", false),
             ("study-7f3a", false),

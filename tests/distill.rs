@@ -363,6 +363,11 @@ alpha = 0.5
     ] {
         assert!(printed.contains(label), "{label} in {printed}");
     }
+    let twice = format!("{}/../student", out.join("teacher").display());
+    let mut args = compare(&dir.path().join("compare-twice"), "--precision", "f32");
+    args.push(twice);
+    let err = kd_err(&strs(&args));
+    assert!(err.contains("is given twice"), "{err}");
     let cuda_out = dir.path().join("compare-cuda");
     let err = kd_err(&strs(&compare(&cuda_out, "--device", "cuda")));
     assert!(err.contains("--features cuda"), "{err}");
