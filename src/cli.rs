@@ -883,9 +883,7 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
     if a.classes < 2 {
         bail!("--classes {} is invalid: use at least 2", a.classes);
     }
-    for name in KNOWN_MODELS {
-        ModelSpec::named(name).validate(a.image_size)?;
-    }
+    crate::data::check_image_size(a.image_size)?;
     let device = default_device();
     println!(
         "{:<12} {:>14}  kind  ({} classes, {}x{} images)",
@@ -893,16 +891,23 @@ fn cmd_models(a: ModelsArgs) -> Result<()> {
     );
     for name in KNOWN_MODELS {
         let spec = ModelSpec::named(name);
-        let net = spec.build(a.classes, a.image_size, &device)?;
-        let kind = if spec.is_coatnet() {
-            "teacher (CoAtNet; image size a multiple of 32)"
+        let (kind, count) = if spec.is_coatnet() {
+            // Its relative-position tables need a multiple of 32 and follow the size.
+            let count = match spec.validate(a.image_size) {
+                Ok(()) => {
+                    let net = spec.build(a.classes, a.image_size, &device)?;
+                    crate::models::param_count(&net).to_string()
+                }
+                Err(_) => "-".into(),
+            };
+            ("teacher (CoAtNet; image size a multiple of 32)", count)
         } else {
-            "student/teacher (torchvision ResNet)"
+            // The same at every size (global pooling before the head).
+            let net = spec.build(a.classes, a.image_size.max(32), &device)?;
+            let count = crate::models::param_count(&net).to_string();
+            ("student/teacher (torchvision ResNet)", count)
         };
-        println!(
-            "{name:<12} {:>14}  {kind}",
-            crate::models::param_count(&net)
-        );
+        println!("{name:<12} {count:>14}  {kind}");
     }
     Ok(())
 }

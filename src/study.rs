@@ -132,7 +132,17 @@ fn check_keys(table: &toml::Table, section: &str, extra: &[&str]) -> Result<()> 
         .filter(|k| !["data", "model", "teacher"].contains(k))
         .collect();
     known.extend(extra);
-    match table.keys().find(|k| !known.contains(&k.as_str())) {
+    match table
+        .keys()
+        .find(|k| !known.contains(&k.as_str()))
+        .map(String::as_str)
+    {
+        Some("data") => bail!("[{section}] cannot set `data`: the images come from [data] path"),
+        Some("teacher") => {
+            bail!(
+                "[{section}] cannot set `teacher`: the KD student learns from the study's teacher stage"
+            )
+        }
         Some(key) => bail!(
             "[{section}] has an unknown key `{key}`: use one of {}",
             known.join(", ")
