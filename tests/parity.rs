@@ -227,6 +227,23 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     let mut net = spec.build(12, 64, &device).unwrap();
     let msg = format!("{:#}", weights::load_pytorch(&mut net, &gap).unwrap_err());
     assert!(msg.contains(&format!("lacks weight '{dropped}'")), "{msg}");
+    // A Linear weight that does not fit is shown in PyTorch's [out, in] layout.
+    let narrow = dir.path().join("narrow.safetensors");
+    rewrite(
+        &fixture("resnet_tiny.safetensors"),
+        "model.fc.weight",
+        Some(&[12, 32]),
+        &narrow,
+    );
+    let mut net = spec.build(12, 64, &device).unwrap();
+    let msg = format!(
+        "{:#}",
+        weights::load_pytorch(&mut net, &narrow).unwrap_err()
+    );
+    assert!(
+        msg.contains("'fc.weight' is [12, 32] there but [12, 64] in this model"),
+        "{msg}"
+    );
 
     // `torch.save(model)` pickles the whole module: refused with the fix.
     let mut net = spec.build(12, 64, &device).unwrap();
@@ -238,31 +255,36 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     );
 }
 
-/// Copies a safetensors file without tensor `key` (the others keep their bytes).
+/// Copies a safetensors file without tensor `key`, or with it replaced by zeros of
+/// `zeros_shape` (f32); the others keep their bytes.
 fn write_without(from: &std::path::Path, key: &str, to: &std::path::Path) {
+    rewrite(from, key, None, to)
+}
+
+fn rewrite(from: &std::path::Path, key: &str, zeros_shape: Option<&[usize]>, to: &std::path::Path) {
     let bytes = std::fs::read(from).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(header.contains_key(key), "{key} not in {}", from.display());
     let body = &bytes[8 + n..];
     let mut entries: Vec<(String, serde_json::Value)> = header
         .into_iter()
-        .filter(|(k, _)| k != key && k != "__metadata__")
+        .filter(|(k, _)| k != "__metadata__")
         .collect();
-    assert_eq!(entries.len() + 1, {
-        let all: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-        all.as_object()
-            .unwrap()
-            .keys()
-            .filter(|k| *k != "__metadata__")
-            .count()
-    });
-    let (mut out_header, mut out_body) = (serde_json::Map::new(), Vec::new());
     entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    let (mut out_header, mut out_body) = (serde_json::Map::new(), Vec::new());
     for (k, mut v) in entries {
         let [a, b]: [usize; 2] = serde_json::from_value(v["data_offsets"].clone()).unwrap();
         let start = out_body.len();
-        out_body.extend_from_slice(&body[a..b]);
+        if k == key {
+            let Some(shape) = zeros_shape else { continue };
+            out_body.resize(start + 4 * shape.iter().product::<usize>(), 0);
+            v["shape"] = serde_json::json!(shape);
+            v["dtype"] = "F32".into();
+        } else {
+            out_body.extend_from_slice(&body[a..b]);
+        }
         v["data_offsets"] = serde_json::json!([start, out_body.len()]);
         out_header.insert(k, v);
     }

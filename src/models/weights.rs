@@ -123,15 +123,25 @@ pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()
             origin.display()
         )
     })?;
-    check_complete(&result, origin, &str::to_string)
+    check_complete(&result, origin, None)
 }
 
-/// Errors for weights that did not fit or are missing, naming them with `name`.
-fn check_complete(
-    result: &ApplyResult,
-    origin: &Path,
-    name: &dyn Fn(&str) -> String,
-) -> Result<()> {
+/// Errors for weights that did not fit or are missing, named as kd names them, or with
+/// `torch` as that network's PyTorch state dict does.
+fn check_complete(result: &ApplyResult, origin: &Path, torch: Option<&Network>) -> Result<()> {
+    let name = |path: &str| match torch {
+        Some(net) => torch_name(net, path),
+        None => path.to_string(),
+    };
+    // Burn stores a Linear weight as [in, out], PyTorch as [out, in] (every rank-2 `weight`
+    // of these models is a Linear's).
+    let shape = |path: &str, dims: &[usize]| -> Vec<usize> {
+        let mut dims = dims.to_vec();
+        if torch.is_some() && dims.len() == 2 && path.ends_with(".weight") {
+            dims.reverse();
+        }
+        dims
+    };
     if let Some(err) = result.errors.first() {
         let err = match err {
             ApplyError::ShapeMismatch {
@@ -141,8 +151,8 @@ fn check_complete(
             } => format!(
                 "'{}' is {:?} there but {:?} in this model",
                 name(path),
-                found.as_slice(),
-                expected.as_slice()
+                shape(path, found.as_slice()),
+                shape(path, expected.as_slice())
             ),
             other => format!("{other}").chars().take(160).collect(),
         };
@@ -172,7 +182,7 @@ fn check_complete_torch(net: &Network, mut result: ApplyResult, origin: &Path) -
     result
         .missing
         .retain(|(name, _)| !DERIVED.iter().any(|d| name.ends_with(d)));
-    check_complete(&result, origin, &|name| torch_name(net, name))
+    check_complete(&result, origin, Some(net))
 }
 
 /// A kd weight name as PyTorch's state dict spells it (for messages).
