@@ -140,28 +140,36 @@ impl Evaluation {
             self.micro_f1,
             self.loss
         );
+        // Widths in characters (what `{:<w$}` pads by), not bytes.
         let w = self
             .classes
             .iter()
-            .map(|c| c.len())
+            .map(|c| c.chars().count())
             .max()
             .unwrap_or(5)
             .max(5);
-        s += &format!("{:<w$}  precision  recall     f1  support\n", "class");
+        s += &format!(
+            "{:<w$}  {:>9}  {:>6}  {:>6}  {:>7}\n",
+            "class", "precision", "recall", "f1", "support"
+        );
         for c in &self.per_class {
             s += &format!(
-                "{:<w$}  {:>9.4}  {:>6.4}  {:>5.4}  {:>7}\n",
+                "{:<w$}  {:>9.4}  {:>6.4}  {:>6.4}  {:>7}\n",
                 c.class, c.precision, c.recall, c.f1, c.support
             );
         }
         s += "\nconfusion matrix (rows: true class, columns: predicted)\n";
+        let labels: Vec<String> = (0..self.classes.len())
+            .map(|i| format!("{i} {}", self.classes[i]))
+            .collect();
+        let w = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
         s += &format!("{:<w$}", "");
         for i in 0..self.classes.len() {
             s += &format!(" {i:>5}");
         }
         s += "\n";
-        for (i, row) in self.confusion.iter().enumerate() {
-            s += &format!("{:<w$}", format!("{i} {}", self.classes[i]));
+        for (label, row) in labels.iter().zip(&self.confusion) {
+            s += &format!("{label:<w$}");
             for v in row {
                 s += &format!(" {v:>5}");
             }
@@ -174,6 +182,35 @@ impl Evaluation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_report_columns_line_up_for_long_and_non_ascii_names() {
+        let classes: Vec<String> = ["Maize", "Small-flowered Cranesbill", "Löwenzahn"]
+            .map(String::from)
+            .to_vec();
+        let mut m = ConfusionMatrix::new(3);
+        for (t, p) in [(0, 0), (1, 1), (1, 2), (2, 2)] {
+            m.add(t, p);
+        }
+        let text = m.evaluation(&classes, 0.5).to_text();
+        let width = |l: &str| l.chars().count();
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("class"))
+            .take(4)
+            .collect();
+        assert!(table.iter().all(|l| width(l) == width(table[0])), "{text}");
+        let matrix: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("confusion"))
+            .skip(1)
+            .collect();
+        assert_eq!(matrix.len(), 4, "{text}");
+        assert!(
+            matrix.iter().all(|l| width(l) == width(matrix[0])),
+            "{text}"
+        );
+    }
 
     #[test]
     fn scores_of_a_known_matrix() {

@@ -45,11 +45,24 @@ fn render_png(
 pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
     let n = eval.classes.len();
     let cell = (560 / n.max(1)).clamp(12, 60) as u32;
-    let label_w = 160u32;
-    let size = (
-        label_w + cell * n as u32 + 40,
-        label_w + cell * n as u32 + 40,
-    );
+    // Rows are labelled "index name" (the columns carry the index), in full up to 40
+    // characters; the left margin fits the longest.
+    let labels: Vec<String> = eval
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let label = format!("{i} {name}");
+            if label.chars().count() > 40 {
+                label.chars().take(39).chain(['…']).collect()
+            } else {
+                label
+            }
+        })
+        .collect();
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    let (left, top) = ((20 + 7 * longest).max(160), 160u32);
+    let size = (left + cell * n as u32 + 40, top + cell * n as u32 + 40);
     render_png(path, size, |root| {
         let title = format!("confusion matrix (accuracy {:.2}%)", eval.accuracy * 100.0);
         root.draw(&Text::new(title, (10, 10), ("sans-serif", 18).into_font()))
@@ -64,8 +77,8 @@ pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
             .max(1) as f64;
         for (t, row) in eval.confusion.iter().enumerate() {
             for (p, &v) in row.iter().enumerate() {
-                let x0 = (label_w + p as u32 * cell) as i32;
-                let y0 = (label_w + t as u32 * cell) as i32;
+                let x0 = (left + p as u32 * cell) as i32;
+                let y0 = (top + t as u32 * cell) as i32;
                 let shade = 1.0 - v as f64 / max;
                 let c = RGBColor((255.0 * shade) as u8, (255.0 * shade) as u8, 255);
                 root.draw(&Rectangle::new(
@@ -84,9 +97,9 @@ pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
                     .map_err(|e| anyhow!("{e}"))?;
                 }
             }
-            let name: String = eval.classes[t].chars().take(18).collect();
-            let y = (label_w + t as u32 * cell + cell / 3) as i32;
-            root.draw(&Text::new(name, (10, y), ("sans-serif", 12).into_font()))
+            let y = (top + t as u32 * cell + cell / 3) as i32;
+            let label = labels[t].as_str();
+            root.draw(&Text::new(label, (10, y), ("sans-serif", 12).into_font()))
                 .map_err(|e| anyhow!("{e}"))?;
         }
         root.draw(&Text::new(
@@ -96,10 +109,10 @@ pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
         ))
         .map_err(|e| anyhow!("{e}"))?;
         for p in 0..n {
-            let x = (label_w + p as u32 * cell + 2) as i32;
+            let x = (left + p as u32 * cell + 2) as i32;
             root.draw(&Text::new(
                 p.to_string(),
-                (x, label_w as i32 - 16),
+                (x, top as i32 - 16),
                 ("sans-serif", 11).into_font(),
             ))
             .map_err(|e| anyhow!("{e}"))?;
