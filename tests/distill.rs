@@ -260,6 +260,19 @@ fn validating_on_the_teachers_training_images_is_refused() {
     kd_ok(&strs(&distill(&["--seed", "7", "--split-seed", "42"])));
     let run = Run::open(&out).unwrap();
     assert_eq!((run.config.seed, run.config.data_seed()), (7, 42));
+    // Copies of the teacher's images (as `kd split` makes) are caught too.
+    let copy = dir.path().join("digits-copy");
+    copy_dir(&s.data, &copy);
+    let out = dir.path().join("kd-copy");
+    let args = distill_args(
+        &copy,
+        &s.teacher,
+        &out,
+        &[&quick[..], &["--seed", "7"]].concat(),
+    );
+    let err = kd_err(&strs(&args));
+    assert!(err.contains("or copies of them"), "{err}");
+    assert!(!out.exists(), "nothing written: {err}");
 }
 
 #[test]
