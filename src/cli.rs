@@ -466,7 +466,7 @@ fn cmd_split(a: SplitArgs) -> Result<()> {
     let w = folder
         .classes
         .iter()
-        .map(String::len)
+        .map(|c| c.chars().count())
         .max()
         .unwrap_or(5)
         .max(5);

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::compare::{RunRow, SpeedOptions, compare, results_table};
+use crate::data::split::{SPLIT_RECORD, SplitRecord};
 use crate::data::{ImageFolder, LinkMode, stratified_split, write_split};
 use crate::models::ModelSpec;
 use crate::run::{Run, files};
@@ -311,10 +312,28 @@ impl Experiment {
 /// Runs the whole study on `device`; returns the comparison rows.
 pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Result<Vec<RunRow>> {
     if let Some(dst) = &exp.data.split_to {
+        let (source, fraction, seed) = (&exp.data.path, exp.data.val_fraction, exp.data.seed);
         if dst.join("train").is_dir() && dst.join("val").is_dir() {
-            println!("split: {} exists, skipped", dst.display());
+            match SplitRecord::read(dst) {
+                Some(record) => {
+                    let diff = record.differences(source, fraction, seed);
+                    if !diff.is_empty() {
+                        bail!(
+                            "split_to {} was split with other settings ({}): delete it to split again, or choose another split_to",
+                            dst.display(),
+                            diff.join("; ")
+                        );
+                    }
+                    println!("split: {} exists, skipped", dst.display());
+                }
+                None => println!(
+                    "split: {} exists without a {SPLIT_RECORD} (not made by this kd), used as it is",
+                    dst.display()
+                ),
+            }
         } else {
             let folder = ImageFolder::scan(&exp.data.path)?;
+            crate::train::dataset::report_skipped(&folder.skipped, exp.teacher.strict)?;
             let split = stratified_split(&folder, exp.data.val_fraction, exp.data.seed)?;
             write_split(&folder, &split, dst, LinkMode::Copy, false)?;
             println!(

@@ -432,4 +432,24 @@ alpha = 0.5
         err.contains("another config") && err.contains("lr"),
         "{err}"
     );
+
+    // The split folder records what it was made from; a file asking for another split of
+    // it is refused rather than trained on the old one.
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("split/split.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&record["val_fraction"], &record["seed"]),
+        (&0.3.into(), &42.into())
+    );
+    let resplit = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[recipe]", "val_fraction = 0.4\n[recipe]");
+    std::fs::write(&file, resplit).unwrap();
+    let err = kd_err(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert!(
+        err.contains("split with other settings") && err.contains("val_fraction: 0.3 vs 0.4"),
+        "{err}"
+    );
 }

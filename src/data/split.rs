@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use super::folder::{ImageFolder, Sample};
 use crate::io::resolved;
@@ -18,6 +19,59 @@ pub struct Split {
     pub train: Vec<Sample>,
     /// Validation images.
     pub val: Vec<Sample>,
+    /// The validation share it was drawn with.
+    pub val_fraction: f64,
+    /// The seed it was drawn with.
+    pub seed: u64,
+}
+
+/// What a split folder was made from, written next to its `train/` and `val/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitRecord {
+    /// The class folder it was split from.
+    pub source: PathBuf,
+    /// Validation share.
+    pub val_fraction: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Training images written.
+    pub train_images: usize,
+    /// Validation images written.
+    pub val_images: usize,
+}
+
+/// File name of the [`SplitRecord`] in a split folder.
+pub const SPLIT_RECORD: &str = "split.json";
+
+impl SplitRecord {
+    /// The record of a split folder; `None` when it has none (made by hand, or by a kd
+    /// from before records).
+    pub fn read(dst: &Path) -> Option<Self> {
+        crate::io::read_json(&dst.join(SPLIT_RECORD)).ok()
+    }
+
+    /// Settings in which this record differs from splitting `source` with `val_fraction`
+    /// and `seed`, as "key: recorded vs wanted".
+    pub fn differences(&self, source: &Path, val_fraction: f64, seed: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        if resolved(&self.source) != resolved(source) {
+            out.push(format!(
+                "source: {} vs {}",
+                self.source.display(),
+                source.display()
+            ));
+        }
+        if self.val_fraction != val_fraction {
+            out.push(format!(
+                "val_fraction: {} vs {val_fraction}",
+                self.val_fraction
+            ));
+        }
+        if self.seed != seed {
+            out.push(format!("seed: {} vs {seed}", self.seed));
+        }
+        out
+    }
 }
 
 /// Checks that a validation fraction lies strictly between 0 and 1.
@@ -43,6 +97,8 @@ pub fn stratified_split(folder: &ImageFolder, val_fraction: f64, seed: u64) -> R
     let mut split = Split {
         train: Vec::new(),
         val: Vec::new(),
+        val_fraction,
+        seed,
     };
     for label in 0..folder.classes.len() {
         let mut class: Vec<&Sample> = folder.samples.iter().filter(|s| s.label == label).collect();
@@ -70,8 +126,9 @@ pub enum LinkMode {
     HardLink,
 }
 
-/// Writes `dst/train/<class>/…` and `dst/val/<class>/…`. Builds into a temporary sibling
-/// folder and renames it into place, so an interrupted split leaves no partial `dst`.
+/// Writes `dst/train/<class>/…`, `dst/val/<class>/…` and the [`SplitRecord`]
+/// `dst/split.json`. Builds into a temporary sibling folder and renames it into place, so an
+/// interrupted split leaves no partial `dst`.
 pub fn write_split(
     folder: &ImageFolder,
     split: &Split,
@@ -154,6 +211,14 @@ pub fn write_split(
                 })?;
             }
         }
+        let record = SplitRecord {
+            source: src.clone(),
+            val_fraction: split.val_fraction,
+            seed: split.seed,
+            train_images: split.train.len(),
+            val_images: split.val.len(),
+        };
+        crate::io::write_json(&staging.join(SPLIT_RECORD), &record)?;
         if dst.exists() {
             fs::remove_dir_all(dst).with_context(|| format!("cannot replace {}", dst.display()))?;
         }
