@@ -454,7 +454,7 @@ impl Cli {
 fn cmd_split(a: SplitArgs) -> Result<()> {
     crate::data::split::check_val_fraction(a.val_fraction)?;
     let folder = ImageFolder::scan(&a.src)?;
-    crate::train::dataset::report_skipped(&folder.skipped, a.strict)?;
+    crate::train::dataset::report_skipped(&folder.skipped, Some(a.strict))?;
     let split = stratified_split(&folder, a.val_fraction, a.seed)?;
     let mode = if a.link {
         LinkMode::HardLink
@@ -499,6 +499,7 @@ fn cmd_stats(a: StatsArgs) -> Result<()> {
         crate::data::check_image_size(size)?;
     }
     let folder = ImageFolder::scan(&dir)?;
+    crate::train::dataset::report_skipped(&folder.skipped, None)?;
     let stats = channel_stats(&folder.samples, a.size)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
@@ -685,6 +686,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 given.clone()
             };
             let folder = ImageFolder::scan(&dir)?;
+            crate::train::dataset::report_skipped(&folder.skipped, None)?;
             check_classes(&run, &folder.classes, &dir)?;
             // Named after the folder, so it does not replace the run's own evaluation.
             let name = crate::io::resolved(given)
@@ -789,7 +791,8 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let mut found: Vec<(PathBuf, String)> = Vec::new();
     for p in &a.paths {
         if p.is_dir() {
-            let files = crate::data::folder::images_under(p)?;
+            let (files, skipped) = crate::data::folder::images_under(p)?;
+            crate::train::dataset::report_skipped(&skipped, None)?;
             if files.is_empty() {
                 bail!(
                     "{} contains no images ({})",

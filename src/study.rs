@@ -333,7 +333,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
             }
         } else {
             let folder = ImageFolder::scan(&exp.data.path)?;
-            crate::train::dataset::report_skipped(&folder.skipped, exp.teacher.strict)?;
+            crate::train::dataset::report_skipped(&folder.skipped, Some(exp.teacher.strict))?;
             let split = stratified_split(&folder, exp.data.val_fraction, exp.data.seed)?;
             write_split(&folder, &split, dst, LinkMode::Copy, false)?;
             println!(

@@ -136,6 +136,20 @@ fn non_image_files_are_skipped_with_a_warning_or_refused_under_strict() {
     assert!(res.status.success());
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("skipped 1 non-image files"), "{stderr}");
+    // The commands that read the same folder say so too (without a --strict they lack).
+    for args in [
+        vec!["stats", s(&data)],
+        vec!["eval", "--run", s(&out), "--data", s(&data)],
+        vec!["predict", "--run", s(&out), s(&data)],
+    ] {
+        let res = kd(&args);
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("skipped 1 non-image files") && !stderr.contains("--strict"),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -110,7 +110,8 @@ const SPLIT_NAMES: &[&str] = &["valid", "validation", "test"];
 
 /// Every image file under `dir` (sorted; hidden entries skipped, symlinks followed but no
 /// folder entered twice, none above `dir`): the images `kd predict` is given a folder of.
-pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Also returns the other (non-image) files found.
+pub fn images_under(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let own = resolved(dir);
     let fence = Fence {
         root: own.clone(),
@@ -126,7 +127,7 @@ pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
         &fence,
     )?;
     files.sort();
-    Ok(files)
+    Ok((files, skipped))
 }
 
 impl ImageFolder {

@@ -85,12 +85,13 @@ pub fn for_config(config: &TrainConfig) -> Result<RunData> {
     Ok(data)
 }
 
-/// Refuses skipped non-image files under `strict`, else warns about them (even when quiet).
-pub fn report_skipped(skipped: &[PathBuf], strict: bool) -> Result<()> {
+/// Refuses skipped non-image files under `strict`, else warns about them (even when quiet);
+/// `None` for commands without a strict setting.
+pub fn report_skipped(skipped: &[PathBuf], strict: Option<bool>) -> Result<()> {
     let Some(first) = skipped.first() else {
         return Ok(());
     };
-    if strict {
+    if strict == Some(true) {
         bail!(
             "{} is not an image ({} such files; kd reads {}): remove them or drop --strict to skip them",
             first.display(),
@@ -99,9 +100,14 @@ pub fn report_skipped(skipped: &[PathBuf], strict: bool) -> Result<()> {
         );
     }
     eprintln!(
-        "warning: skipped {} non-image files (e.g. {}); pass --strict to fail instead",
+        "warning: skipped {} non-image files (e.g. {}){}",
         skipped.len(),
-        first.display()
+        first.display(),
+        if strict.is_some() {
+            "; pass --strict (strict = true in a kd run file) to fail instead"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -204,7 +204,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
     check_out_is_not_read(out, &config.data)?;
     let data = dataset::for_config(&config)?;
     let n_classes = data.classes.len();
-    dataset::report_skipped(&data.skipped, config.strict)?;
+    dataset::report_skipped(&data.skipped, Some(config.strict))?;
 
     let resume_path = out.join(files::CHECKPOINTS).join(files::RESUME);
     let fingerprint = DataFingerprint::of(&config.data, &data.train, &data.val);
