@@ -415,6 +415,19 @@ impl Cli {
                 let run = Run::open(&a.run)?;
                 let net = run.load_network(&a.checkpoint, &default_device())?;
                 let bytes = crate::models::weights::to_pytorch_safetensors(&net)?;
+                // What a deployment needs besides the weights (the class order, the input
+                // size and normalization), readable with safetensors' `metadata()`.
+                let c = &run.config;
+                let metadata = std::collections::BTreeMap::from([
+                    ("format".to_string(), "pt".to_string()),
+                    ("kd.classes".into(), serde_json::to_string(&run.classes)?),
+                    ("kd.model".into(), serde_json::to_string(&c.model)?),
+                    ("kd.image_size".into(), c.image_size.to_string()),
+                    ("kd.mean".into(), serde_json::to_string(&c.mean)?),
+                    ("kd.std".into(), serde_json::to_string(&c.std)?),
+                    ("kd.checkpoint".into(), a.checkpoint.clone()),
+                ]);
+                let bytes = crate::models::weights::with_metadata(&bytes, &metadata)?;
                 if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
                     crate::io::ensure_dir(parent)?;
                 }

@@ -228,8 +228,21 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     let b =
         kd::eval::logits_rows(reloaded.forward(kd::eval::images_tensor(&batch, &device))).unwrap();
     assert_eq!(a, b, "exported weights give identical logits");
-    let header_len = u64::from_le_bytes(std::fs::read(&exported).unwrap()[..8].try_into().unwrap());
-    assert!(header_len > 0);
+    let bytes = std::fs::read(&exported).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(header_len % 8, 0, "tensor data stays 8-byte aligned");
+    // The file carries what deployment needs: class order, input size, normalization.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let meta = &header["__metadata__"];
+    assert_eq!(meta["format"], "pt");
+    let classes: Vec<String> = serde_json::from_str(meta["kd.classes"].as_str().unwrap()).unwrap();
+    assert_eq!(classes, run.classes);
+    assert_eq!(meta["kd.image_size"], "32");
+    let mean: [f32; 3] = serde_json::from_str(meta["kd.mean"].as_str().unwrap()).unwrap();
+    assert_eq!(Some(mean), run.config.mean);
+    // Exporting again gives the same bytes.
+    kd_ok(&["export", "--run", r, "--out", exported.to_str().unwrap()]);
+    assert!(std::fs::read(&exported).unwrap() == bytes);
     let keys = read_safetensors(&exported);
     assert!(
         keys.contains_key("layer2.0.downsample.0.weight") && keys.contains_key("bn1.running_var")

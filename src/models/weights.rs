@@ -2,6 +2,7 @@
 //! PyTorch state dicts (`.safetensors` or `.pth`) under the reference names (torchvision's
 //! for ResNet, the reference implementation's for CoAtNet).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -294,6 +295,26 @@ fn load_into<S: ModuleStore>(net: &mut Network, store: &mut S) -> Result<ApplyRe
         Network::ResNet(m) => m.load_from(store),
         Network::CoAtNet(m) => m.load_from(store),
     }
+}
+
+/// Replaces the `__metadata__` of safetensors bytes with `metadata` (string values, as the
+/// format requires), keeping every tensor's bytes; the header is written with sorted keys,
+/// so equal inputs give equal bytes.
+pub fn with_metadata(bytes: &[u8], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let damaged = || anyhow::anyhow!("cannot add metadata: the safetensors bytes are damaged");
+    let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(damaged)?.try_into()?) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(damaged)?;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|_| damaged())?;
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut text = serde_json::to_vec(&header)?;
+    // Tensor data starts 8-byte aligned, as safetensors writes it (spaces are allowed).
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Writes the weights under PyTorch names as safetensors bytes: torchvision's for ResNet;
