@@ -95,7 +95,8 @@ fn labels(all: &[Run]) -> Vec<String> {
 }
 
 /// A run's role: "student with KD" if it has a teacher, "teacher" if one of `all` names
-/// it as its teacher, else "student without KD".
+/// it as its teacher, else "student without KD" next to a KD run, or just "without KD"
+/// (a comparison without distillation has no students).
 fn role(run: &Run, all: &[Run]) -> &'static str {
     if run.config.teacher.is_some() {
         "student with KD"
@@ -106,8 +107,10 @@ fn role(run: &Run, all: &[Run]) -> &'static str {
             .is_some_and(|t| is_teacher_path(&t.run, &run.dir))
     }) {
         "teacher"
-    } else {
+    } else if all.iter().any(|r| r.config.teacher.is_some()) {
         "student without KD"
+    } else {
+        "without KD"
     }
 }
 

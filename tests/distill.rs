@@ -376,6 +376,18 @@ alpha = 0.5
     ] {
         assert!(printed.contains(label), "{label} in {printed}");
     }
+    // Without a KD run there are no students or teachers to name.
+    let plain: Vec<String> = ["teacher", "student"]
+        .map(|r| out.join(r).display().to_string())
+        .into();
+    let report = dir.path().join("compare-plain").display().to_string();
+    let mut args = vec!["compare".to_string(), "--out".into(), report];
+    args.extend(plain);
+    let printed = kd_ok(&strs(&args));
+    assert!(
+        printed.contains("| without KD (resnet18, teacher) |"),
+        "{printed}"
+    );
     let twice = format!("{}/../student", out.join("teacher").display());
     let mut args = compare(&dir.path().join("compare-twice"), "--precision", "f32");
     args.push(twice);
