@@ -131,18 +131,22 @@ fn check_no_leak(
         .collect();
     // Copies count too (`kd split` copies files under their names): a file of the same
     // class and name with the same bytes. Only such name matches are read.
-    let by_name: HashMap<(usize, &OsStr), &Path> = teacher_data
-        .train
-        .iter()
-        .filter_map(|s| Some(((s.label, s.path.file_name()?), s.path.as_path())))
-        .collect();
+    let mut by_name: HashMap<(usize, &OsStr), Vec<&Path>> = HashMap::new();
+    for s in &teacher_data.train {
+        if let Some(name) = s.path.file_name() {
+            by_name.entry((s.label, name)).or_default().push(&s.path);
+        }
+    }
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let same_bytes = |a: &Path, b: &Path| {
+        size(a) == size(b)
+            && matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
+    };
     let is_copy = |s: &Sample| {
-        let Some(original) = s.path.file_name().and_then(|n| by_name.get(&(s.label, n))) else {
-            return false;
-        };
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
-        size(original) == size(&s.path)
-            && matches!((std::fs::read(original), std::fs::read(&s.path)), (Ok(a), Ok(b)) if a == b)
+        s.path
+            .file_name()
+            .and_then(|n| by_name.get(&(s.label, n)))
+            .is_some_and(|originals| originals.iter().any(|o| same_bytes(o, &s.path)))
     };
     let leaked: Vec<&Sample> = student_val
         .iter()
