@@ -716,6 +716,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             )
         }
     };
+    let out = a.out.clone().unwrap_or_else(|| run.dir.join("eval"));
+    let json_path = out.join(format!("eval-{}{suffix}.json", a.checkpoint));
+    let png_path = out.join(format!("confusion-{}{suffix}.png", a.checkpoint));
+    if a.data.is_some() {
+        refuse_other_data_in(&json_path, &data)?;
+    }
     let net = run.load_network(&a.checkpoint, &device)?;
     let loader = Loader::new(
         samples,
@@ -725,13 +731,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         0,
     );
     let eval = evaluate(&net, &loader, &run.classes, &device)?;
-    let out = a.out.clone().unwrap_or_else(|| run.dir.join("eval"));
     ensure_dir(&out)?;
-    let json_path = out.join(format!("eval-{}{suffix}.json", a.checkpoint));
-    let png_path = out.join(format!("confusion-{}{suffix}.png", a.checkpoint));
-    if a.data.is_some() {
-        refuse_other_data_in(&json_path, &data)?;
-    }
     let evaluated = EvalReport {
         run: &run.dir,
         checkpoint: &a.checkpoint,
@@ -768,7 +768,12 @@ fn refuse_other_data_in(json_path: &Path, data: &Path) -> Result<()> {
     let Ok(previous) = crate::io::read_json::<serde_json::Value>(json_path) else {
         return Ok(());
     };
-    let Some(before) = previous["data"].as_str().map(PathBuf::from) else {
+    // Relative paths (written by an older kd) cannot be resolved from here: replaced.
+    let Some(before) = previous["data"]
+        .as_str()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+    else {
         return Ok(());
     };
     if crate::io::resolved(&before) != crate::io::resolved(data) {
