@@ -336,6 +336,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         }
     };
     let mut writer = BackgroundWriter::default();
+    let resumed_at_the_end = state.epochs_done == config.epochs;
     for epoch in state.epochs_done..config.epochs {
         let lr = schedule.lr(epoch);
         let mut progress = match state.partial.take() {
@@ -462,6 +463,12 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         jobs.push(resume_job(&model_bytes, &optim, &state)?);
         writer.write(jobs)?;
     }
+    if resumed_at_the_end {
+        // Nothing left to train: the model is the last finished epoch's, which is the final
+        // checkpoint (missing, or older, when the run had been asked for more epochs).
+        let bytes = weights::to_bytes(&model.valid())?;
+        write_atomic(&ckpt.join("final.bpk"), &bytes)?;
+    }
     writer.wait()?;
     Ok(TrainSummary {
         dir: out.to_path_buf(),
@@ -584,17 +591,22 @@ fn check_resume(
         );
     }
     let resumed = load_resume(resume_path)?;
-    // Fewer epochs than it has done, or (unfinished) exactly as many, would leave a run
-    // without its final checkpoint and with a config that does not describe it.
+    // Fewer epochs than it has done cannot be undone; as many ends the run where it is
+    // (its final checkpoint is written then), unless it stopped inside the next epoch.
     let done = resumed.state.epochs_done;
-    let finished = done == previous.config.epochs;
-    if config.epochs < done || (config.epochs == done && !finished) {
+    let partial = resumed
+        .state
+        .partial
+        .as_ref()
+        .is_some_and(|p| p.epoch == done);
+    if config.epochs < done || (config.epochs == done && partial) {
         bail!(
-            "cannot resume {} with {} epochs: it has finished {done} of its {}; ask for more \
-             (--epochs, or `epochs` in a kd run file) to finish or extend it",
+            "cannot resume {} with {} epochs: it has finished {done}{}; ask for {} or more \
+             (--epochs, or `epochs` in a kd run file)",
             out.display(),
             config.epochs,
-            previous.config.epochs
+            if partial { " and started the next" } else { "" },
+            if partial { done + 1 } else { done }
         );
     }
     if let Some(saved) = &resumed.state.data
