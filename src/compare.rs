@@ -104,7 +104,7 @@ fn role(run: &Run, all: &[Run]) -> &'static str {
         r.config
             .teacher
             .as_ref()
-            .is_some_and(|t| is_teacher_path(&t.run, &run.dir))
+            .is_some_and(|t| is_teacher_path(&t.run, &r.dir, &run.dir))
     }) {
         "teacher"
     } else if all.iter().any(|r| r.config.teacher.is_some()) {
@@ -114,15 +114,20 @@ fn role(run: &Run, all: &[Run]) -> &'static str {
     }
 }
 
-/// Whether a KD run's recorded teacher path names `dir`. The path is recorded as typed,
-/// relative to where `kd distill` ran: when it does not resolve from here, a relative path
-/// of two or more folders without `..` (`runs/teacher`) still matches a `dir` ending in the
-/// same folders (a bare folder name would match too many).
-fn is_teacher_path(teacher: &Path, dir: &Path) -> bool {
+/// Whether the teacher path recorded by the KD run in `kd_dir` names `dir`. The path is
+/// recorded as typed, relative to where `kd distill` ran. When it does not resolve from here
+/// it is tried next to the KD run (`cd runs && kd distill --teacher t --out kd`); failing
+/// that, a relative path of two or more folders without `..` (`runs/teacher`) still matches
+/// a `dir` ending in the same folders (a bare folder name would match too many).
+fn is_teacher_path(teacher: &Path, kd_dir: &Path, dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else {
         return teacher == dir;
     };
     if let Ok(teacher) = teacher.canonicalize() {
+        return teacher == dir;
+    }
+    let beside = kd_dir.parent().map(|p| p.join(teacher));
+    if let Some(Ok(teacher)) = beside.map(|p| p.canonicalize()) {
         return teacher == dir;
     }
     let mut tail = PathBuf::new();
@@ -302,13 +307,16 @@ mod tests {
             ("study-7f3a", false),
         ] {
             assert_eq!(
-                is_teacher_path(Path::new(recorded), &dir),
+                is_teacher_path(Path::new(recorded), &tmp.path().join("elsewhere/kd"), &dir),
                 names_it,
                 "{recorded}"
             );
         }
         // A path that resolves decides by itself.
-        assert!(is_teacher_path(&dir, &dir));
-        assert!(!is_teacher_path(tmp.path(), &dir));
+        let kd = tmp.path().join("study-7f3a/kd");
+        assert!(is_teacher_path(&dir, &kd, &dir));
+        assert!(!is_teacher_path(tmp.path(), &kd, &dir));
+        // Typed from inside the study folder: found next to the KD run.
+        assert!(is_teacher_path(Path::new("teacher"), &kd, &dir));
     }
 }
