@@ -809,7 +809,9 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let mut found: Vec<(PathBuf, String)> = Vec::new();
     for p in &a.paths {
         if p.is_dir() {
-            let (files, skipped) = crate::data::folder::images_under(p)?;
+            let (files, mut skipped) = crate::data::folder::images_under(p)?;
+            // A split folder's own record is not a stray file.
+            skipped.retain(|f| f.file_name() != Some(crate::data::split::SPLIT_RECORD.as_ref()));
             crate::train::dataset::report_skipped(&skipped, None)?;
             if files.is_empty() {
                 bail!(

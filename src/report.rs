@@ -166,18 +166,17 @@ pub fn curves_png(
             let y_label = format!("{y_label} (log scale)");
             draw_curves(&root, title, x_range, range, &y_label, series)
         } else {
-            // Flat curves get a visible band around their value.
-            let pad = ((hi - lo) * 0.05)
-                .max(hi.abs().max(lo.abs()) * 0.05)
-                .max(1e-3);
+            // Flat curves get a visible band around their value (around 0: ±1).
+            let pad = ((hi - lo) * 0.05).max(hi.abs().max(lo.abs()) * 0.05);
+            let pad = if pad > 0.0 { pad } else { 1.0 };
             let range = (lo - pad)..(hi + pad);
             draw_curves(&root, title, x_range, range, y_label, series)
         }
     })
 }
 
-/// A y tick: at most 4 significant digits, in exponent form outside 0.001..10000 (the
-/// default format overflowed the label area for a diverged run's losses).
+/// A y tick: at most 4 decimals, in exponent form outside 0.001..10000 (the default format
+/// overflowed the label area for a diverged run's losses).
 fn tick_label(v: &f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e4).contains(&a) {
