@@ -61,35 +61,29 @@ pub struct SpeedOptions {
 /// whose labels would be the same also get their folder's name (or, if that is shared too,
 /// their path).
 fn labels(all: &[Run]) -> Vec<String> {
+    let roles: Vec<&str> = all.iter().map(|run| role(run, all)).collect();
     let plain: Vec<String> = all
         .iter()
-        .map(|run| format!("{} ({})", role(run, all), run.config.model.name))
+        .zip(&roles)
+        .map(|(run, role)| format!("{role} ({})", run.config.model.name))
         .collect();
     let count = |l: &String| plain.iter().filter(|m| *m == l).count();
     let name = |run: &Run| {
-        let name = run
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
         let shared = all
             .iter()
             .filter(|r| r.dir.file_name() == run.dir.file_name())
             .count();
-        match name {
-            Some(n) if shared == 1 => n,
+        match run.dir.file_name() {
+            Some(n) if shared == 1 => n.to_string_lossy().into_owned(),
             _ => run.dir.display().to_string(),
         }
     };
     all.iter()
+        .zip(roles)
         .zip(&plain)
-        .map(|(run, label)| match count(label) {
+        .map(|((run, role), label)| match count(label) {
             1 => label.clone(),
-            _ => format!(
-                "{} ({}, {})",
-                role(run, all),
-                run.config.model.name,
-                name(run)
-            ),
+            _ => format!("{role} ({}, {})", run.config.model.name, name(run)),
         })
         .collect()
 }
