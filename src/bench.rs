@@ -12,9 +12,10 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::data::{AugmentConfig, CacheMode, ImageFolder, Loader, Transform};
-use crate::device::{ComputeArgs, PeakDeviceMemory};
-use crate::losses::cross_entropy;
-use crate::models::{ModelSpec, Network, Stem};
+use crate::device::{DeviceSpec, PeakDeviceMemory};
+use crate::losses::{self, Method, cross_entropy};
+use crate::models::{ModelSpec, Network, Outputs, Stem};
+use crate::ops::{Ctx, Precision};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -28,9 +29,9 @@ pub enum BenchMode {
     Distill,
 }
 
-/// Options of `kd bench`.
+/// What `kd bench` measures, and how.
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub struct BenchOptions {
     /// Architecture.
     #[arg(long, default_value = "resnet18")]
     pub model: String,
@@ -70,11 +71,13 @@ pub struct BenchArgs {
     /// With --data: time an epoch served from the image cache (after one pass fills it).
     #[arg(long, value_enum, default_value = "off")]
     pub cache_images: CacheMode,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    /// cpu, or cuda[:N] for NVIDIA GPU N (a build with --features cuda); cubecl-cpu runs the
+    /// GPU code path on the CPU (a build with --features cubecl-cpu).
+    #[arg(long, default_value = "cpu", value_parser = <DeviceSpec as std::str::FromStr>::from_str)]
+    pub device: DeviceSpec,
+    /// Precision of convolutions and linear layers.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// One benchmark result.
@@ -115,6 +118,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn inference_times(
     net: &Network,
     x: Tensor<4>,
+    cx: &Ctx,
     warmup: usize,
     steps: usize,
     memory: &mut PeakDeviceMemory,
@@ -123,7 +127,7 @@ pub fn inference_times(
     let mut times = Vec::new();
     for step in 0..warmup + steps {
         let t0 = Instant::now();
-        let _ = net.forward(x.clone()).into_data();
+        let _ = net.forward(x.clone(), cx).into_data();
         if step >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -138,49 +142,24 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs the benchmark and prints the result.
-pub fn run(a: &BenchArgs) -> Result<()> {
+/// Runs the benchmark.
+pub fn run(a: &BenchOptions) -> Result<BenchResult> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
     if a.classes < 2 {
         bail!("--classes {} is invalid: use at least 2", a.classes);
     }
-    let result = match &a.data {
-        Some(dir) => bench_pipeline(a, dir)?,
-        None => bench_model(a)?,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-    } else {
-        println!(
-            "{}: {:.1} img/s ({:.3} s/step, batch {}, {}x{}, {} threads, {}, {}), peak RSS {}{}",
-            result.what,
-            result.images_per_second,
-            result.seconds_per_step,
-            result.batch,
-            result.image_size,
-            result.image_size,
-            result.threads,
-            result.device,
-            result.precision,
-            result
-                .peak_rss_mib
-                .map(|m| format!("{m:.0} MiB"))
-                .unwrap_or_else(|| "n/a".into()),
-            result
-                .peak_device_mib
-                .map(|m| format!(", peak device memory {m:.0} MiB"))
-                .unwrap_or_default()
-        );
+    match &a.data {
+        Some(dir) => bench_pipeline(a, dir),
+        None => bench_model(a),
     }
-    Ok(())
 }
 
-fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
-    let precision = a.compute.precision.unwrap_or_default();
-    let device = crate::device::open(a.compute.device, precision)?;
-    crate::device::set_precision(precision);
+fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
+    let precision = a.precision;
+    let device = crate::device::open(a.device, precision)?;
+    let cx = Ctx::new(precision);
     let spec = ModelSpec {
         name: a.model.clone(),
         width: a.width,
@@ -206,9 +185,9 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
                 ),
                 _ => None,
             };
-            let kd = crate::losses::KdConfig::default().build();
+            let kd = Method::default().build();
             // PyTorch's Adam defaults, as in bench/pytorch_reference.py.
-            let mut optim = crate::optim::FusedAdam::new(1e-8).init();
+            let mut optim = crate::ops::FusedAdam::new(1e-8).init();
             // As in bench/pytorch_reference.py, the batch is made on the device once: a step
             // measures compute, not the host-to-device copy (`--data` measures the pipeline).
             let data: Vec<f32> = (0..b * 3 * s * s)
@@ -218,12 +197,25 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
             for step in 0..a.warmup + a.steps {
                 let t0 = Instant::now();
-                let logits = model.forward(x.clone().autodiff());
+                let logits = model.forward(x.clone().autodiff(), &cx);
                 let loss = match &teacher {
                     // Teacher logits join the student's graph as constants, on the device.
                     Some(t) => {
-                        kd.loss(logits, t.forward(x.clone()).autodiff(), y.clone())
-                            .total
+                        let teacher = Outputs {
+                            logits: t.forward(x.clone(), &cx).autodiff(),
+                            features: None,
+                        };
+                        let student = Outputs {
+                            logits,
+                            features: None,
+                        };
+                        kd.loss(&losses::Step {
+                            student: &student,
+                            teacher: &teacher,
+                            targets: &y,
+                            epoch: 1,
+                        })
+                        .total
                     }
                     None => cross_entropy(logits, y.clone()),
                 };
@@ -239,7 +231,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
         BenchMode::Eval => {
             let model = spec.build(a.classes, s, &device)?.valid();
             let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
-            times = inference_times(&model, x, a.warmup, a.steps, &mut memory);
+            times = inference_times(&model, x, &cx, a.warmup, a.steps, &mut memory);
         }
     }
     let sps = median(times);
@@ -249,7 +241,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
             BenchMode::Eval => format!("{} inference", a.model),
             BenchMode::Distill => format!("{} -> {} distillation step", a.teacher, a.model),
         },
-        device: crate::device::describe(a.compute.device),
+        device: crate::device::describe(a.device),
         precision: precision.to_string(),
         batch: b,
         image_size: s,
@@ -261,7 +253,7 @@ fn bench_model(a: &BenchArgs) -> Result<BenchResult> {
     })
 }
 
-fn bench_pipeline(a: &BenchArgs, dir: &std::path::Path) -> Result<BenchResult> {
+fn bench_pipeline(a: &BenchOptions, dir: &std::path::Path) -> Result<BenchResult> {
     crate::data::check_image_size(a.image_size)?;
     let folder = ImageFolder::scan(dir)?;
     let transform = Transform {

@@ -1,19 +1,14 @@
-//! Where `kd` computes (`--device cpu|cuda[:N]`) and in which precision (`--precision`).
-//!
-//! Mixed precision works like PyTorch's autocast: the device keeps f32 as its float type, so
-//! parameters, optimizer state, BatchNorm statistics and loss reductions stay f32, while the
-//! convolutions and linear layers cast their inputs and weights to bf16/f16, compute there,
-//! and hand f32 back (see [`crate::conv`]). Burn 0.22 has no loss scaling, so f16 gradients
-//! can underflow; bf16 has f32's range and needs none.
+//! Where `kd` computes (`--device cpu|cuda[:N]|cubecl-cpu`), and the peak memory a device's
+//! allocator reserved. The precision of the heavy products is [`crate::ops::Precision`].
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::{Result, bail};
-use burn::tensor::{DType, Device, FloatDType};
-use clap::{Args, ValueEnum};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
+
+use crate::ops::Precision;
 
 /// A compute device named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,76 +48,6 @@ impl fmt::Display for DeviceSpec {
             Self::Cuda(n) => write!(f, "cuda:{n}"),
             Self::CubeclCpu => write!(f, "cubecl-cpu"),
         }
-    }
-}
-
-/// Precision of the convolutions and linear layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32.
-    #[default]
-    F32,
-    /// bfloat16 autocast (f32 range; no loss scaling needed).
-    Bf16,
-    /// float16 autocast (no loss scaling in Burn 0.22: gradients may underflow).
-    F16,
-}
-
-impl Precision {
-    /// The dtype the heavy products run in; `None` for f32.
-    pub fn compute_dtype(self) -> Option<FloatDType> {
-        match self {
-            Self::F32 => None,
-            Self::Bf16 => Some(FloatDType::BF16),
-            Self::F16 => Some(FloatDType::F16),
-        }
-    }
-
-    fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::Bf16 => DType::BF16,
-            Self::F16 => DType::F16,
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-        })
-    }
-}
-
-/// `--device` and `--precision`, shared by the commands that compute.
-#[derive(Debug, Clone, Args, Default)]
-pub struct ComputeArgs {
-    /// cpu, or cuda[:N] for NVIDIA GPU N (a build with --features cuda); cubecl-cpu runs the
-    /// GPU code path on the CPU (a build with --features cubecl-cpu, for checking that path).
-    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::from_str)]
-    pub device: DeviceSpec,
-    /// Precision of convolutions and linear layers [default: f32, or the run's for eval/predict/compare].
-    #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
-}
-
-static AUTOCAST: AtomicU8 = AtomicU8::new(0);
-
-/// Sets the process-wide autocast precision used by the models' convolutions and linear layers.
-pub fn set_precision(precision: Precision) {
-    AUTOCAST.store(precision as u8, Ordering::Relaxed);
-}
-
-/// The current autocast precision.
-pub fn precision() -> Precision {
-    match AUTOCAST.load(Ordering::Relaxed) {
-        1 => Precision::Bf16,
-        2 => Precision::F16,
-        _ => Precision::F32,
     }
 }
 

@@ -48,7 +48,17 @@ fn main() {
         }
         eprintln!("error: internal failure: {msg} (please report this with the command you ran)");
     }));
-    let cli = kd::cli::Cli::parse();
+    let cli = match kd::commands::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap writes them; a usage error is one line.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see --help)", first.trim_end());
+            std::process::exit(2);
+        }
+    };
     // First Ctrl-C: finish the current batch, save a resumable state, exit. Second: exit now.
     let handler = ctrlc::set_handler(|| {
         static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

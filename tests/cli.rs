@@ -355,7 +355,8 @@ fn stats_reports_mnist_statistics() {
 #[test]
 fn shipped_experiments_parse_with_the_tutorial_recipe() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let plants = kd::study::load_experiment(&root.join("examples/plant-seedlings.toml")).unwrap();
+    let plants =
+        kd::experiment::load_experiment(&root.join("examples/plant-seedlings.toml")).unwrap();
     assert_eq!(plants.teacher.model.name, "coatnet_2");
     assert_eq!(plants.student.model.name, "resnet18");
     for c in [&plants.teacher, &plants.student, &plants.kd_student] {
@@ -367,15 +368,23 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         assert_eq!(c.augment, kd::data::AugmentConfig::default());
     }
     let kd = plants.kd_student.teacher.as_ref().unwrap();
-    assert_eq!((kd.kd.temperature, kd.kd.alpha), (7.0, 0.7));
+    let settings = serde_json::to_value(&kd.kd).unwrap();
+    assert_eq!(
+        settings["method"], "tutorial",
+        "`loss = \"seed\"` names the tutorial's loss"
+    );
+    assert_eq!(
+        (settings["temperature"].as_f64(), settings["alpha"].as_f64()),
+        (Some(7.0), Some(0.7))
+    );
     assert!(plants.teacher.teacher.is_none() && plants.student.teacher.is_none());
 
-    let demo = kd::study::parse_experiment(kd::cli::DEMO_TOML).unwrap();
+    let demo = kd::experiment::parse_experiment(kd::experiment::DEMO_TOML).unwrap();
     assert_eq!(demo.student.image_size, 32);
     assert!(demo.teacher.model.name.starts_with("coatnet"));
 
     // A stage's own seed changes its initialisation, not the data every stage shares.
-    let reseeded = kd::study::parse_experiment(
+    let reseeded = kd::experiment::parse_experiment(
         "out = 'x'\n[data]\npath = 'd'\nseed = 5\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\nseed = 9\n",
     )
     .unwrap();
@@ -397,22 +406,22 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         let text = format!(
             "out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\nwidth = {width}\n"
         );
-        let err = format!("{:#}", kd::study::parse_experiment(&text).unwrap_err());
+        let err = format!("{:#}", kd::experiment::parse_experiment(&text).unwrap_err());
         assert!(err.contains("[student] width"), "{width}: {err}");
     }
 
-    let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
+    let err = kd::experiment::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\nlearning_rate = 1\n[student]\nmodel = 'resnet18'\n").unwrap_err();
     assert!(format!("{err:#}").contains("learning_rate"), "{err:#}");
-    // [distill] names its own keys: the flag --kd-loss is the key `loss`.
-    let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n[distill]\nkd_loss = 'seed'\n").unwrap_err();
+    // [distill] names its own keys: the flag --kd-loss is the key `method` (or `loss`).
+    let err = kd::experiment::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n[distill]\nkd_loss = 'seed'\n").unwrap_err();
     let err = format!("{err:#}");
     assert!(
         err.contains("[distill] has an unknown key `kd_loss`")
-            && err.contains("temperature, alpha, loss, cache_teacher")
-            && !err.contains("teacher,"),
+            && err.contains("alpha, temperature, method, cache_teacher, teacher_checkpoint")
+            && !err.contains(" teacher,"),
         "{err}"
     );
-    let err = kd::study::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[recipe]\ndata = 'e'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n").unwrap_err();
+    let err = kd::experiment::parse_experiment("out = 'x'\n[data]\npath = 'd'\n[recipe]\ndata = 'e'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n").unwrap_err();
     assert!(format!("{err:#}").contains("[data] path"), "{err:#}");
 }
 

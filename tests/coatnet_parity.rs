@@ -164,8 +164,8 @@ fn coatnet_tiny_exports_reference_names_and_round_trips() {
     let mut again = Network::CoAtNet(tiny_config().init(&device));
     weights::load_pytorch(&mut again, &path).unwrap();
     let (x, _) = fixture_input(&fx, &device);
-    let a = values(net.forward(x.clone()));
-    let b = values(again.forward(x));
+    let a = values(net.forward(x.clone(), &cx()));
+    let b = values(again.forward(x, &cx()));
     assert!(rel_err(&b, &a) < 1e-6);
 }
 
@@ -236,9 +236,9 @@ fn coatnet_rejects_image_sizes_not_multiple_of_32() {
     assert!(spec.validate(96).is_ok());
 
     // Non-square sizes follow the relative-position tables.
-    let net = tiny_config().with_image_size(64, 96).init(&device);
+    let net = Network::CoAtNet(tiny_config().with_image_size(64, 96).init(&device));
     let x = Tensor::<4>::zeros([1, 3, 64, 96], &device);
-    assert_eq!(net.forward(x).dims(), [1, 12]);
+    assert_eq!(net.forward(x, &cx()).dims(), [1, 12]);
 }
 
 #[test]
@@ -249,11 +249,11 @@ fn coatnet_width_override_and_stem_rejection() {
         width: Some(8),
         stem: None,
     };
-    let cfg = spec.coatnet_config(3, 32).unwrap();
+    let cfg = kd::models::coatnet::config(&spec, 3, 32).unwrap();
     assert_eq!(cfg.channels, [8, 8, 16, 32, 64]);
     let net = spec.build(3, 32, &device).unwrap();
     let x = Tensor::<4>::zeros([2, 3, 32, 32], &device);
-    assert_eq!(net.forward(x).dims(), [2, 3]);
+    assert_eq!(net.forward(x, &cx()).dims(), [2, 3]);
     let spec = ModelSpec {
         stem: Some(kd::models::Stem::Small),
         ..spec
@@ -278,7 +278,10 @@ fn coatnet_checkpoint_bytes_round_trip() {
     let mut again = Network::CoAtNet(tiny_config().init(&device));
     weights::load_bytes(&mut again, bytes, std::path::Path::new("mem.bpk")).unwrap();
     let x = Tensor::<4>::ones([1, 3, 64, 64], &device);
-    let err = rel_err(&values(again.forward(x.clone())), &values(net.forward(x)));
+    let err = rel_err(
+        &values(again.forward(x.clone(), &cx())),
+        &values(net.forward(x, &cx())),
+    );
     assert!(err < 1e-6, "{err}");
 }
 

@@ -1,15 +1,15 @@
 //! kd's own CPU kernels against Burn's generic implementations.
 //!
-//! - The batch-wide GEMM convolution (`kd::conv`) against Burn's `conv2d`: outputs and the
+//! - The batch-wide GEMM convolution (`kd::ops::conv`) against Burn's `conv2d`: outputs and the
 //!   gradients of input, weight and bias, over strides, paddings, kernel sizes, non-square
 //!   images and batches that run as one image per chunk or several images per chunk.
-//! - The direct depthwise convolution (`kd::conv`, groups = channels) against Burn's grouped
+//! - The direct depthwise convolution (`kd::ops::conv`, groups = channels) against Burn's grouped
 //!   `conv2d`: outputs and the gradients of input, weight and bias.
-//! - The fused training BatchNorm (`kd::norm`) against Burn's `BatchNorm`: outputs, running
+//! - The fused training BatchNorm (`kd::ops::norm`) against Burn's `BatchNorm`: outputs, running
 //!   statistics and the gradients of input, gamma and beta.
-//! - The vectorised GELU (`kd::gelu`) against Burn's `gelu`: outputs and input gradients.
-//! - The max pooling (`kd::pool`) against Burn's `MaxPool2d`: outputs and input gradients.
-//! - The fused Adam (`kd::optim`) against Burn's `Adam`: parameters after several steps.
+//! - The vectorised GELU (`kd::ops::activation`) against Burn's `gelu`: outputs and input gradients.
+//! - The max pooling (`kd::ops::pool`) against Burn's `MaxPool2d`: outputs and input gradients.
+//! - The fused Adam (`kd::ops::FusedAdam`) against Burn's `Adam`: parameters after several steps.
 
 mod common;
 
@@ -20,6 +20,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{assert_all_close, rel_err, values};
+use kd::ops::Precision::F32;
 
 /// What the convolution tests compare, in order.
 const CONV_RESULTS: [&str; 4] = ["output", "input grad", "weight grad", "bias grad"];
@@ -73,13 +74,13 @@ fn gemm_convolution_matches_burn_forward_and_backward() {
         );
 
         assert!(
-            kd::conv::gemm_applies(&conv, &x),
+            kd::ops::conv::gemm_applies(&conv, &x),
             "not routed to the GEMM path"
         );
         let mut results = Vec::new();
         for ours in [false, true] {
             let y = if ours {
-                kd::conv::conv2d(&conv, x.clone())
+                kd::ops::conv::conv2d(&conv, x.clone(), F32)
             } else {
                 conv.forward(x.clone())
             };
@@ -106,9 +107,9 @@ fn gemm_convolution_without_autodiff_matches_burn() {
         .with_bias(false)
         .init(&device);
     let x: Tensor<4> = Tensor::random([2, 3, 11, 11], Distribution::Normal(0.0, 1.0), &device);
-    assert!(kd::conv::gemm_applies(&conv, &x));
+    assert!(kd::ops::conv::gemm_applies(&conv, &x));
     let err = rel_err(
-        &values(kd::conv::conv2d(&conv, x.clone())),
+        &values(kd::ops::conv::conv2d(&conv, x.clone(), F32)),
         &values(conv.forward(x)),
     );
     assert!(err < 1e-5, "rel. error {err:.1e}");
@@ -133,15 +134,15 @@ fn depthwise_convolution_matches_burn_forward_and_backward() {
         let x: Tensor<4> =
             Tensor::random([b, c, h, w], Distribution::Normal(0.0, 1.0), &device).require_grad();
         assert!(
-            kd::conv::depthwise_applies(&conv, &x),
+            kd::ops::conv::depthwise_applies(&conv, &x),
             "not routed to the depthwise kernel"
         );
-        assert!(!kd::conv::gemm_applies(&conv, &x));
+        assert!(!kd::ops::conv::gemm_applies(&conv, &x));
         let out = [b, c, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1];
         let probe: Tensor<4> = Tensor::random(out, Distribution::Normal(0.0, 1.0), &device);
         let run = |ours: bool| {
             let y = if ours {
-                kd::conv::conv2d(&conv, x.clone())
+                kd::ops::conv::conv2d(&conv, x.clone(), F32)
             } else {
                 conv.forward(x.clone())
             };
@@ -170,11 +171,14 @@ fn same_padded_and_grouped_convolutions_stay_on_burn() {
         .with_padding(PaddingConfig2d::Same)
         .init(&device);
     for conv in [&grouped, &same] {
-        assert!(!kd::conv::gemm_applies(conv, &x));
-        assert!(!kd::conv::depthwise_applies(conv, &x));
+        assert!(!kd::ops::conv::gemm_applies(conv, &x));
+        assert!(!kd::ops::conv::depthwise_applies(conv, &x));
     }
-    assert_eq!(kd::conv::conv2d(&same, x.clone()).dims(), [1, 4, 8, 8]);
-    assert_eq!(kd::conv::conv2d(&grouped, x).dims(), [1, 4, 6, 6]);
+    assert_eq!(
+        kd::ops::conv::conv2d(&same, x.clone(), F32).dims(),
+        [1, 4, 8, 8]
+    );
+    assert_eq!(kd::ops::conv::conv2d(&grouped, x, F32).dims(), [1, 4, 6, 6]);
 }
 
 /// Turns the running variance Burn's `BatchNorm` keeps after one step from a fresh layer
@@ -195,7 +199,7 @@ fn batch_norm_results(
     ours: bool,
 ) -> [Vec<f64>; 6] {
     let y = if ours {
-        kd::norm::batch_norm(bn, x.clone())
+        kd::ops::norm::batch_norm(bn, x.clone())
     } else {
         bn.forward(x.clone())
     };
@@ -229,7 +233,7 @@ fn fused_batch_norm_matches_burn_forward_backward_and_running_stats() {
         };
         let (burn_bn, our_bn) = (fresh(), fresh());
         assert!(
-            kd::norm::fused_applies(&our_bn, &x),
+            kd::ops::norm::fused_applies(&our_bn, &x),
             "not routed to the fused kernel"
         );
         let mut burn = batch_norm_results(&burn_bn, &x, &probe, false);
@@ -254,8 +258,8 @@ fn fused_batch_norm_relu_and_residual_match_burn() {
                 let bn: BatchNorm = BatchNormConfig::new(c).init(&device);
                 let r = with_residual.then(|| residual.clone());
                 let y = if ours {
-                    assert!(kd::norm::fused_applies(&bn, &x));
-                    kd::norm::batch_norm_relu(&bn, x.clone(), r)
+                    assert!(kd::ops::norm::fused_applies(&bn, &x));
+                    kd::ops::norm::batch_norm_relu(&bn, x.clone(), r)
                 } else {
                     let out = bn.forward(x.clone());
                     burn::tensor::activation::relu(match r {
@@ -291,12 +295,12 @@ fn batch_norm_inference_matches_burn() {
     let bn: BatchNorm = BatchNormConfig::new(3).init(&device);
     // One training step gives the running statistics non-trivial values.
     let x: Tensor<4> = Tensor::random([4, 3, 5, 5], Distribution::Normal(2.0, 3.0), &device);
-    let _ = kd::norm::batch_norm(&bn, x.clone());
+    let _ = kd::ops::norm::batch_norm(&bn, x.clone());
     let bn = bn.valid();
     let x = x.inner();
-    assert!(!kd::norm::fused_applies(&bn, &x));
+    assert!(!kd::ops::norm::fused_applies(&bn, &x));
     let err = rel_err(
-        &values(kd::norm::batch_norm(&bn, x.clone())),
+        &values(kd::ops::norm::batch_norm(&bn, x.clone())),
         &values(bn.forward(x)),
     );
     assert!(err < 1e-6, "inference batch norm differs: {err:.1e}");
@@ -307,7 +311,7 @@ fn batch_norm_relu_inference_matches_burn() {
     let device = Device::flex().autodiff();
     let bn: BatchNorm = BatchNormConfig::new(5).init(&device);
     let x: Tensor<4> = Tensor::random([3, 5, 4, 6], Distribution::Normal(1.0, 2.0), &device);
-    let _ = kd::norm::batch_norm(&bn, x.clone()); // non-trivial running statistics
+    let _ = kd::ops::norm::batch_norm(&bn, x.clone()); // non-trivial running statistics
     let (bn, x) = (bn.valid(), x.inner());
     let residual = Tensor::random([3, 5, 4, 6], Distribution::Normal(0.0, 1.0), &x.device());
     for r in [None, Some(residual)] {
@@ -315,7 +319,7 @@ fn batch_norm_relu_inference_matches_burn() {
             Some(r) => bn.forward(x.clone()) + r,
             None => bn.forward(x.clone()),
         });
-        let ours = kd::norm::batch_norm_relu(&bn, x.clone(), r.clone());
+        let ours = kd::ops::norm::batch_norm_relu(&bn, x.clone(), r.clone());
         let err = rel_err(&values(ours), &values(burn));
         assert!(
             err < 1e-6,
@@ -331,10 +335,10 @@ fn vectorised_gelu_matches_burn() {
     let x: Tensor<3> =
         Tensor::random([4, 33, 65], Distribution::Normal(0.0, 3.0), &device).require_grad();
     let probe: Tensor<3> = Tensor::random([4, 33, 65], Distribution::Normal(0.0, 1.0), &device);
-    assert!(kd::gelu::fast_applies(&x));
+    assert!(kd::ops::activation::fast_gelu_applies(&x));
     let run = |ours: bool| {
         let y = if ours {
-            kd::gelu::gelu(x.clone())
+            kd::ops::activation::gelu(x.clone())
         } else {
             burn::tensor::activation::gelu(x.clone())
         };
@@ -371,7 +375,7 @@ fn max_pool_matches_burn_forward_and_backward() {
         let probe: Tensor<4> = Tensor::random(out_dims, Distribution::Default, &device);
         let run = |ours: bool| {
             let y = if ours {
-                kd::pool::max_pool2d(&pool, x.clone())
+                kd::ops::pool::max_pool2d(&pool, x.clone())
             } else {
                 pool.forward(x.clone())
             };
@@ -393,7 +397,7 @@ fn max_pool_propagates_nan_and_runs_without_autodiff() {
     let mut data = vec![1.0f32; 16];
     data[5] = f32::NAN; // in the top-left window
     let x = Tensor::<4>::from_data(burn::tensor::TensorData::new(data, [1, 1, 4, 4]), &device);
-    let y = values(kd::pool::max_pool2d(&pool, x));
+    let y = values(kd::ops::pool::max_pool2d(&pool, x));
     assert!(
         y[0].is_nan(),
         "NaN must win its window, as in PyTorch: {y:?}"
@@ -411,7 +415,7 @@ fn fused_adam_matches_burn_adam() {
     let train = |fused: bool| {
         let mut model = start.clone();
         let mut optim = if fused {
-            kd::optim::FusedAdam::new(1e-8).init()
+            kd::ops::FusedAdam::new(1e-8).init()
         } else {
             AdamConfig::new().with_epsilon(1e-8).init()
         };

@@ -9,12 +9,13 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use common::*;
-use kd::data::{AugmentConfig, Loader};
-use kd::eval::{images_tensor, labels_tensor, logits_rows};
-use kd::losses::{KdConfig, KdLossKind};
-use kd::models::{ModelSpec, Stem, weights};
-use kd::run::Run;
-use kd::train::{Teacher, TeacherConfig, TrainConfig, TrainOptions, dataset, train};
+use kd::data::tensors::{images_tensor, labels_tensor, rows};
+use kd::data::{AugmentConfig, Loader, RunData};
+use kd::losses::{Method, hinton::Hinton};
+use kd::models::{ModelSpec, Outputs, Stem, weights};
+use kd::ops::{Ctx, Precision};
+use kd::run::{Checkpoint, Run, TeacherConfig, TrainConfig};
+use kd::train::{Teacher, TrainOptions, train};
 
 struct Shared {
     _dir: tempfile::TempDir,
@@ -68,12 +69,11 @@ fn kd_config(data: &Path, teacher: &Path, epochs: usize) -> TrainConfig {
     let mut c = config(data, 4, epochs);
     c.teacher = Some(TeacherConfig {
         run: teacher.to_path_buf(),
-        checkpoint: "best".into(),
-        kd: KdConfig {
+        checkpoint: Checkpoint::Best,
+        kd: Method::Hinton(Hinton {
             temperature: 4.0,
             alpha: 0.9,
-            loss: KdLossKind::Hinton,
-        },
+        }),
         cache_logits: false,
     });
     c
@@ -82,10 +82,13 @@ fn kd_config(data: &Path, teacher: &Path, epochs: usize) -> TrainConfig {
 #[test]
 fn teacher_is_bit_identical_after_a_distillation_epoch() {
     let s = shared();
-    let mut cfg = kd_config(&s.data, &s.teacher, 1);
-    let data = dataset::resolve(&s.data, cfg.val_fraction, cfg.seed).unwrap();
+    let cfg = kd_config(&s.data, &s.teacher, 1);
+    let data = RunData::resolve(&s.data, cfg.val_fraction, cfg.seed).unwrap();
     let device = Device::flex();
-    let teacher = Teacher::load(&mut cfg, &data, &device).unwrap().unwrap();
+    let tc = cfg.teacher.clone().unwrap();
+    let teacher_run = kd::train::teacher::open(&cfg, &tc, &data).unwrap();
+    let cx = Ctx::new(Precision::F32);
+    let teacher = Teacher::load(&teacher_run, &tc, &device, Ctx::new(Precision::F32)).unwrap();
     let before = weights::to_bytes(&teacher.net).unwrap();
     let file_before = std::fs::read(s.teacher.join("checkpoints/best.bpk")).unwrap();
 
@@ -97,11 +100,23 @@ fn teacher_is_bit_identical_after_a_distillation_epoch() {
     let mut optim = AdamConfig::new().init();
     for batch in loader.epoch(0, 0) {
         let batch = batch.unwrap();
-        let t_logits = Tensor::<2>::from_data(teacher.logits(&batch).into_data(), &ad);
-        let s_logits = student.forward(images_tensor(&batch, &ad));
+        let t_logits = teacher.outputs(images_tensor(&batch, &device)).logits;
+        let t_out = Outputs {
+            logits: Tensor::<2>::from_data(t_logits.into_data(), &ad),
+            features: None,
+        };
+        let s_out = Outputs {
+            logits: student.forward(images_tensor(&batch, &ad), &cx),
+            features: None,
+        };
         let loss = teacher
-            .loss
-            .loss(s_logits, t_logits, labels_tensor(&batch, &ad))
+            .method
+            .loss(&kd::losses::Step {
+                student: &s_out,
+                teacher: &t_out,
+                targets: &labels_tensor(&batch, &ad),
+                epoch: 1,
+            })
             .total;
         let grads = GradientsParams::from_grads(loss.backward(), &student);
         student = optim.step(1e-3, student, grads);
@@ -119,11 +134,11 @@ fn teacher_is_bit_identical_after_a_distillation_epoch() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert!(
-        m[0]["train_kd_loss"].as_f64().unwrap() > 0.0,
+        m[0]["train_parts"]["kd"].as_f64().unwrap() > 0.0,
         "KD part logged"
     );
     assert!(
-        m[0]["train_ce_loss"].as_f64().unwrap() > 0.0,
+        m[0]["train_parts"]["ce"].as_f64().unwrap() > 0.0,
         "CE part logged"
     );
 }
@@ -134,16 +149,25 @@ fn mean_kl(teacher: &Path, student: &Path) -> f64 {
     let t = Run::open(teacher).unwrap();
     let st = Run::open(student).unwrap();
     let (tn, sn) = (
-        t.load_network("best", &device).unwrap(),
-        st.load_network("best", &device).unwrap(),
+        t.load_network(Checkpoint::Best, &device).unwrap(),
+        st.load_network(Checkpoint::Best, &device).unwrap(),
     );
-    let data = dataset::resolve(&t.config.data, t.config.val_fraction, t.config.seed).unwrap();
+    let data = RunData::resolve(&t.config.data, t.config.val_fraction, t.config.seed).unwrap();
     let loader = Loader::new(data.val, t.eval_transform(), 64, false, 0);
     let (mut kl, mut n) = (0.0, 0);
     for batch in loader.epoch(0, 0) {
         let batch = batch.unwrap();
-        let lt = logits_rows(log_softmax(tn.forward(images_tensor(&batch, &device)), 1)).unwrap();
-        let ls = logits_rows(log_softmax(sn.forward(images_tensor(&batch, &device)), 1)).unwrap();
+        let cx = Ctx::new(Precision::F32);
+        let lt = rows(log_softmax(
+            tn.forward(images_tensor(&batch, &device), &cx),
+            1,
+        ))
+        .unwrap();
+        let ls = rows(log_softmax(
+            sn.forward(images_tensor(&batch, &device), &cx),
+            1,
+        ))
+        .unwrap();
         for (a, b) in lt.iter().zip(&ls) {
             kl += a
                 .iter()

@@ -4,9 +4,9 @@ mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::*;
-use kd::losses::{KdConfig, KdLossKind};
-use kd::models::{ModelSpec, Network, param_count, weights};
-use kd::schedule::CosineSchedule;
+use kd::losses::{Method, Step};
+use kd::models::{ModelSpec, Network, Outputs, param_count, weights};
+use kd::train::CosineSchedule;
 
 fn tiny_resnet(device: &Device) -> Network {
     let spec = ModelSpec {
@@ -60,7 +60,7 @@ fn resnet_minimum_image_size_follows_the_stem() {
         small.validate(size).unwrap();
         let net = small.build(10, size, &device).unwrap();
         let x: Tensor<4> = Tensor::ones([2, 3, size, size], &device).require_grad();
-        let logits = net.forward(x.clone());
+        let logits = net.forward(x.clone(), &cx());
         assert_eq!(logits.dims(), [2, 10]);
         let grads = logits.sum().backward();
         assert!(x.grad(&grads).is_some(), "no input gradient at {size}");
@@ -105,6 +105,13 @@ fn cosine_schedule_matches_pytorch() {
     }
 }
 
+fn logits_only(logits: Tensor<2>) -> Outputs {
+    Outputs {
+        logits,
+        features: None,
+    }
+}
+
 #[test]
 fn kd_losses_match_pytorch_values_and_gradients() {
     let fx: serde_json::Value =
@@ -135,20 +142,27 @@ fn kd_losses_match_pytorch_values_and_gradients() {
             .iter()
             .map(|v| v.as_i64().unwrap())
             .collect();
-        for (kind, loss_key, grad_key) in [
-            (KdLossKind::Hinton, "loss_hinton", "grad_hinton"),
-            (KdLossKind::Seed, "loss_seed", "grad_seed"),
+        for (method, loss_key, grad_key) in [
+            ("hinton", "loss_hinton", "grad_hinton"),
+            ("tutorial", "loss_seed", "grad_seed"),
         ] {
-            let cfg = KdConfig {
-                temperature: case["T"].as_f64().unwrap(),
-                alpha: case["alpha"].as_f64().unwrap(),
-                loss: kind,
-            };
+            let cfg = Method::from_table(&serde_json::json!({
+                "method": method,
+                "temperature": case["T"].as_f64().unwrap(),
+                "alpha": case["alpha"].as_f64().unwrap(),
+            }))
+            .unwrap();
             let s = Tensor::<2>::from_data(TensorData::new(flat("student_logits"), [b, c]), &ad)
                 .require_grad();
             let t = Tensor::<2>::from_data(TensorData::new(flat("teacher_logits"), [b, c]), &ad);
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
-            let parts = cfg.build().loss(s.clone(), t, y);
+            let (student, teacher) = (logits_only(s.clone()), logits_only(t));
+            let parts = cfg.build().loss(&Step {
+                student: &student,
+                teacher: &teacher,
+                targets: &y,
+                epoch: 1,
+            });
             let total = values(parts.total.clone())[0];
             let expected = case[loss_key].as_f64().unwrap();
             let name = case["name"].as_str().unwrap();
@@ -178,7 +192,10 @@ fn pytorch_pth_state_dict_loads_and_a_pickled_module_is_refused_clearly() {
     let mut net = spec.build(12, 64, &device).unwrap();
     weights::load_pytorch(&mut net, &fixture("resnet_tiny_state_dict.pth")).unwrap();
     let (x, _) = fixture_input(&fx, &device);
-    let err = rel_err(&values(net.forward(x)), &fx["expected_logits_eval"].data);
+    let err = rel_err(
+        &values(net.forward(x, &cx())),
+        &fx["expected_logits_eval"].data,
+    );
     assert!(err < 1e-4, "eval logits from .pth rel err {err}");
 
     // Fine-tuning on other classes: everything but the head `fc` is loaded, the head is

@@ -210,7 +210,9 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     kd_ok(&["export", "--run", r, "--out", exported.to_str().unwrap()]);
     let device = burn::tensor::Device::flex();
     let run = kd::run::Run::open(&run).unwrap();
-    let original = run.load_network("best", &device).unwrap();
+    let original = run
+        .load_network(kd::run::Checkpoint::Best, &device)
+        .unwrap();
     let mut reloaded = run.config.model.build(10, 32, &device).unwrap();
     kd::models::weights::load_pytorch(&mut reloaded, &exported).unwrap();
     let loader = kd::data::Loader::new(
@@ -223,10 +225,14 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
         0,
     );
     let batch = loader.epoch(0, 0).next().unwrap().unwrap();
-    let a =
-        kd::eval::logits_rows(original.forward(kd::eval::images_tensor(&batch, &device))).unwrap();
-    let b =
-        kd::eval::logits_rows(reloaded.forward(kd::eval::images_tensor(&batch, &device))).unwrap();
+    let a = kd::data::tensors::rows(
+        original.forward(kd::data::tensors::images_tensor(&batch, &device), &cx()),
+    )
+    .unwrap();
+    let b = kd::data::tensors::rows(
+        reloaded.forward(kd::data::tensors::images_tensor(&batch, &device), &cx()),
+    )
+    .unwrap();
     assert_eq!(a, b, "exported weights give identical logits");
     let bytes = std::fs::read(&exported).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -1,14 +1,18 @@
-//! Data: image folders, train/val splits, transforms, channel statistics and batch loading.
+//! Data: image folders, train/val splits, a run's images, transforms, channel statistics,
+//! batch loading, and batches as tensors.
 
 pub mod augment;
 pub mod cache;
+pub mod dataset;
 pub mod folder;
 pub mod loader;
 pub mod split;
 pub mod stats;
+pub mod tensors;
 
 pub use augment::{AugmentConfig, RgbImage, Transform, load_image};
 pub use cache::{CacheMode, ImageCache};
+pub use dataset::{RunData, report_skipped};
 pub use folder::{ImageFolder, Sample};
 pub use loader::{Batch, Loader};
 pub use split::{LinkMode, Split, stratified_split, write_split};

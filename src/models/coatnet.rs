@@ -4,17 +4,12 @@
 //! `s4`, global average pooling and a linear head `fc`.
 //!
 //! Field names are Burn-style (`s1.0.expand_conv`, `s3.1.attn.to_qkv`, ...); the regex
-//! tables in [`super::weights`] translate them to and from the reference's state-dict keys
+//! tables of its [`Architecture`] implementation translate them to and from the reference's state-dict keys
 //! (`s1.0.conv.fn.0`, `s3.1.attn.1.fn.to_qkv`, ...).
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-
-use crate::autocast;
-use crate::conv::conv2d;
-use crate::gelu::gelu;
-use crate::norm::batch_norm;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -23,6 +18,9 @@ use burn::nn::{
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use super::{Architecture, ModelSpec, Remap};
+use crate::ops::Ctx;
 
 /// Image sides must be multiples of this (five stride-2 stages).
 pub const SIZE_MULTIPLE: usize = 32;
@@ -242,12 +240,6 @@ fn to_map(x: Tensor<3>, h: usize, w: usize) -> Tensor<4> {
     x.swap_dims(1, 2).reshape([b, c, h, w])
 }
 
-/// Mean over the spatial dimensions: `[b, c, h, w]` -> `[b, c]`.
-fn spatial_mean(x: Tensor<4>) -> Tensor<2> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c])
-}
-
 /// Stem block: 3x3 conv (no bias) + BatchNorm + GELU; reference `s0.<i>.0` / `s0.<i>.1`.
 #[derive(Module, Debug)]
 pub struct ConvBn {
@@ -263,8 +255,8 @@ impl ConvBn {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        gelu(batch_norm(&self.bn, conv2d(&self.conv, x)))
+    fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
+        cx.gelu(cx.batch_norm(&self.bn, cx.conv2d(&self.conv, x)))
     }
 }
 
@@ -276,10 +268,10 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let [b, c, _, _] = x.dims();
-        let y = spatial_mean(x.clone());
-        let y = sigmoid(self.expand.forward(gelu(self.reduce.forward(y))));
+        let y = cx.global_avg_pool(x.clone());
+        let y = sigmoid(self.expand.forward(cx.gelu(self.reduce.forward(y))));
         x * y.reshape([b, c, 1, 1])
     }
 }
@@ -330,16 +322,16 @@ impl MbConv {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let shortcut = match (&self.pool, &self.proj) {
-            (Some(pool), Some(proj)) => conv2d(proj, crate::pool::max_pool2d(pool, x.clone())),
+            (Some(pool), Some(proj)) => cx.conv2d(proj, cx.max_pool2d(pool, x.clone())),
             _ => x.clone(),
         };
-        let y = batch_norm(&self.pre_norm, x);
-        let y = gelu(batch_norm(&self.expand_bn, conv2d(&self.expand_conv, y)));
-        let y = gelu(batch_norm(&self.dw_bn, conv2d(&self.dw_conv, y)));
-        let y = self.se.forward(y);
-        let y = batch_norm(&self.project_bn, conv2d(&self.project_conv, y));
+        let y = cx.batch_norm(&self.pre_norm, x);
+        let y = cx.gelu(cx.batch_norm(&self.expand_bn, cx.conv2d(&self.expand_conv, y)));
+        let y = cx.gelu(cx.batch_norm(&self.dw_bn, cx.conv2d(&self.dw_conv, y)));
+        let y = self.se.forward(y, cx);
+        let y = cx.batch_norm(&self.project_bn, cx.conv2d(&self.project_conv, y));
         shortcut + y
     }
 }
@@ -401,11 +393,12 @@ impl Attention {
     }
 
     /// `[b, n, cin]` -> `[b, n, cout]`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cx: &Ctx) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let (heads, d) = (self.heads, self.dim_head);
         let split = |t: Tensor<3>| t.reshape([b, n, heads, d]).swap_dims(1, 2);
-        let mut qkv = autocast::linear(&self.to_qkv, x)
+        let mut qkv = cx
+            .linear(&self.to_qkv, x)
             .chunk(3, 2)
             .into_iter()
             .map(split);
@@ -414,7 +407,7 @@ impl Attention {
             qkv.next().expect("k"),
             qkv.next().expect("v"),
         );
-        let dots = autocast::matmul(q, k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let dots = cx.matmul(q, k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
         let index = self.relative_index.val().reshape([n * n]);
         let bias = self
             .relative_bias_table
@@ -424,10 +417,11 @@ impl Attention {
             .permute([2, 0, 1])
             .unsqueeze_dim::<4>(0);
         let attn = softmax(dots + bias, 3);
-        let out = autocast::matmul(attn, v)
+        let out = cx
+            .matmul(attn, v)
             .swap_dims(1, 2)
             .reshape([b, n, heads * d]);
-        autocast::linear(&self.to_out, out)
+        cx.linear(&self.to_out, out)
     }
 }
 
@@ -478,19 +472,19 @@ impl TransformerBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let (shortcut, x) = match (&self.pool, &self.proj) {
             (Some(pool), Some(proj)) => {
-                let pooled = crate::pool::max_pool2d(pool, x);
-                (conv2d(proj, pooled.clone()), pooled)
+                let pooled = cx.max_pool2d(pool, x);
+                (cx.conv2d(proj, pooled.clone()), pooled)
             }
             _ => (x.clone(), x),
         };
         let [_, _, h, w] = x.dims();
-        let attn = self.attn.forward(self.attn_norm.forward(to_tokens(x)));
+        let attn = self.attn.forward(self.attn_norm.forward(to_tokens(x)), cx);
         let x = shortcut + to_map(attn, h, w);
         let y = self.ff_norm.forward(to_tokens(x.clone()));
-        let y = autocast::linear(&self.ff.fc2, gelu(autocast::linear(&self.ff.fc1, y)));
+        let y = cx.linear(&self.ff.fc2, cx.gelu(cx.linear(&self.ff.fc1, y)));
         x + to_map(y, h, w)
     }
 }
@@ -506,20 +500,115 @@ pub struct CoAtNet {
     fc: Linear,
 }
 
-impl CoAtNet {
-    /// Logits `[batch, classes]` for images `[batch, 3, h, w]` of the configured size.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+/// The variant number of a `coatnet_<n>` name.
+fn variant(name: &str) -> Result<usize> {
+    name.strip_prefix("coatnet_")
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n <= 4)
+        .ok_or_else(|| anyhow::anyhow!("{name} is not a CoAtNet"))
+}
+
+/// The CoAtNet a spec builds for `num_classes` classes and square images of side
+/// `image_size`: the reference variant with the tutorial's head (with bias) and the width
+/// override applied. The size is not checked here.
+pub fn config(spec: &ModelSpec, num_classes: usize, image_size: usize) -> Result<CoAtNetConfig> {
+    let mut cfg = CoAtNetConfig::variant(variant(&spec.name)?)
+        .expect("known variant")
+        .with_head(num_classes, true)
+        .with_image_size(image_size, image_size);
+    if let Some(w) = spec.width {
+        cfg.channels = [w, w, 2 * w, 4 * w, 8 * w];
+    }
+    Ok(cfg)
+}
+
+impl Architecture for CoAtNet {
+    const NAMES: &'static [&'static str] = &[
+        "coatnet_0",
+        "coatnet_1",
+        "coatnet_2",
+        "coatnet_3",
+        "coatnet_4",
+    ];
+    const DESCRIPTION: &'static str = "teacher (CoAtNet; image size a multiple of 32)";
+    /// The reference's numbered Sequentials and `PreNorm` wrappers.
+    const FROM_TORCH: &'static [Remap] = &[
+        // conv_3x3_bn: Sequential(conv, bn, gelu)
+        (r"^s0\.(\d+)\.0\.", "s0.${1}.conv."),
+        (r"^s0\.(\d+)\.1\.", "s0.${1}.bn."),
+        // MBConv: PreNorm(BatchNorm, Sequential(...))
+        (r"\.conv\.norm\.", ".pre_norm."),
+        (r"\.conv\.fn\.0\.", ".expand_conv."),
+        (r"\.conv\.fn\.1\.", ".expand_bn."),
+        (r"\.conv\.fn\.3\.", ".dw_conv."),
+        (r"\.conv\.fn\.4\.", ".dw_bn."),
+        (r"\.conv\.fn\.6\.fc\.0\.", ".se.reduce."),
+        (r"\.conv\.fn\.6\.fc\.2\.", ".se.expand."),
+        (r"\.conv\.fn\.7\.", ".project_conv."),
+        (r"\.conv\.fn\.8\.", ".project_bn."),
+        // Transformer: Sequential(Rearrange, PreNorm(LayerNorm, fn), Rearrange)
+        (r"\.attn\.1\.norm\.", ".attn_norm."),
+        (r"\.attn\.1\.fn\.to_out\.0\.", ".attn.to_out."),
+        (r"\.attn\.1\.fn\.", ".attn."),
+        (r"\.ff\.1\.norm\.", ".ff_norm."),
+        (r"\.ff\.1\.fn\.net\.0\.", ".ff.fc1."),
+        (r"\.ff\.1\.fn\.net\.3\.", ".ff.fc2."),
+    ];
+    const TO_TORCH: &'static [Remap] = &[
+        (r"^s0\.(\d+)\.conv\.", "s0.${1}.0."),
+        (r"^s0\.(\d+)\.bn\.", "s0.${1}.1."),
+        (r"\.pre_norm\.", ".conv.norm."),
+        (r"\.expand_conv\.", ".conv.fn.0."),
+        (r"\.expand_bn\.", ".conv.fn.1."),
+        (r"\.dw_conv\.", ".conv.fn.3."),
+        (r"\.dw_bn\.", ".conv.fn.4."),
+        (r"\.se\.reduce\.", ".conv.fn.6.fc.0."),
+        (r"\.se\.expand\.", ".conv.fn.6.fc.2."),
+        (r"\.project_conv\.", ".conv.fn.7."),
+        (r"\.project_bn\.", ".conv.fn.8."),
+        (r"\.attn_norm\.", ".attn.1.norm."),
+        (r"\.attn\.to_out\.", ".attn.1.fn.to_out.0."),
+        (
+            r"\.attn\.(to_qkv|relative_bias_table|relative_index)",
+            ".attn.1.fn.${1}",
+        ),
+        (r"\.ff_norm\.", ".ff.1.norm."),
+        (r"\.ff\.fc1\.", ".ff.1.fn.net.0."),
+        (r"\.ff\.fc2\.", ".ff.1.fn.net.3."),
+    ];
+    const HEAD: &'static str = "fc.";
+    const SIZE_DEPENDENT: bool = true;
+
+    fn validate(spec: &ModelSpec, image_size: usize) -> Result<()> {
+        spec.refuse_stem()?;
+        config(spec, 2, image_size)?.validate()
+    }
+
+    fn build(
+        spec: &ModelSpec,
+        num_classes: usize,
+        image_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        config(spec, num_classes, image_size)?.try_init(device)
+    }
+
+    fn forward_features(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<2> {
         let mut x = x;
         for block in &self.s0 {
-            x = block.forward(x);
+            x = block.forward(x, cx);
         }
         for block in self.s1.iter().chain(&self.s2) {
-            x = block.forward(x);
+            x = block.forward(x, cx);
         }
         for block in self.s3.iter().chain(&self.s4) {
-            x = block.forward(x);
+            x = block.forward(x, cx);
         }
-        self.fc.forward(spatial_mean(x))
+        cx.global_avg_pool(x)
+    }
+
+    fn forward_head(&self, features: Tensor<2>, _: &Ctx) -> Tensor<2> {
+        self.fc.forward(features)
     }
 }
 

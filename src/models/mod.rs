@@ -1,195 +1,184 @@
-//! Model zoo: architectures by name, building, parameter counts and weight files.
+//! Model zoo. Each family is one file implementing [`Architecture`] (the names and sizes it
+//! accepts, building, `forward_features` → pooled features and `forward_head` → logits, the
+//! PyTorch key renames) and one line of the registry below, which declares its module, makes
+//! it a variant of [`Network`] and lists it in [`FAMILIES`]. Models compute through
+//! [`crate::ops::Ctx`], so they get kd's CPU kernels and autocast without naming them.
 
-pub mod coatnet;
-pub mod resnet;
+mod spec;
 pub mod weights;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+
+use crate::ops::Ctx;
 
 pub use coatnet::{CoAtNet, CoAtNetConfig};
-pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
+pub use resnet::{ResNet, ResNetConfig, Stem};
+pub use spec::ModelSpec;
 
-/// Architectures `kd` knows, by name.
-pub const KNOWN_MODELS: &[&str] = &[
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "coatnet_0",
-    "coatnet_1",
-    "coatnet_2",
-    "coatnet_3",
-    "coatnet_4",
-];
+/// A key rename for PyTorch state dicts: a regex on the key and its replacement (`${1}` for
+/// capture groups), applied in order, each to the result of the previous ones.
+pub type Remap = (&'static str, &'static str);
 
-/// Architecture family and variant, from a model name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arch {
-    /// ResNet of this depth.
-    ResNet(usize),
-    /// `coatnet_<n>`.
-    CoAtNet(usize),
+/// What a model family provides. Implemented by the family's network module.
+pub trait Architecture: Module + Sized {
+    /// The model names it builds (what `--model` takes), e.g. `resnet18`.
+    const NAMES: &'static [&'static str];
+    /// What `kd models` says of it.
+    const DESCRIPTION: &'static str;
+    /// PyTorch state-dict keys to kd's (`.safetensors`/`.pth` loading).
+    const FROM_TORCH: &'static [Remap];
+    /// kd's keys to the PyTorch state dict's (export).
+    const TO_TORCH: &'static [Remap];
+    /// kd's path prefix of the classifier's last layer, which starts fresh when a state dict
+    /// was trained on other classes (fine-tuning).
+    const HEAD: &'static str;
+    /// Whether the parameter count depends on the image size (most families pool globally
+    /// before the head; CoAtNet's relative-position tables follow the size).
+    const SIZE_DEPENDENT: bool = false;
+
+    /// Checks the spec's options against the image size without building anything (the name
+    /// is one of [`Self::NAMES`]).
+    fn validate(spec: &ModelSpec, image_size: usize) -> Result<()>;
+
+    /// The network, freshly initialised on `device` (the spec is valid).
+    fn build(
+        spec: &ModelSpec,
+        num_classes: usize,
+        image_size: usize,
+        device: &Device,
+    ) -> Result<Self>;
+
+    /// Pooled features `[batch, features]` (what the classifier head reads) of normalized
+    /// images `[batch, 3, h, w]`.
+    fn forward_features(&self, images: Tensor<4>, cx: &Ctx) -> Tensor<2>;
+
+    /// Logits `[batch, classes]` of pooled features.
+    fn forward_head(&self, features: Tensor<2>, cx: &Ctx) -> Tensor<2>;
 }
 
-/// What to build: an architecture name plus optional shape overrides.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// Architecture name, one of [`KNOWN_MODELS`].
-    pub name: String,
-    /// Base width (first stage); later stages double it. `None` keeps the reference widths.
-    /// ResNet: stages `[w, 2w, 4w, 8w]`. CoAtNet: stages s0..s4 `[w, w, 2w, 4w, 8w]`
-    /// (the variant's block counts and the 8 x 32 attention heads are kept).
-    #[serde(default)]
-    pub width: Option<usize>,
-    /// ResNet stem; `None` keeps torchvision's (7x7/2 conv + max pool). CoAtNet has no
-    /// stem option.
-    #[serde(default)]
-    pub stem: Option<Stem>,
+/// A registered family: its [`Architecture`] items, reachable without knowing its type.
+pub struct Family {
+    /// Model names.
+    pub names: &'static [&'static str],
+    /// What `kd models` says of it.
+    pub description: &'static str,
+    /// PyTorch → kd key renames.
+    pub from_torch: &'static [Remap],
+    /// kd → PyTorch key renames.
+    pub to_torch: &'static [Remap],
+    /// kd's prefix of the classifier's last layer.
+    pub head: &'static str,
+    /// Whether the parameter count depends on the image size.
+    pub size_dependent: bool,
+    validate: fn(&ModelSpec, usize) -> Result<()>,
+    build: fn(&ModelSpec, usize, usize, &Device) -> Result<Network>,
 }
 
-impl ModelSpec {
-    /// A reference architecture by name.
-    pub fn named(name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            width: None,
-            stem: None,
-        }
-    }
+/// Declares the families: `module::Type` for each, `Type` implementing [`Architecture`].
+macro_rules! registry {
+    ($($module:ident :: $ty:ident),* $(,)?) => {
+        $(pub mod $module;)*
 
-    /// Checks the name and options without building anything.
-    /// CoAtNet needs an image size that is a multiple of 32; ResNet at least its stem's
-    /// total stride (32 with torchvision's stem, 8 with the small one).
-    pub fn validate(&self, image_size: usize) -> Result<()> {
-        let arch = self.arch()?;
-        if self.width == Some(0) {
-            bail!("model width must be at least 1");
+        /// A classifier network of any registered family. (Its variant names are part of
+        /// kd's checkpoint keys: never rename one.)
+        // One network lives per model, so the size of the largest variant costs nothing.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Module, Debug)]
+        pub enum Network {
+            $(
+                #[doc = concat!("`", stringify!($module), "`")]
+                $ty($module::$ty),
+            )*
         }
-        crate::data::check_image_size(image_size)?;
-        match arch {
-            Arch::ResNet(_) => {
-                // The last stage must see at least one pixel that is not padding.
-                let (min, stem) = match self.stem.unwrap_or(Stem::Imagenet) {
-                    Stem::Imagenet => (32, "imagenet"),
-                    Stem::Small => (8, "small"),
+
+        /// Every registered family.
+        pub static FAMILIES: &[Family] = &[$(
+            Family {
+                names: <$module::$ty as Architecture>::NAMES,
+                description: <$module::$ty as Architecture>::DESCRIPTION,
+                from_torch: <$module::$ty as Architecture>::FROM_TORCH,
+                to_torch: <$module::$ty as Architecture>::TO_TORCH,
+                head: <$module::$ty as Architecture>::HEAD,
+                size_dependent: <$module::$ty as Architecture>::SIZE_DEPENDENT,
+                validate: <$module::$ty as Architecture>::validate,
+                build: |spec, classes, size, device| {
+                    <$module::$ty as Architecture>::build(spec, classes, size, device)
+                        .map(Network::$ty)
+                },
+            },
+        )*];
+
+        impl Network {
+            /// Pooled features `[batch, features]` of normalized images `[batch, 3, h, w]`.
+            pub fn forward_features(&self, images: Tensor<4>, cx: &Ctx) -> Tensor<2> {
+                match self {
+                    $(Self::$ty(m) => m.forward_features(images, cx),)*
+                }
+            }
+
+            /// Logits `[batch, classes]` of pooled features.
+            pub fn forward_head(&self, features: Tensor<2>, cx: &Ctx) -> Tensor<2> {
+                match self {
+                    $(Self::$ty(m) => m.forward_head(features, cx),)*
+                }
+            }
+
+            /// The family this network belongs to.
+            pub fn family(&self) -> &'static Family {
+                let names = match self {
+                    $(Self::$ty(_) => <$module::$ty as Architecture>::NAMES,)*
                 };
-                if image_size < min {
-                    bail!(
-                        "image size {image_size} is too small for {} with the {stem} stem: \
-                         use at least {min}{}",
-                        self.name,
-                        if min > 8 {
-                            " (or --stem small, from 8)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-            }
-            Arch::CoAtNet(_) => {
-                if self.stem.is_some() {
-                    bail!(
-                        "the stem option applies to ResNet models only: {} has a fixed stem",
-                        self.name
-                    );
-                }
-                self.coatnet_config(2, image_size)?.validate()?;
+                FAMILIES
+                    .iter()
+                    .find(|f| f.names == names)
+                    .expect("every variant is registered")
             }
         }
-        Ok(())
-    }
-
-    fn arch(&self) -> Result<Arch> {
-        Ok(match self.name.as_str() {
-            "resnet18" => Arch::ResNet(18),
-            "resnet34" => Arch::ResNet(34),
-            "resnet50" => Arch::ResNet(50),
-            "coatnet_0" => Arch::CoAtNet(0),
-            "coatnet_1" => Arch::CoAtNet(1),
-            "coatnet_2" => Arch::CoAtNet(2),
-            "coatnet_3" => Arch::CoAtNet(3),
-            "coatnet_4" => Arch::CoAtNet(4),
-            other => bail!(
-                "unknown model '{other}': choose one of {} (see `kd models`)",
-                KNOWN_MODELS.join(", ")
-            ),
-        })
-    }
-
-    /// The CoAtNet this spec builds for `num_classes` classes and square images of side
-    /// `image_size`: the reference variant with the tutorial's head (with bias) and the
-    /// width override applied. Errors for a non-CoAtNet name; the size is not checked here.
-    pub fn coatnet_config(&self, num_classes: usize, image_size: usize) -> Result<CoAtNetConfig> {
-        let Arch::CoAtNet(variant) = self.arch()? else {
-            bail!("{} is not a CoAtNet", self.name);
-        };
-        let mut cfg = CoAtNetConfig::variant(variant)
-            .expect("known variant")
-            .with_head(num_classes, true)
-            .with_image_size(image_size, image_size);
-        if let Some(w) = self.width {
-            cfg.channels = [w, w, 2 * w, 4 * w, 8 * w];
-        }
-        Ok(cfg)
-    }
-
-    fn resnet_config(&self, num_classes: usize) -> Result<ResNetConfig> {
-        let Arch::ResNet(depth) = self.arch()? else {
-            bail!("{} is not a ResNet", self.name);
-        };
-        let mut cfg = ResNetConfig::torchvision(depth, num_classes).expect("known depth");
-        if let Some(w) = self.width {
-            cfg.widths = [w, 2 * w, 4 * w, 8 * w];
-        }
-        if let Some(stem) = self.stem {
-            cfg.stem = stem;
-        }
-        Ok(cfg)
-    }
-
-    /// Builds the network, freshly initialised, on `device`.
-    pub fn build(&self, num_classes: usize, image_size: usize, device: &Device) -> Result<Network> {
-        self.validate(image_size)?;
-        if num_classes < 2 {
-            bail!("a classifier needs at least 2 classes, got {num_classes}");
-        }
-        Ok(match self.arch()? {
-            Arch::ResNet(_) => Network::ResNet(self.resnet_config(num_classes)?.init(device)),
-            Arch::CoAtNet(_) => Network::CoAtNet(
-                self.coatnet_config(num_classes, image_size)?
-                    .try_init(device)?,
-            ),
-        })
-    }
-
-    /// Whether this is one of the CoAtNet teachers.
-    pub fn is_coatnet(&self) -> bool {
-        matches!(self.arch(), Ok(Arch::CoAtNet(_)))
-    }
+    };
 }
 
-/// A classifier network of any supported architecture.
-// One network lives per model, so the ResNet variant's inline layer configs cost nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Network {
-    /// torchvision-style ResNet.
-    ResNet(ResNet),
-    /// CoAtNet with the reference implementation's structure.
-    CoAtNet(CoAtNet),
+registry! {
+    resnet::ResNet,
+    coatnet::CoAtNet,
+}
+
+/// What a network computes for a batch: logits and pooled features.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// Logits `[batch, classes]`.
+    pub logits: Tensor<2>,
+    /// Pooled features `[batch, features]`; `None` where they were not kept (a teacher's
+    /// cached logits for a method that reads no features).
+    pub features: Option<Tensor<2>>,
 }
 
 impl Network {
-    /// Logits `[batch, classes]` for normalized images `[batch, 3, h, w]`.
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        match self {
-            Network::ResNet(m) => m.forward(images),
-            Network::CoAtNet(m) => m.forward(images),
+    /// Logits `[batch, classes]` of normalized images `[batch, 3, h, w]`.
+    pub fn forward(&self, images: Tensor<4>, cx: &Ctx) -> Tensor<2> {
+        self.forward_head(self.forward_features(images, cx), cx)
+    }
+
+    /// Pooled features and logits of normalized images.
+    pub fn outputs(&self, images: Tensor<4>, cx: &Ctx) -> Outputs {
+        let features = self.forward_features(images, cx);
+        let logits = self.forward_head(features.clone(), cx);
+        Outputs {
+            logits,
+            features: Some(features),
         }
     }
+}
+
+/// The family that builds the model `name`.
+pub fn family_of(name: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.names.contains(&name))
+}
+
+/// Every model name, family by family.
+pub fn model_names() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().flat_map(|f| f.names.iter().copied())
 }
 
 /// Number of trainable values (weights and biases; BatchNorm running statistics and integer

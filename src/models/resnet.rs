@@ -2,15 +2,16 @@
 //! `layer1.0.conv1`, `layer2.0.downsample.0`, `fc`, ...), any class count, configurable
 //! stem and widths.
 
+use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-
-use crate::conv::conv2d;
-use crate::norm::{batch_norm, batch_norm_relu};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+use super::{Architecture, ModelSpec, Remap};
+use crate::ops::Ctx;
 
 /// Residual block kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,18 +179,18 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
+            Some(d) => cx.batch_norm(&d.bn, cx.conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let out = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x), None);
+        let out = cx.batch_norm_relu(&self.bn1, cx.conv2d(&self.conv1, x), None);
         match (&self.conv3, &self.bn3) {
             (Some(conv3), Some(bn3)) => {
-                let out = batch_norm_relu(&self.bn2, conv2d(&self.conv2, out), None);
-                batch_norm_relu(bn3, conv2d(conv3, out), Some(identity))
+                let out = cx.batch_norm_relu(&self.bn2, cx.conv2d(&self.conv2, out), None);
+                cx.batch_norm_relu(bn3, cx.conv2d(conv3, out), Some(identity))
             }
-            _ => batch_norm_relu(&self.bn2, conv2d(&self.conv2, out), Some(identity)),
+            _ => cx.batch_norm_relu(&self.bn2, cx.conv2d(&self.conv2, out), Some(identity)),
         }
     }
 }
@@ -208,12 +209,58 @@ pub struct ResNet {
     fc: Linear,
 }
 
-impl ResNet {
-    /// Logits `[batch, classes]` for images `[batch, 3, h, w]`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x), None);
+impl Architecture for ResNet {
+    const NAMES: &'static [&'static str] = &["resnet18", "resnet34", "resnet50"];
+    const DESCRIPTION: &'static str = "student/teacher (torchvision ResNet)";
+    /// torchvision's numbered `downsample` Sequential.
+    const FROM_TORCH: &'static [Remap] = &[
+        (r"\.downsample\.0\.", ".downsample.conv."),
+        (r"\.downsample\.1\.", ".downsample.bn."),
+    ];
+    const TO_TORCH: &'static [Remap] = &[
+        (r"\.downsample\.conv\.", ".downsample.0."),
+        (r"\.downsample\.bn\.", ".downsample.1."),
+    ];
+    const HEAD: &'static str = "fc.";
+
+    /// The last stage must see at least one pixel that is not padding: images from 32 with
+    /// torchvision's stem, from 8 with the small one.
+    fn validate(spec: &ModelSpec, image_size: usize) -> Result<()> {
+        let (min, stem) = match spec.stem.unwrap_or(Stem::Imagenet) {
+            Stem::Imagenet => (32, "imagenet"),
+            Stem::Small => (8, "small"),
+        };
+        if image_size < min {
+            bail!(
+                "image size {image_size} is too small for {} with the {stem} stem: use at least {min}{}",
+                spec.name,
+                if min > 8 {
+                    " (or --stem small, from 8)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn build(spec: &ModelSpec, num_classes: usize, _: usize, device: &Device) -> Result<Self> {
+        let depth = spec.name.trim_start_matches("resnet").parse().unwrap_or(0);
+        let mut cfg = ResNetConfig::torchvision(depth, num_classes)
+            .ok_or_else(|| anyhow::anyhow!("{} is not a ResNet", spec.name))?;
+        if let Some(w) = spec.width {
+            cfg.widths = [w, 2 * w, 4 * w, 8 * w];
+        }
+        if let Some(stem) = spec.stem {
+            cfg.stem = stem;
+        }
+        Ok(cfg.init(device))
+    }
+
+    fn forward_features(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<2> {
+        let mut x = cx.batch_norm_relu(&self.bn1, cx.conv2d(&self.conv1, x), None);
         if let Some(pool) = &self.maxpool {
-            x = crate::pool::max_pool2d(pool, x);
+            x = cx.max_pool2d(pool, x);
         }
         for block in self
             .layer1
@@ -222,9 +269,12 @@ impl ResNet {
             .chain(&self.layer3)
             .chain(&self.layer4)
         {
-            x = block.forward(x);
+            x = block.forward(x, cx);
         }
-        let x = self.avgpool.forward(x);
-        self.fc.forward(x.flatten(1, 3))
+        self.avgpool.forward(x).flatten(1, 3)
+    }
+
+    fn forward_head(&self, features: Tensor<2>, _: &Ctx) -> Tensor<2> {
+        self.fc.forward(features)
     }
 }

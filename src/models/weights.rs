@@ -8,95 +8,20 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::store::{
     ApplyError, ApplyResult, BurnToPyTorchAdapter, BurnpackStore, KeyRemapper, ModuleSnapshot,
-    ModuleStore, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 use burn::tensor::Bytes;
 
-use super::Network;
-
-/// A key rename: regex on the key, replacement (`${1}` for capture groups). Renames are
-/// applied in order, each to the result of the previous ones.
-type Remap = (&'static str, &'static str);
+use super::{Network, Remap};
 
 /// Wrapper prefixes stripped from PyTorch keys (`model.`, DataParallel's `module.`).
 const STRIP_WRAPPER: Remap = (r"^(model|module)\.", "");
-
-/// ResNet, PyTorch -> kd: torchvision's numbered `downsample` Sequential.
-const RESNET_FROM_TORCH: &[Remap] = &[
-    (r"\.downsample\.0\.", ".downsample.conv."),
-    (r"\.downsample\.1\.", ".downsample.bn."),
-];
-
-/// ResNet, kd -> PyTorch.
-const RESNET_TO_TORCH: &[Remap] = &[
-    (r"\.downsample\.conv\.", ".downsample.0."),
-    (r"\.downsample\.bn\.", ".downsample.1."),
-];
-
-/// CoAtNet, PyTorch -> kd: the reference's numbered Sequentials and `PreNorm` wrappers.
-const COATNET_FROM_TORCH: &[Remap] = &[
-    // conv_3x3_bn: Sequential(conv, bn, gelu)
-    (r"^s0\.(\d+)\.0\.", "s0.${1}.conv."),
-    (r"^s0\.(\d+)\.1\.", "s0.${1}.bn."),
-    // MBConv: PreNorm(BatchNorm, Sequential(...))
-    (r"\.conv\.norm\.", ".pre_norm."),
-    (r"\.conv\.fn\.0\.", ".expand_conv."),
-    (r"\.conv\.fn\.1\.", ".expand_bn."),
-    (r"\.conv\.fn\.3\.", ".dw_conv."),
-    (r"\.conv\.fn\.4\.", ".dw_bn."),
-    (r"\.conv\.fn\.6\.fc\.0\.", ".se.reduce."),
-    (r"\.conv\.fn\.6\.fc\.2\.", ".se.expand."),
-    (r"\.conv\.fn\.7\.", ".project_conv."),
-    (r"\.conv\.fn\.8\.", ".project_bn."),
-    // Transformer: Sequential(Rearrange, PreNorm(LayerNorm, fn), Rearrange)
-    (r"\.attn\.1\.norm\.", ".attn_norm."),
-    (r"\.attn\.1\.fn\.to_out\.0\.", ".attn.to_out."),
-    (r"\.attn\.1\.fn\.", ".attn."),
-    (r"\.ff\.1\.norm\.", ".ff_norm."),
-    (r"\.ff\.1\.fn\.net\.0\.", ".ff.fc1."),
-    (r"\.ff\.1\.fn\.net\.3\.", ".ff.fc2."),
-];
-
-/// CoAtNet, kd -> PyTorch.
-const COATNET_TO_TORCH: &[Remap] = &[
-    (r"^s0\.(\d+)\.conv\.", "s0.${1}.0."),
-    (r"^s0\.(\d+)\.bn\.", "s0.${1}.1."),
-    (r"\.pre_norm\.", ".conv.norm."),
-    (r"\.expand_conv\.", ".conv.fn.0."),
-    (r"\.expand_bn\.", ".conv.fn.1."),
-    (r"\.dw_conv\.", ".conv.fn.3."),
-    (r"\.dw_bn\.", ".conv.fn.4."),
-    (r"\.se\.reduce\.", ".conv.fn.6.fc.0."),
-    (r"\.se\.expand\.", ".conv.fn.6.fc.2."),
-    (r"\.project_conv\.", ".conv.fn.7."),
-    (r"\.project_bn\.", ".conv.fn.8."),
-    (r"\.attn_norm\.", ".attn.1.norm."),
-    (r"\.attn\.to_out\.", ".attn.1.fn.to_out.0."),
-    (
-        r"\.attn\.(to_qkv|relative_bias_table|relative_index)",
-        ".attn.1.fn.${1}",
-    ),
-    (r"\.ff_norm\.", ".ff.1.norm."),
-    (r"\.ff\.fc1\.", ".ff.1.fn.net.0."),
-    (r"\.ff\.fc2\.", ".ff.1.fn.net.3."),
-];
 
 /// Weights kd derives itself, so a state dict may omit them.
 const DERIVED: &[&str] = &["relative_index"];
 
 fn from_torch_remaps(net: &Network) -> impl Iterator<Item = Remap> {
-    let table = match net {
-        Network::ResNet(_) => RESNET_FROM_TORCH,
-        Network::CoAtNet(_) => COATNET_FROM_TORCH,
-    };
-    std::iter::once(STRIP_WRAPPER).chain(table.iter().copied())
-}
-
-fn to_torch_remaps(net: &Network) -> &'static [Remap] {
-    match net {
-        Network::ResNet(_) => RESNET_TO_TORCH,
-        Network::CoAtNet(_) => COATNET_TO_TORCH,
-    }
+    std::iter::once(STRIP_WRAPPER).chain(net.family().from_torch.iter().copied())
 }
 
 /// Serialises a network to burnpack bytes.
@@ -188,7 +113,7 @@ fn check_complete_torch(net: &Network, mut result: ApplyResult, origin: &Path) -
 
 /// A kd weight name as PyTorch's state dict spells it (for messages).
 fn torch_name(net: &Network, name: &str) -> String {
-    let remaps = KeyRemapper::from_patterns(to_torch_remaps(net).to_vec())
+    let remaps = KeyRemapper::from_patterns(net.family().to_torch.to_vec())
         .expect("the remap patterns are valid regexes");
     let mut name = name.to_string();
     for (pattern, replacement) in remaps.to_regex_pairs() {
@@ -219,13 +144,14 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
     let mut result = match ext {
         "safetensors" => {
             let mut store = SafetensorsStore::from_file(path)
+                .skip_enum_variants(true)
                 .with_from_adapter(PyTorchToBurnAdapter)
                 .allow_partial(true)
                 .validate(false);
             for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
-            load_into(net, &mut store).map_err(|e| {
+            net.load_from(&mut store).map_err(|e| {
                 anyhow::anyhow!("cannot read safetensors file {}: {e}", path.display())
             })?
         }
@@ -236,7 +162,7 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             for (from, to) in &remaps {
                 store = store.with_key_remapping(from, *to);
             }
-            load_into(net, &mut store).map_err(|e| {
+            net.load_from(&mut store).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot read PyTorch file {}: {e}. If it holds a whole pickled model (torch.save(model)), \
                      save its state dict instead: torch.save(model.state_dict(), 'weights.pth')",
@@ -261,11 +187,13 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
             }
         );
     }
-    let fresh_head = fresh_head_if_other_classes(&mut result);
+    let head = net.family().head;
+    let fresh_head = fresh_head_if_other_classes(&mut result, head);
     check_complete_torch(net, result, path)?;
     if fresh_head {
         eprintln!(
-            "note: the classifier head (fc) of {} does not fit this model's classes; it starts from fresh weights",
+            "note: the classifier head ({}) of {} does not fit this model's classes; it starts from fresh weights",
+            torch_name(net, head).trim_end_matches('.'),
             path.display()
         );
     }
@@ -273,10 +201,11 @@ pub fn load_pytorch(net: &mut Network, path: &Path) -> Result<()> {
 }
 
 /// Fine-tuning from weights trained on other classes (ImageNet's 1000, say): when none of
-/// the file's classifier head `fc` fits (another shape, or absent), the head is left
+/// the file's classifier head (kd's names starting with `head`) fits (another shape, or
+/// absent), the head is left
 /// freshly initialised and its errors are dropped. Returns whether that happened.
-fn fresh_head_if_other_classes(result: &mut ApplyResult) -> bool {
-    let is_head = |p: &str| p.starts_with("fc.");
+fn fresh_head_if_other_classes(result: &mut ApplyResult, head: &str) -> bool {
+    let is_head = |p: &str| p.starts_with(head);
     if result.applied.iter().any(|p| is_head(p)) {
         return false; // a head that partly fits is an error, reported as such
     }
@@ -286,15 +215,6 @@ fn fresh_head_if_other_classes(result: &mut ApplyResult) -> bool {
         .retain(|e| !matches!(e, ApplyError::ShapeMismatch { path, .. } if is_head(path)));
     result.missing.retain(|(name, _)| !is_head(name));
     (result.errors.len(), result.missing.len()) != before
-}
-
-/// Loads the architecture's own module (not the `Network` enum, whose variant would
-/// prefix every key).
-fn load_into<S: ModuleStore>(net: &mut Network, store: &mut S) -> Result<ApplyResult, S::Error> {
-    match net {
-        Network::ResNet(m) => m.load_from(store),
-        Network::CoAtNet(m) => m.load_from(store),
-    }
 }
 
 /// Replaces the `__metadata__` of safetensors bytes with `metadata` (string values, as the
@@ -327,14 +247,11 @@ pub fn to_pytorch_safetensors(net: &Network) -> Result<Vec<u8>> {
     let mut store = SafetensorsStore::from_bytes(None)
         .clear_metadata()
         .metadata("format", "pt")
+        .skip_enum_variants(true)
         .with_to_adapter(BurnToPyTorchAdapter);
-    for (from, to) in to_torch_remaps(net) {
+    for (from, to) in net.family().to_torch {
         store = store.with_key_remapping(from, *to);
     }
-    match net {
-        Network::ResNet(m) => m.save_into(&mut store),
-        Network::CoAtNet(m) => m.save_into(&mut store),
-    }
-    .context("cannot export weights")?;
+    net.save_into(&mut store).context("cannot export weights")?;
     store.get_bytes().context("cannot export weights")
 }

@@ -1,4 +1,5 @@
-//! The frozen teacher of a distillation run.
+//! The frozen teacher of a distillation run: its network in inference mode, the checks that
+//! it fits the student's data, and the cache of its outputs.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -8,86 +9,94 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use super::TrainConfig;
-use super::dataset::{self, RunData};
-use crate::data::{Batch, Loader, Sample};
-use crate::eval::{images_tensor, logits_rows};
+use crate::data::tensors::{from_rows, images_tensor, rows};
+use crate::data::{Loader, RunData, Sample};
 use crate::io::resolved;
-use crate::losses::DistillLoss;
-use crate::models::Network;
-use crate::run::Run;
+use crate::losses::Distiller;
+use crate::models::{Network, Outputs};
+use crate::ops::Ctx;
+use crate::run::{Run, TeacherConfig, TrainConfig};
 
 /// A trained network in inference mode (BatchNorm running statistics, no autodiff graph,
-/// never updated) and the distillation loss that uses its logits.
+/// never updated) and the distillation method that reads its outputs.
 pub struct Teacher {
     /// The network, on a plain (non-autodiff) device.
     pub net: Network,
-    /// The loss comparing student and teacher logits.
-    pub loss: Box<dyn DistillLoss>,
+    /// The method comparing student and teacher outputs.
+    pub method: Box<dyn Distiller>,
     device: Device,
+    cx: Ctx,
+}
+
+/// Opens the teacher run of a distillation config and checks that it fits the student: the
+/// same classes, image size and normalization, and no validation image of the student among
+/// its training images.
+pub fn open(config: &TrainConfig, tc: &TeacherConfig, data: &RunData) -> Result<Run> {
+    let run = Run::open(&tc.run).context("cannot load the teacher")?;
+    for (name, mine, theirs) in [
+        ("mean", config.mean, run.config.mean),
+        ("std", config.std, run.config.std),
+    ] {
+        if let (Some(m), Some(t)) = (mine, theirs)
+            && m != t
+        {
+            bail!(
+                "--{name} {m:?} differs from the teacher's {t:?} ({}): the teacher must see the same normalization; drop --{name}",
+                tc.run.display()
+            );
+        }
+    }
+    let classes = data.classes.as_slice();
+    if run.classes != classes {
+        let (missing, extra) = crate::data::folder::class_difference(classes, &run.classes);
+        bail!(
+            "teacher {} was trained on other classes than {} (data only: {missing:?}, teacher only: {extra:?}{}): train the teacher on the same class folders",
+            tc.run.display(),
+            config.data.display(),
+            if missing.is_empty() && extra.is_empty() {
+                ", same names in another order"
+            } else {
+                ""
+            }
+        );
+    }
+    check_no_leak(&tc.run, &run.config, &config.data, &data.val)?;
+    if run.config.image_size != config.image_size {
+        bail!(
+            "teacher {} uses image size {} but the student {}: use --image-size {}",
+            tc.run.display(),
+            run.config.image_size,
+            config.image_size,
+            run.config.image_size
+        );
+    }
+    Ok(run)
 }
 
 impl Teacher {
-    /// Loads the frozen teacher of a distillation config and checks it fits the data; the
-    /// student takes the teacher's normalization unless one is given (it must then match).
-    pub fn load(config: &mut TrainConfig, data: &RunData, device: &Device) -> Result<Option<Self>> {
-        let classes = data.classes.as_slice();
-        let Some(tc) = config.teacher.clone() else {
-            return Ok(None);
-        };
-        let run = Run::open(&tc.run).context("cannot load the teacher")?;
-        for (name, mine, theirs) in [
-            ("mean", &mut config.mean, run.config.mean),
-            ("std", &mut config.std, run.config.std),
-        ] {
-            match (*mine, theirs) {
-                (None, t) => *mine = t,
-                (Some(m), Some(t)) if m != t => bail!(
-                    "--{name} {m:?} differs from the teacher's {t:?} ({}): the teacher must see the same normalization; drop --{name}",
-                    tc.run.display()
-                ),
-                _ => {}
+    /// Loads the teacher network of `run` as `tc` says, on `device`, computing in the
+    /// student's precision (`cx`).
+    pub fn load(run: &Run, tc: &TeacherConfig, device: &Device, cx: Ctx) -> Result<Self> {
+        let net = run.load_network(tc.checkpoint, device)?.valid();
+        Ok(Self {
+            net,
+            method: tc.kd.build(),
+            device: device.clone(),
+            cx,
+        })
+    }
+
+    /// The teacher's outputs for images already on [`Teacher::device`]: logits, and pooled
+    /// features when the method reads them.
+    pub fn outputs(&self, images: Tensor<4>) -> Outputs {
+        if self.method.needs_features() {
+            self.net.outputs(images, &self.cx)
+        } else {
+            Outputs {
+                logits: self.net.forward(images, &self.cx),
+                features: None,
             }
         }
-        if run.classes != classes {
-            let (missing, extra) = crate::data::folder::class_difference(classes, &run.classes);
-            bail!(
-                "teacher {} was trained on other classes than {} (data only: {missing:?}, teacher only: {extra:?}{}): train the teacher on the same class folders",
-                tc.run.display(),
-                config.data.display(),
-                if missing.is_empty() && extra.is_empty() {
-                    ", same names in another order"
-                } else {
-                    ""
-                }
-            );
-        }
-        check_no_leak(&tc.run, &run.config, &config.data, &data.val)?;
-        if run.config.image_size != config.image_size {
-            bail!(
-                "teacher {} uses image size {} but the student {}: use --image-size {}",
-                tc.run.display(),
-                run.config.image_size,
-                config.image_size,
-                run.config.image_size
-            );
-        }
-        let net = run.load_network(&tc.checkpoint, device)?.valid();
-        Ok(Some(Self {
-            net,
-            loss: tc.kd.build(),
-            device: device.clone(),
-        }))
-    }
-
-    /// Teacher logits for a batch (the exact images the student sees), outside any graph.
-    pub fn logits(&self, batch: &Batch) -> Tensor<2> {
-        self.forward(images_tensor(batch, &self.device))
-    }
-
-    /// Teacher logits for images already on [`Teacher::device`].
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.net.forward(images)
     }
 
     /// The plain (non-autodiff) device the teacher runs on.
@@ -95,19 +104,41 @@ impl Teacher {
         &self.device
     }
 
-    /// Logits of every image of a loader, indexed like its samples (the logit cache).
-    pub fn logits_of_all(&self, loader: &Loader) -> Result<Vec<Vec<f32>>> {
-        let mut out = vec![Vec::new(); loader.len()];
+    /// The outputs of every image of a loader, indexed like its samples (the teacher cache).
+    pub fn outputs_of_all(&self, loader: &Loader) -> Result<OutputsCache> {
+        let mut logits = vec![Vec::new(); loader.len()];
+        let mut features = self.method.needs_features().then(|| logits.clone());
         for batch in loader.epoch(0, 0) {
             let batch = batch?;
-            for (row, &i) in logits_rows(self.logits(&batch))?
-                .into_iter()
-                .zip(&batch.indices)
-            {
-                out[i] = row;
+            let out = self.outputs(images_tensor(&batch, &self.device));
+            for (row, &i) in rows(out.logits)?.into_iter().zip(&batch.indices) {
+                logits[i] = row;
+            }
+            if let (Some(cache), Some(f)) = (features.as_mut(), out.features) {
+                for (row, &i) in rows(f)?.into_iter().zip(&batch.indices) {
+                    cache[i] = row;
+                }
             }
         }
-        Ok(out)
+        Ok(OutputsCache { logits, features })
+    }
+}
+
+/// The teacher's outputs of every training image, computed once (training without random
+/// augmentation shows it the same images every epoch).
+pub struct OutputsCache {
+    logits: Vec<Vec<f32>>,
+    features: Option<Vec<Vec<f32>>>,
+}
+
+impl OutputsCache {
+    /// The cached outputs of the samples `indices`, as tensors on `device`.
+    pub fn outputs(&self, indices: &[usize], device: &Device) -> Outputs {
+        let pick = |all: &[Vec<f32>]| from_rows(indices.iter().map(|&i| all[i].as_slice()), device);
+        Outputs {
+            logits: pick(&self.logits),
+            features: self.features.as_deref().map(pick),
+        }
     }
 }
 
@@ -121,7 +152,7 @@ fn check_no_leak(
     student_data: &Path,
     student_val: &[Sample],
 ) -> Result<()> {
-    let Ok(teacher_data) = dataset::for_config(teacher) else {
+    let Ok(teacher_data) = teacher.images() else {
         return Ok(());
     };
     let seen: HashSet<PathBuf> = teacher_data

@@ -9,6 +9,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
+/// A forward context in f32 (what the parity fixtures were computed in).
+pub fn cx() -> kd::ops::Ctx {
+    kd::ops::Ctx::new(kd::ops::Precision::F32)
+}
+
 /// Path of a fixture copied from the PyTorch references (`tests/fixtures`).
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -109,7 +114,8 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
         .collect()
 }
 
-/// Gradients of every parameter of a module, by Burn path (`layer1.0.conv1.weight`).
+/// Gradients of every parameter of a module, by Burn path (`layer1.0.conv1.weight`), without
+/// the names of enum variants (`Network`'s, a block's), as PyTorch names leave them out.
 pub fn named_grads<M: Module>(
     module: &M,
     grads: &GradientsParams,
@@ -120,8 +126,13 @@ pub fn named_grads<M: Module>(
         out: HashMap<String, (Vec<usize>, Vec<f64>)>,
     }
     impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            let variant = container.starts_with("Enum:");
+            self.path.push(if variant {
+                String::new()
+            } else {
+                name.to_string()
+            });
         }
         fn exit_module(&mut self, _: &str, _: &str) {
             self.path.pop();
@@ -129,7 +140,13 @@ pub fn named_grads<M: Module>(
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
                 let shape = g.dims().to_vec();
-                self.out.insert(self.path.join("."), (shape, values(g)));
+                let path: Vec<&str> = self
+                    .path
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .map(String::as_str)
+                    .collect();
+                self.out.insert(path.join("."), (shape, values(g)));
             }
         }
     }
@@ -235,7 +252,7 @@ pub fn check_fixture_parity(
     let device = burn::tensor::Device::flex();
     let (x, _) = fixture_input(&fx, &device);
     let err = rel_err(
-        &values(build(&device).forward(x)),
+        &values(build(&device).forward(x, &cx())),
         &fx["expected_logits_eval"].data,
     );
     assert!(err < 1e-4, "{file}: eval logits rel err {err}");
@@ -243,7 +260,7 @@ pub fn check_fixture_parity(
     let ad = device.autodiff();
     let net = build(&ad);
     let (x, y) = fixture_input(&fx, &ad);
-    let logits = net.forward(x);
+    let logits = net.forward(x, &cx());
     let err = rel_err(&values(logits.clone()), &fx["expected_logits_train"].data);
     assert!(err < 1e-4, "{file}: train logits rel err {err}");
     let loss = kd::losses::cross_entropy(logits, y);

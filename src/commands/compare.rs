@@ -1,0 +1,37 @@
+//! `kd compare`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::ComputeArgs;
+use crate::report::{SpeedOptions, compare, results_table};
+
+/// Options of `kd compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Run folders.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Folder for accuracy.png, loss.png, train_loss.png, results.md and results.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device and precision of the inference-speed column [default: cpu, each run's precision].
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+pub fn run(a: CompareArgs) -> Result<()> {
+    let speed = SpeedOptions {
+        device: a.compute.device,
+        precision: a.compute.precision,
+    };
+    let rows = compare(&a.runs, &a.out, speed)?;
+    print!("{}", results_table(&rows));
+    println!(
+        "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
+        a.out.display()
+    );
+    Ok(())
+}

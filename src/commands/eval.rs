@@ -1,0 +1,90 @@
+//! `kd eval`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::ComputeArgs;
+use crate::data::Loader;
+use crate::eval::{EvalReport, eval_target, evaluate};
+use crate::io::{ensure_dir, write_json};
+use crate::ops::Ctx;
+use crate::run::{Checkpoint, Run};
+
+/// Options of `kd eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Which checkpoint.
+    #[arg(long, value_enum, default_value_t)]
+    checkpoint: Checkpoint,
+    /// Images to evaluate: DIR/val if it exists, else every image of DIR [default: the run's validation images].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Folder for eval JSON and confusion PNG [default: RUN/eval; files named
+    /// eval-CHECKPOINT.json, or eval-CHECKPOINT-on-FOLDER.json with --data].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let run = Run::open(&a.run)?;
+    let (device, precision) = a.compute.open_for(&run)?;
+    let target = eval_target(&run, a.checkpoint, a.data.as_deref(), a.out.as_deref())?;
+    let net = run.load_network(a.checkpoint, &device)?;
+    let loader = Loader::new(
+        target.samples.clone(),
+        run.eval_transform(),
+        run.config.batch_size.max(32),
+        false,
+        0,
+    );
+    let eval = evaluate(&net, &loader, &run.classes, &device, &Ctx::new(precision))?;
+    if let Some(dir) = target.json.parent() {
+        ensure_dir(dir)?;
+    }
+    let report = EvalReport {
+        run: &run.dir,
+        checkpoint: a.checkpoint,
+        epoch: run.checkpoint_epoch(a.checkpoint),
+        data: &target.data,
+        validation_split: target.validation_split,
+        evaluation: &eval,
+    };
+    write_json(&target.json, &report)?;
+    crate::report::confusion_png(&eval, &target.png)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let epoch = report
+            .epoch
+            .map(|e| format!(" (epoch {e})"))
+            .unwrap_or_default();
+        println!(
+            "run {}, checkpoint {}{epoch}, the {}images of {}\n",
+            run.dir.display(),
+            a.checkpoint,
+            if target.validation_split {
+                "validation "
+            } else {
+                ""
+            },
+            target.data.display()
+        );
+        print!("{}", eval.to_text());
+        println!(
+            "\nwrote {} and {}",
+            target.json.display(),
+            target.png.display()
+        );
+    }
+    Ok(())
+}

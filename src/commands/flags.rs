@@ -1,0 +1,308 @@
+//! The flags of `kd train` and `kd distill`: a patch over the run's config, flat keys named
+//! like the config's (see [`crate::run::patch`]), so that a flag left out keeps the recipe's
+//! value (or, with `--resume`, the run's).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::ComputeArgs;
+use crate::data::{AugmentConfig, CacheMode};
+use crate::losses::Method;
+use crate::models::Stem;
+use crate::run::patch;
+use crate::run::{Checkpoint, NanPolicy, Run, TrainConfig, files};
+
+/// Options shared by `train` and `distill`. Unset options keep the tutorial's recipe (listed
+/// after the options by `--help`) or, with --resume, the run's recorded value.
+#[derive(Debug, Args, Serialize)]
+pub struct TrainFlags {
+    /// Folder with train/ and val/, or a class folder to split in memory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Architecture (see `kd models`).
+    #[arg(long, visible_alias = "student")]
+    model: Option<String>,
+    /// Run folder to write.
+    #[arg(long)]
+    #[serde(skip)]
+    pub out: PathBuf,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Adam learning rate.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    lr: Option<f64>,
+    /// Adam epsilon (PyTorch's default).
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    adam_epsilon: Option<f64>,
+    /// Cosine schedule T_max in epochs.
+    #[arg(long)]
+    t_max: Option<usize>,
+    /// Cosine schedule minimum rate.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    eta_min: Option<f64>,
+    /// Square input size in pixels.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Seed of initialisation, shuffling and augmentation, and of the split and subsets
+    /// unless --split-seed is given.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Seed of the in-memory split and the --train-limit/--val-limit subsets, to vary
+    /// --seed while keeping the data (a teacher's split, say) [default: --seed].
+    #[arg(long)]
+    split_seed: Option<u64>,
+    /// Validation share when DATA has no train/ and val/.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    val_fraction: Option<f64>,
+    /// Base width of the model (first stage; tiny models for tests).
+    #[arg(long)]
+    width: Option<usize>,
+    /// ResNet stem: imagenet (7x7/2 + max pool, images from 32) or small (3x3/1, from 8)
+    /// [default: imagenet].
+    #[arg(long, value_enum)]
+    stem: Option<Stem>,
+    /// Normalization mean "r,g,b" [default: computed on the training images].
+    #[arg(long, value_parser = parse_triple)]
+    mean: Option<[f32; 3]>,
+    /// Normalization std "r,g,b" [default: computed on the training images].
+    #[arg(long, value_parser = parse_triple)]
+    std: Option<[f32; 3]>,
+    /// Turn all random augmentation off.
+    #[arg(long)]
+    #[serde(skip)]
+    no_augment: bool,
+    #[command(flatten)]
+    augment: AugmentFlags,
+    /// Train on a class-balanced subset of at most N images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Validate on a class-balanced subset of at most N images.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// Start from a PyTorch state dict (.safetensors or .pth; torchvision or reference CoAtNet names).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch (an epoch
+    /// with every batch skipped still stops).
+    #[arg(long, value_enum)]
+    nan_policy: Option<NanPolicy>,
+    /// Fail on non-image files in the class folders (default: skip them with a warning).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    strict: bool,
+    /// Keep images in memory after the first epoch: decoded (exact) or resized (augment
+    /// after resize).
+    #[arg(long, value_enum)]
+    cache_images: Option<CacheMode>,
+    /// Memory budget of each image cache in MiB.
+    #[arg(long)]
+    cache_mib: Option<usize>,
+    /// Continue the run in --out from its last completed epoch.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
+    /// No progress output.
+    #[arg(long)]
+    #[serde(skip)]
+    pub quiet: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// The augmentation flags: the config's `augment` table.
+#[derive(Debug, Args, Serialize)]
+struct AugmentFlags {
+    /// RandomRotation degrees.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
+    #[serde(rename = "rotation_degrees")]
+    rotation: Option<f32>,
+    /// GaussianBlur kernel size, odd, 0 = off.
+    #[arg(long)]
+    blur_kernel: Option<usize>,
+    /// GaussianBlur sigma range "min,max", drawn per image.
+    #[arg(long, value_parser = parse_pair)]
+    blur_sigma: Option<[f32; 2]>,
+    /// ColorJitter brightness.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
+    brightness: Option<f32>,
+    /// ColorJitter contrast.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
+    contrast: Option<f32>,
+    /// ColorJitter saturation.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
+    saturation: Option<f32>,
+    /// ColorJitter hue.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
+    hue: Option<f32>,
+    /// RandomHorizontalFlip (p = 0.5).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    hflip: bool,
+    /// RandomResizedCrop instead of Resize.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    random_resized_crop: bool,
+    /// RandomResizedCrop area scale range "min,max".
+    #[arg(long, value_parser = parse_pair)]
+    crop_scale: Option<[f32; 2]>,
+}
+
+/// The distillation flags of `kd distill`, besides the training ones.
+#[derive(Debug, Args, Serialize)]
+pub struct DistillFlags {
+    /// Run folder of the trained teacher.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Teacher checkpoint.
+    #[arg(long, value_enum)]
+    teacher_checkpoint: Option<Checkpoint>,
+    /// Distillation method: hinton (KL averaged per sample) or tutorial (the tutorial's exact
+    /// formula; `seed` names it too).
+    #[arg(long, visible_alias = "kd-loss")]
+    method: Option<String>,
+    /// Softmax temperature T.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    temperature: Option<f64>,
+    /// Weight of the soft-target term.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    alpha: Option<f64>,
+    /// Compute the teacher's outputs once and reuse them each epoch (needs --no-augment).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cache_teacher: bool,
+}
+
+/// A number that is finite: the config records values as JSON, which has no NaN or infinity.
+fn finite<T: std::str::FromStr<Err = std::num::ParseFloatError> + Into<f64> + Copy>(
+    s: &str,
+) -> Result<T, String> {
+    let v: T = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if v.into().is_finite() {
+        Ok(v)
+    } else {
+        Err("not a finite number".into())
+    }
+}
+
+fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    parse_floats(s, "three comma-separated numbers, e.g. 0.44,0.47,0.43")
+}
+
+fn parse_pair(s: &str) -> Result<[f32; 2], String> {
+    parse_floats(s, "two comma-separated numbers, min,max, e.g. 0.1,3")
+}
+
+fn parse_floats<const N: usize>(s: &str, expected: &str) -> Result<[f32; N], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| finite::<f32>(x).map_err(|e| format!("'{x}': {e}")))
+        .collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("expected {expected}"))
+}
+
+/// The flags given, as a flat table (absent ones left out).
+fn flat<T: Serialize>(flags: &T) -> Result<Map<String, Value>> {
+    let Value::Object(mut map) = serde_json::to_value(flags)? else {
+        unreachable!("flags serialise to a table")
+    };
+    prune_nulls(&mut map);
+    Ok(map)
+}
+
+fn prune_nulls(map: &mut Map<String, Value>) {
+    map.retain(|_, v| !v.is_null());
+    for v in map.values_mut() {
+        if let Value::Object(inner) = v {
+            prune_nulls(inner);
+        }
+    }
+}
+
+impl TrainFlags {
+    /// The run's config: the recipe (or, with --resume, the recorded config) with the given
+    /// flags, and those of `distill`, applied.
+    pub fn config(&self, distill: Option<&DistillFlags>) -> Result<TrainConfig> {
+        let base = if self.resume && self.out.join(files::CONFIG).is_file() {
+            Run::open(&self.out)?.config
+        } else {
+            TrainConfig::default()
+        };
+        let mut table = flat(self)?;
+        if let Some(d) = distill {
+            table.extend(flat(d)?);
+        }
+        let mut nested = patch::nest(&table);
+        if self.no_augment {
+            // No augmentation, then the augmentation flags given on top.
+            let mut augment = serde_json::to_value(AugmentConfig::none())?;
+            if let Some(given) = nested.get("augment") {
+                patch::merge(&mut augment, given);
+            }
+            nested["augment"] = augment;
+        }
+        patch::apply(&base, &nested).context("invalid flags")
+    }
+}
+
+/// The recipe's values and the distillation defaults, for `--help`: what the flags left out
+/// are.
+pub fn recipe_help() -> String {
+    let Ok(Value::Object(recipe)) = serde_json::to_value(TrainConfig::default()) else {
+        unreachable!("a config serialises to a table")
+    };
+    let mut text = String::from(
+        "Defaults, the tutorial's recipe (the same keys go in a kd run file's tables):\n",
+    );
+    for (key, value) in recipe {
+        match value {
+            Value::Null => {}
+            Value::Object(table) if key == "augment" => {
+                for (k, v) in table {
+                    text += &format!("  augment.{k} = {v}\n");
+                }
+            }
+            Value::Object(_) => {}
+            v => text += &format!("  {key} = {v}\n"),
+        }
+    }
+    text += &format!(
+        "Distillation (kd distill, [distill]): teacher_checkpoint = \"{}\"\n",
+        Checkpoint::default()
+    );
+    for (name, aliases) in crate::losses::METHODS {
+        let Some(Value::Object(settings)) =
+            Method::defaults(name).and_then(|m| serde_json::to_value(m).ok())
+        else {
+            continue;
+        };
+        let settings: Vec<String> = settings
+            .iter()
+            .filter(|(k, _)| *k != "method")
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        let also = if aliases.is_empty() {
+            String::new()
+        } else {
+            format!(" (also {})", aliases.join(", "))
+        };
+        let default = if *name == Method::default().name() {
+            ", the default"
+        } else {
+            ""
+        };
+        text += &format!(
+            "  method = \"{name}\"{also}{default}: {}\n",
+            settings.join(", ")
+        );
+    }
+    text
+}

@@ -1,0 +1,73 @@
+//! `kd predict`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use super::ComputeArgs;
+use crate::data::Loader;
+use crate::eval::{Images, predict};
+use crate::ops::Ctx;
+use crate::run::{Checkpoint, Run};
+
+/// Options of `kd predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Image files or folders.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Which checkpoint.
+    #[arg(long, value_enum, default_value_t)]
+    checkpoint: Checkpoint,
+    /// Number of classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also write each image's top class to this CSV file: file,class,probability (file
+    /// relative to the folder given, or the file's name).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+pub fn run(a: PredictArgs) -> Result<()> {
+    if a.top_k == 0 {
+        bail!("--top-k 0 is invalid: show at least 1 class per image");
+    }
+    let run = Run::open(&a.run)?;
+    let images = Images::collect(&a.paths, a.csv.is_some())?;
+    let (device, precision) = a.compute.open_for(&run)?;
+    let net = run.load_network(a.checkpoint, &device)?;
+    let loader = Loader::new(images.samples.clone(), run.eval_transform(), 32, false, 0);
+    let preds = predict(
+        &net,
+        &loader,
+        &run.classes,
+        a.top_k,
+        &device,
+        &Ctx::new(precision),
+    )?;
+    if let Some(csv) = &a.csv {
+        images.write_csv(&preds, csv)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&preds)?);
+    } else {
+        for p in &preds {
+            let top: Vec<String> = p
+                .top
+                .iter()
+                .map(|s| format!("{} {:.1}%", s.class, s.probability * 100.0))
+                .collect();
+            println!("{}\t{}", p.path, top.join("  "));
+        }
+    }
+    Ok(())
+}
