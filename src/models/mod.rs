@@ -4,6 +4,7 @@
 //! it a variant of [`Network`] and lists it in [`FAMILIES`]. Models compute through
 //! [`crate::ops::Ctx`], so they get kd's CPU kernels and autocast without naming them.
 
+pub mod blocks;
 mod spec;
 pub mod weights;
 
@@ -142,6 +143,7 @@ macro_rules! registry {
 registry! {
     resnet::ResNet,
     coatnet::CoAtNet,
+    mobilenet_v3::MobileNetV3,
 }
 
 /// What a network computes for a batch: logits and pooled features.
