@@ -1,6 +1,7 @@
-//! The MobileNetV3 students: parity with torchvision (a tiny config's logits in eval and
-//! train mode, loss, gradients and BatchNorm updates; parameter counts and state-dict names
-//! and shapes of the full-size models) and their randomness in training.
+//! The MobileNetV3 and EfficientNet students: parity with torchvision (tiny configs' logits
+//! in eval and train mode, loss, gradients and BatchNorm updates; parameter counts and
+//! state-dict names and shapes of the full-size models), their randomness in training, and
+//! every command that takes a model name.
 
 mod common;
 
@@ -10,6 +11,7 @@ use burn::module::Module;
 use burn::store::KeyRemapper;
 use burn::tensor::{Device, Distribution, Tensor};
 use common::*;
+use kd::models::efficientnet::{EfficientNet, EfficientNetConfig};
 use kd::models::mobilenet_v3::{MobileNetV3, MobileNetV3Config};
 use kd::models::{Architecture, ModelSpec, Network, param_count, weights};
 use kd::ops::{Ctx, Precision};
@@ -25,6 +27,21 @@ fn tiny_mobilenet(device: &Device) -> Network {
     };
     let mut net = Network::MobileNetV3(config.init(device));
     weights::load_pytorch(&mut net, &fixture("mobilenet_v3_tiny.safetensors")).unwrap();
+    net
+}
+
+/// torchvision's EfficientNet with the B0 table at width 0.25, depth 0.5; dropout and
+/// stochastic depth off, as in the fixture's train-mode logits.
+fn tiny_efficientnet(device: &Device) -> Network {
+    let config = EfficientNetConfig {
+        width_mult: 0.25,
+        depth_mult: 0.5,
+        dropout: 0.0,
+        stochastic_depth: 0.0,
+        num_classes: 12,
+    };
+    let mut net = Network::EfficientNet(config.init(device));
+    weights::load_pytorch(&mut net, &fixture("efficientnet_tiny.safetensors")).unwrap();
     net
 }
 
@@ -90,6 +107,18 @@ fn mobilenet_v3_tiny_matches_torchvision() {
     check_batch_norm_updates("mobilenet_v3_tiny.safetensors", tiny_mobilenet);
 }
 
+#[test]
+fn efficientnet_tiny_matches_torchvision() {
+    assert_eq!(param_count(&tiny_efficientnet(&Device::flex())), 202_674);
+    let checked = check_fixture_parity(
+        "efficientnet_tiny.safetensors",
+        tiny_efficientnet,
+        kd_name::<EfficientNet>,
+    );
+    assert_eq!(checked, 9, "all listed gradients checked");
+    check_batch_norm_updates("efficientnet_tiny.safetensors", tiny_efficientnet);
+}
+
 /// Key -> shape of a `*.keys.json` fixture, without BatchNorm's `num_batches_tracked`
 /// counters (not exported; PyTorch fills them in).
 fn reference_shapes(file: &str) -> HashMap<String, Vec<usize>> {
@@ -131,6 +160,10 @@ fn exports_have_torchvisions_names_and_shapes() {
         exported_shapes(&tiny_mobilenet(&device)),
         reference_shapes("mobilenet_v3_tiny.keys.json")
     );
+    assert_eq!(
+        exported_shapes(&tiny_efficientnet(&device)),
+        reference_shapes("efficientnet_tiny.keys.json")
+    );
 }
 
 #[test]
@@ -139,7 +172,12 @@ fn reference_parameter_counts() {
         serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())
             .unwrap();
     let device = Device::flex();
-    for name in ["mobilenet_v3_small", "mobilenet_v3_large"] {
+    for name in [
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "efficientnet_b1",
+    ] {
         for classes in [12, 1000] {
             let net = ModelSpec::named(name).build(classes, 224, &device).unwrap();
             assert_eq!(
@@ -157,7 +195,7 @@ fn reference_parameter_counts() {
 #[test]
 fn training_randomness_follows_the_seed_and_is_off_in_inference() {
     let ad = Device::flex().autodiff();
-    for name in ["mobilenet_v3_small"] {
+    for name in ["mobilenet_v3_small", "efficientnet_b0"] {
         let spec = ModelSpec {
             name: name.into(),
             width: Some(8),
@@ -188,4 +226,158 @@ fn training_randomness_follows_the_seed_and_is_off_in_inference() {
         .to_string();
         assert!(err.contains("ResNet models only"), "{err}");
     }
+}
+
+fn metrics_of(run: &std::path::Path) -> Vec<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// Train, distill (each family as teacher and as student), eval, predict, export, bench and
+/// run take the new students by name.
+#[test]
+fn new_students_work_wherever_a_model_name_is_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("digits");
+    mnist_subset(&data, 3, 20);
+    let d = data.to_str().unwrap();
+    let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let tiny = [
+        "--width",
+        "8",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--no-augment",
+        "--lr",
+        "3e-3",
+        "--quiet",
+    ];
+    let mnv3 = path("mnv3");
+    let train = [
+        &[
+            "train",
+            "--data",
+            d,
+            "--model",
+            "mobilenet_v3_small",
+            "--epochs",
+            "3",
+            "--out",
+            &mnv3,
+        ][..],
+        &tiny,
+    ]
+    .concat();
+    kd_ok(&train);
+    let m = metrics_of(tmp.path().join("mnv3").as_path());
+    let first = m[0]["train_loss"].as_f64().unwrap();
+    let last = m[2]["train_loss"].as_f64().unwrap();
+    assert!(last < first, "MobileNetV3 learns: {first} -> {last}");
+
+    let eff = path("eff");
+    let distill = [
+        &[
+            "distill",
+            "--data",
+            d,
+            "--teacher",
+            &mnv3,
+            "--student",
+            "efficientnet_b0",
+            "--epochs",
+            "1",
+            "--out",
+            &eff,
+        ][..],
+        &tiny,
+    ]
+    .concat();
+    kd_ok(&distill);
+    let m = metrics_of(tmp.path().join("eff").as_path());
+    assert!(m[0]["train_parts"]["kd"].as_f64().unwrap() > 0.0);
+    let back = path("back");
+    let distill = [
+        &[
+            "distill",
+            "--data",
+            d,
+            "--teacher",
+            &eff,
+            "--student",
+            "mobilenet_v3_large",
+            "--epochs",
+            "1",
+            "--out",
+            &back,
+        ][..],
+        &tiny,
+    ]
+    .concat();
+    kd_ok(&distill);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&kd_ok(&["eval", "--run", &eff, "--json"])).unwrap();
+    assert_eq!(report["images"], 18);
+    let preds: serde_json::Value = serde_json::from_str(&kd_ok(&[
+        "predict",
+        "--run",
+        &mnv3,
+        data.join("1").to_str().unwrap(),
+        "--top-k",
+        "2",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(preds.as_array().unwrap().len(), 20);
+    let exported = path("eff.safetensors");
+    kd_ok(&["export", "--run", &eff, "--out", &exported]);
+    let weights = read_safetensors(std::path::Path::new(&exported));
+    assert_eq!(weights["classifier.1.weight"].shape[0], 3);
+    assert!(weights.contains_key("features.1.0.block.0.0.weight"));
+
+    let bench: serde_json::Value = serde_json::from_str(&kd_ok(&[
+        "bench",
+        "--mode",
+        "distill",
+        "--model",
+        "mobilenet_v3_large",
+        "--width",
+        "8",
+        "--teacher",
+        "efficientnet_b1",
+        "--teacher-width",
+        "8",
+        "--image-size",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(bench["images_per_second"].as_f64().unwrap() > 0.0);
+    let listed = kd_ok(&["models", "--classes", "12"]);
+    assert!(
+        listed.contains("efficientnet_b1") && listed.contains("6528556"),
+        "{listed}"
+    );
+
+    let study = tmp.path().join("study.toml");
+    std::fs::write(
+        &study,
+        format!(
+            "out = '{}'\n[data]\npath = '{d}'\n[recipe]\nimage_size = 32\nbatch_size = 8\nepochs = 1\n\
+             [recipe.augment]\nrotation_degrees = 0.0\nblur_kernel = 0\n\
+             [teacher]\nmodel = 'efficientnet_b1'\nwidth = 8\n[student]\nmodel = 'mobilenet_v3_small'\nwidth = 8\n",
+            path("study")
+        ),
+    )
+    .unwrap();
+    let out = kd_ok(&["run", study.to_str().unwrap(), "--quiet"]);
+    assert!(
+        out.contains("student with KD (mobilenet_v3_small)"),
+        "{out}"
+    );
 }

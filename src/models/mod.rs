@@ -144,6 +144,7 @@ registry! {
     resnet::ResNet,
     coatnet::CoAtNet,
     mobilenet_v3::MobileNetV3,
+    efficientnet::EfficientNet,
 }
 
 /// What a network computes for a batch: logits and pooled features.
