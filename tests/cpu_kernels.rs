@@ -125,6 +125,10 @@ fn depthwise_convolution_matches_burn_forward_and_backward() {
         (2, 5, 8, 8, 5, 1, 2),
         (1, 3, 6, 6, 3, 1, 0),
         (2, 8, 28, 28, 3, 1, 1),
+        (2, 6, 9, 9, 5, 2, 2),   // MobileNetV3's 5x5/2 on odd sides
+        (3, 4, 7, 10, 3, 3, 1),  // stride 3: three phases per row
+        (2, 300, 2, 2, 5, 1, 2), // tiny planes, many per task (last stage)
+        (64, 40, 3, 3, 3, 2, 1), // planes grouped per task, weight gradient over a batch
     ] {
         let conv = Conv2dConfig::new([c, c], [k, k])
             .with_groups(c)
@@ -351,6 +355,41 @@ fn vectorised_gelu_matches_burn() {
         ey < 1e-6 && eg < 1e-6,
         "gelu differs: output {ey:.1e}, gradient {eg:.1e}"
     );
+}
+
+/// Sigmoid, SiLU, hardswish and hardsigmoid against Burn's operations (PyTorch's formulas
+/// written with them, as off the CPU): outputs and input gradients.
+#[test]
+fn vectorised_activations_match_burn() {
+    use kd::ops::activation::{hardsigmoid, hardswish, sigmoid, silu};
+    let device = Device::flex().autodiff();
+    let x: Tensor<3> =
+        Tensor::random([4, 33, 65], Distribution::Normal(0.0, 4.0), &device).require_grad();
+    let probe: Tensor<3> = Tensor::random([4, 33, 65], Distribution::Normal(0.0, 1.0), &device);
+    type Activation = fn(Tensor<3>) -> Tensor<3>;
+    let cases: [(&str, Activation, Activation); 4] = [
+        ("sigmoid", sigmoid, burn::tensor::activation::sigmoid),
+        ("silu", silu, burn::tensor::activation::silu),
+        ("hardswish", hardswish, |x| {
+            (x.clone() * x.add_scalar(3.0).clamp(0.0, 6.0)).div_scalar(6.0)
+        }),
+        ("hardsigmoid", hardsigmoid, |x| {
+            x.add_scalar(3.0).clamp(0.0, 6.0).div_scalar(6.0)
+        }),
+    ];
+    for (name, ours, reference) in cases {
+        let run = |f: Activation| {
+            let y = f(x.clone());
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            (values(y), values(x.grad(&grads).unwrap()))
+        };
+        let ((y_burn, g_burn), (y_ours, g_ours)) = (run(reference), run(ours));
+        let (ey, eg) = (rel_err(&y_ours, &y_burn), rel_err(&g_ours, &g_burn));
+        assert!(
+            ey < 1e-6 && eg < 1e-6,
+            "{name} differs: output {ey:.1e}, gradient {eg:.1e}"
+        );
+    }
 }
 
 #[test]

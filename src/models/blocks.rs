@@ -9,7 +9,6 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor};
 
 use anyhow::{Result, bail};
@@ -202,7 +201,7 @@ impl SqueezeExcitation {
         let scale = self.act.apply(cx.conv2d(&self.fc1, scale), cx);
         let scale = cx.conv2d(&self.fc2, scale);
         let scale = match self.gate {
-            Gate::Sigmoid => sigmoid(scale),
+            Gate::Sigmoid => cx.sigmoid(scale),
             Gate::Hardsigmoid => cx.hardsigmoid(scale),
         };
         scale * x

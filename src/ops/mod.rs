@@ -121,6 +121,11 @@ impl Ctx {
         activation::silu(x)
     }
 
+    /// `1 / (1 + e^−x)`.
+    pub fn sigmoid<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        activation::sigmoid(x)
+    }
+
     /// Dropout with probability `p` when training (an autodiff device), else `x`.
     pub fn dropout<const D: usize>(&self, x: Tensor<D>, p: f64) -> Tensor<D> {
         if p <= 0.0 || !x.device().is_autodiff() {

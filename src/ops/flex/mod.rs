@@ -6,6 +6,7 @@
 //! operations everywhere else. Each keeps a parity test against Burn's op
 //! (`tests/cpu_kernels.rs`).
 
+pub mod activation;
 pub mod adam;
 pub mod conv;
 pub mod gelu;
@@ -34,6 +35,37 @@ pub fn f32_tensor(data: Vec<f32>, dims: impl Into<Shape>) -> FlexTensor {
         Layout::contiguous(dims.into()),
         DType::F32,
     )
+}
+
+// Shared by the vectorised activations (GELU's erf, sigmoid).
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+// ln 2 split in a part exact in f32 and the rest, for an accurate range reduction.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// `e^x` for `x` in [-87, 88] (clamped), relative error about 2e-7.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round x·log2(e) to the nearest integer n with the 1.5·2^23 trick: adding MAGIC leaves n
+    // in the low mantissa bits, so both n and 2^n come out of bit operations (a float-to-int
+    // conversion would check each lane for overflow and stop the loop from vectorising).
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = x * LOG2_E + (MAGIC + 127.0);
+    let n = shifted - (MAGIC + 127.0);
+    let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2 / 2
+    // Taylor series of e^r to r^7: truncation error below 1e-8 for |r| <= 0.35.
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // The low bits of `shifted` hold 127 + n: move them into the exponent field.
+    let two_to_n = f32::from_bits(shifted.to_bits().wrapping_sub(MAGIC.to_bits()) << 23);
+    p * two_to_n
 }
 
 /// A raw pointer that rayon tasks may share, each writing a disjoint set of elements.
