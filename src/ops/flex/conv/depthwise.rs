@@ -3,6 +3,8 @@
 //! for the CPU's widest extension, a rayon task per group of image planes (per group of
 //! channels for the weight gradient), with its own backward pass. At stride 2 and more each
 //! input row is first split into its phases, so that every tap reads contiguous values.
+//! Planes whose rows are too short to vectorise (the last stages) run batch-last instead:
+//! each channel's planes transposed to `[pixel][batch]`, every tap a batch-long vector.
 //!
 //! Burn 0.22.1 computes the input gradient as a grouped transposed convolution and the weight
 //! gradient group by group; a depthwise 3x3 pass over a CoAtNet-0 activation ran at about
@@ -96,7 +98,10 @@ impl Depthwise {
         let (ow_lo, ow_hi) = valid_range(self.out_width, self.width, j, s, p);
         let rows = if ow_lo < ow_hi { oh_lo..oh_hi } else { 0..0 };
         let iw_lo = (ow_lo * s + j).saturating_sub(p);
-        (rows.map(move |oh| (oh, oh * s + i - p)), [ow_lo, ow_hi, iw_lo])
+        (
+            rows.map(move |oh| (oh, oh * s + i - p)),
+            [ow_lo, ow_hi, iw_lo],
+        )
     }
 }
 
@@ -250,6 +255,157 @@ dispatch_simd!(forward_simd(g: &Depthwise, x: &[f32], w: &[f32], y: &mut [f32], 
 dispatch_simd!(input_grad_simd(g: &Depthwise, dy: &[f32], w: &[f32], dx: &mut [f32], scratch: &mut [f32]) => input_grad_plane(g, dy, w, dx, scratch));
 dispatch_simd!(weight_grad_simd(g: &Depthwise, x: &[f32], dy: &[f32], dw: &mut [f32], scratch: &mut [f32]) => weight_grad_plane(g, x, dy, dw, scratch));
 
+/// Whether planes this small run batch-last: their rows are too short to vectorise, while
+/// a batch of them makes long vectors (the same sums in the same order either way).
+fn batch_last(g: &Depthwise) -> bool {
+    g.out_width < 16 && g.batch >= 8
+}
+
+/// One channel batch-last: `y [OH·OW][B] += w · x [H·W][B]` tap by tap, in the order the
+/// row-wise kernel adds them, so that every output is the same sum.
+#[inline(always)]
+fn forward_channel(g: &Depthwise, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let (k, b) = (g.kernel, g.batch);
+    for i in 0..k {
+        for j in 0..k {
+            let w = w[i * k + j];
+            let (rows, [ow_lo, ow_hi, iw_lo]) = g.rows(i, j);
+            for (oh, ih) in rows {
+                for (n, ow) in (ow_lo..ow_hi).enumerate() {
+                    let iw = iw_lo + n * g.stride;
+                    let x = &x[(ih * g.width + iw) * b..][..b];
+                    let y = &mut y[(oh * g.out_width + ow) * b..][..b];
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y += w * x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One channel's input gradient batch-last: `dx [H·W][B] += w · dy [OH·OW][B]`, in the
+/// row-wise kernel's order.
+#[inline(always)]
+fn input_grad_channel(g: &Depthwise, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (k, b) = (g.kernel, g.batch);
+    for i in 0..k {
+        for j in 0..k {
+            let w = w[i * k + j];
+            let (rows, [ow_lo, ow_hi, iw_lo]) = g.rows(i, j);
+            for (oh, ih) in rows {
+                for (n, ow) in (ow_lo..ow_hi).enumerate() {
+                    let iw = iw_lo + n * g.stride;
+                    let dy = &dy[(oh * g.out_width + ow) * b..][..b];
+                    let dx = &mut dx[(ih * g.width + iw) * b..][..b];
+                    for (dx, &d) in dx.iter_mut().zip(dy) {
+                        *dx += w * d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One channel's weight gradient batch-last, from its input `x [H·W][B]` and output
+/// gradient `dy [OH·OW][B]`: the same sums, in the same order, as the row-wise kernel forms
+/// image by image (rows shorter than 16 here: a first block of 8 summed on its own, then one
+/// by one), the images' sums added to `dw` in batch order.
+#[inline(always)]
+fn weight_grad_channel(g: &Depthwise, x: &[f32], dy: &[f32], dw: &mut [f32], sums: &mut [f32]) {
+    let (k, b) = (g.kernel, g.batch);
+    let product = |sums: &mut [f32], p: usize, q: usize| {
+        let (dy, x) = (&dy[p * b..][..b], &x[q * b..][..b]);
+        for ((s, &d), &x) in sums.iter_mut().zip(dy).zip(x) {
+            *s += d * x;
+        }
+    };
+    let mut block = vec![0.0f32; b];
+    for i in 0..k {
+        for j in 0..k {
+            sums.fill(0.0);
+            let (rows, [ow_lo, ow_hi, iw_lo]) = g.rows(i, j);
+            for (oh, ih) in rows {
+                let cols: Vec<(usize, usize)> = (ow_lo..ow_hi)
+                    .enumerate()
+                    .map(|(n, ow)| (oh * g.out_width + ow, ih * g.width + iw_lo + n * g.stride))
+                    .collect();
+                let first = cols.len() / 8 * 8;
+                block.fill(0.0);
+                for &(p, q) in &cols[..first] {
+                    product(&mut block, p, q);
+                }
+                for (s, &v) in sums.iter_mut().zip(&block) {
+                    *s += v;
+                }
+                for &(p, q) in &cols[first..] {
+                    product(sums, p, q);
+                }
+            }
+            for &v in sums.iter() {
+                dw[i * k + j] += v;
+            }
+        }
+    }
+}
+
+dispatch_simd!(weight_grad_channel_simd(g: &Depthwise, x: &[f32], dy: &[f32], dw: &mut [f32], sums: &mut [f32]) => weight_grad_channel(g, x, dy, dw, sums));
+dispatch_simd!(forward_channel_simd(g: &Depthwise, x: &[f32], w: &[f32], y: &mut [f32]) => forward_channel(g, x, w, y));
+dispatch_simd!(input_grad_channel_simd(g: &Depthwise, dy: &[f32], w: &[f32], dx: &mut [f32]) => input_grad_channel(g, dy, w, dx));
+
+/// `src`'s planes of channel `c` (`[B, C, plane]`) batch-last: `dst[p·B + b]`.
+fn gather_channel(src: &[f32], channels: usize, plane: usize, c: usize, dst: &mut [f32]) {
+    let batch = dst.len() / plane;
+    for b in 0..batch {
+        let from = &src[(b * channels + c) * plane..][..plane];
+        for (p, &v) in from.iter().enumerate() {
+            dst[p * batch + b] = v;
+        }
+    }
+}
+
+/// The inverse of [`gather_channel`]: channel `c`'s planes of `out` (`[B, C, plane]`),
+/// handed to `put(b, plane)`.
+fn scatter_channel(src: &[f32], plane: usize, mut put: impl FnMut(usize, &[f32])) {
+    let batch = src.len() / plane;
+    let mut row = vec![0.0f32; plane];
+    for b in 0..batch {
+        for (p, v) in row.iter_mut().enumerate() {
+            *v = src[p * batch + b];
+        }
+        put(b, &row);
+    }
+}
+
+/// A per-channel batch-last pass: `f(c, input of c, output of c)` for every channel, each
+/// input gathered from `src` (`[B, C, in_plane]`) and each output scattered into a new
+/// `[B, C, out_plane]` buffer.
+fn per_channel(
+    g: &Depthwise,
+    src: &[f32],
+    (in_plane, out_plane): (usize, usize),
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let (b, c) = (g.batch, g.channels);
+    let outputs: Vec<Vec<f32>> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut input = vec![0.0f32; in_plane * b];
+            gather_channel(src, c, in_plane, ch, &mut input);
+            let mut output = vec![0.0f32; out_plane * b];
+            f(ch, &input, &mut output);
+            output
+        })
+        .collect();
+    let mut out = vec![0.0f32; b * c * out_plane];
+    for (ch, output) in outputs.iter().enumerate() {
+        scatter_channel(output, out_plane, |n, plane| {
+            out[(n * c + ch) * out_plane..][..out_plane].copy_from_slice(plane);
+        });
+    }
+    out
+}
+
 /// Scratch for phased planes: empty at stride 1.
 fn scratch(g: &Depthwise) -> Vec<f32> {
     vec![0.0f32; if g.stride > 1 { g.phased_len() } else { 0 }]
@@ -263,6 +419,13 @@ fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Depthwise) -> FlexTensor {
         g.out_height * g.out_width,
         g.kernel * g.kernel,
     );
+    let dims = [g.batch, g.channels, g.out_height, g.out_width];
+    if batch_last(g) {
+        let out = per_channel(g, xs, (plane, out_plane), |c, x, y| {
+            forward_channel_simd(g, x, &ws[c * kk..][..kk], y)
+        });
+        return f32_tensor(out, dims);
+    }
     let per_task = planes_per_task(out_plane);
     let mut out = vec![0.0f32; g.batch * g.channels * out_plane];
     out.par_chunks_mut(out_plane * per_task)
@@ -276,7 +439,7 @@ fn forward(x: &FlexTensor, weight: &FlexTensor, g: &Depthwise) -> FlexTensor {
                 forward_simd(g, x, &ws[c * kk..][..kk], y, &mut scratch);
             }
         });
-    f32_tensor(out, [g.batch, g.channels, g.out_height, g.out_width])
+    f32_tensor(out, dims)
 }
 
 fn backward(
@@ -303,6 +466,13 @@ fn backward(
         g.kernel * g.kernel,
     );
     let grad_x = need_x.then(|| {
+        let dims = [g.batch, g.channels, g.height, g.width];
+        if batch_last(g) {
+            let dx = per_channel(g, dys, (out_plane, plane), |c, dy, dx| {
+                input_grad_channel_simd(g, dy, &ws[c * kk..][..kk], dx)
+            });
+            return f32_tensor(dx, dims);
+        }
         let per_task = planes_per_task(plane);
         let mut dx = vec![0.0f32; g.batch * g.channels * plane];
         dx.par_chunks_mut(plane * per_task)
@@ -316,9 +486,22 @@ fn backward(
                     input_grad_simd(g, dy, &ws[c * kk..][..kk], dx, &mut scratch);
                 }
             });
-        f32_tensor(dx, [g.batch, g.channels, g.height, g.width])
+        f32_tensor(dx, dims)
     });
     let grad_w = need_w.then(|| {
+        if batch_last(g) {
+            let mut dw = vec![0.0f32; g.channels * kk];
+            dw.par_chunks_mut(kk).enumerate().for_each(|(c, dw)| {
+                let (mut x, mut dy) = (
+                    vec![0.0f32; plane * g.batch],
+                    vec![0.0f32; out_plane * g.batch],
+                );
+                gather_channel(xs, g.channels, plane, c, &mut x);
+                gather_channel(dys, g.channels, out_plane, c, &mut dy);
+                weight_grad_channel_simd(g, &x, &dy, dw, &mut vec![0.0f32; g.batch]);
+            });
+            return f32_tensor(dw, [g.channels, 1, g.kernel, g.kernel]);
+        }
         // Channels per task: about 16 Ki input values each, over the whole batch.
         let per_task = (16_384 / (plane * g.batch).max(1)).max(1);
         let mut dw = vec![0.0f32; g.channels * kk];
