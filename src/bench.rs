@@ -16,6 +16,7 @@ use crate::device::{DeviceSpec, PeakDeviceMemory};
 use crate::losses::{self, Method, cross_entropy};
 use crate::models::{ModelSpec, Network, Outputs, Stem};
 use crate::ops::{Ctx, Precision};
+use crate::train::projection::Projection;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -65,6 +66,12 @@ pub struct BenchOptions {
     /// Teacher base width override for --mode distill.
     #[arg(long)]
     pub teacher_width: Option<usize>,
+    /// Distillation method of --mode distill (its default settings; see `kd distill --help`).
+    #[arg(long, default_value = "hinton")]
+    pub method: String,
+    /// Weight of timm's feature term added to the method in --mode distill (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub feature_weight: f64,
     /// Instead of a model, measure decode + augment images/s of this image folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -185,7 +192,20 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
                 ),
                 _ => None,
             };
-            let kd = Method::default().build();
+            let distiller = match a.mode {
+                BenchMode::Distill => {
+                    let method = Method::from_table(&serde_json::json!({ "method": a.method }))?;
+                    Some(method.build(a.feature_weight))
+                }
+                _ => None,
+            };
+            let features = distiller.as_ref().is_some_and(|d| d.needs_features());
+            let mut projection = match &teacher {
+                Some(t) if features && t.num_features() != model.num_features() => Some(
+                    Projection::new(model.num_features(), t.num_features(), 1e-8, &ad),
+                ),
+                _ => None,
+            };
             // PyTorch's Adam defaults, as in bench/pytorch_reference.py.
             let mut optim = crate::ops::FusedAdam::new(1e-8).init();
             // As in bench/pytorch_reference.py, the batch is made on the device once: a step
@@ -197,30 +217,43 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &ad);
             for step in 0..a.warmup + a.steps {
                 let t0 = Instant::now();
-                let logits = model.forward(x.clone().autodiff(), &cx);
-                let loss = match &teacher {
-                    // Teacher logits join the student's graph as constants, on the device.
-                    Some(t) => {
+                // As a training step: the teacher's outputs (features only for a method that
+                // reads them) join the student's graph as constants, on the device.
+                let outputs = |net: &Network, x: Tensor<4>| {
+                    if features {
+                        net.outputs(x, &cx)
+                    } else {
+                        Outputs {
+                            logits: net.forward(x, &cx),
+                            features: None,
+                        }
+                    }
+                };
+                let student = outputs(&model, x.clone().autodiff());
+                let loss = match (&teacher, &distiller) {
+                    (Some(t), Some(d)) => {
+                        let t_out = outputs(t, x.clone());
                         let teacher = Outputs {
-                            logits: t.forward(x.clone(), &cx).autodiff(),
-                            features: None,
+                            logits: t_out.logits.autodiff(),
+                            features: t_out.features.map(Tensor::autodiff),
                         };
-                        let student = Outputs {
-                            logits,
-                            features: None,
-                        };
-                        kd.loss(&losses::Step {
+                        d.loss(&losses::Step {
                             student: &student,
                             teacher: &teacher,
                             targets: &y,
                             epoch: 1,
+                            projection: projection.as_ref().map(|p| &p.layer),
                         })
                         .total
                     }
-                    None => cross_entropy(logits, y.clone()),
+                    _ => cross_entropy(student.logits, y.clone()),
                 };
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(1e-4, model, grads);
+                let mut grads = loss.backward();
+                let model_grads = GradientsParams::from_module(&mut grads, &model);
+                model = optim.step(1e-4, model, model_grads);
+                if let Some(p) = projection.as_mut() {
+                    p.step(1e-4, &mut grads);
+                }
                 device.sync().ok();
                 if step >= a.warmup {
                     times.push(t0.elapsed().as_secs_f64());
@@ -239,7 +272,17 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
         what: match a.mode {
             BenchMode::Train => format!("{} train step", a.model),
             BenchMode::Eval => format!("{} inference", a.model),
-            BenchMode::Distill => format!("{} -> {} distillation step", a.teacher, a.model),
+            BenchMode::Distill => format!(
+                "{} -> {} distillation step ({}{})",
+                a.teacher,
+                a.model,
+                a.method,
+                if a.feature_weight > 0.0 {
+                    " + features"
+                } else {
+                    ""
+                }
+            ),
         },
         device: crate::device::describe(a.device),
         precision: precision.to_string(),

@@ -1,8 +1,10 @@
-//! `kd run experiment.toml` and `kd demo`: the whole study (optional split, teacher,
-//! plain student, distilled student, comparison) from one file. Each stage's config is the
-//! recipe patched by `[recipe]`, then by its own table, as flags patch it on the command line
-//! ([`crate::run::patch`]). Finished stages are skipped when rerun; an interrupted stage
-//! resumes.
+//! `kd run experiment.toml` and `kd demo`: the whole study (optional split, teacher, plain
+//! student, distilled students, comparison) from one file. Each stage's config is the recipe
+//! patched by `[recipe]`, then by its own table, as flags patch it on the command line
+//! ([`crate::run::patch`]). A study can list several methods (`[[methods]]`) and seeds
+//! (`seeds`): the teacher trains once, the plain student and each method once per seed, and
+//! the report ranks the methods with the spread over seeds. Finished stages are skipped when
+//! rerun; an interrupted stage resumes.
 
 use std::path::{Path, PathBuf};
 
@@ -13,8 +15,9 @@ use serde_json::{Map, Value};
 use crate::data::split::{SPLIT_RECORD, SplitRecord};
 use crate::data::{ImageFolder, LinkMode, stratified_split, write_split};
 use crate::device::DeviceSpec;
+use crate::losses::Method;
 use crate::ops::Precision;
-use crate::report::{RunRow, SpeedOptions, compare, results_table};
+use crate::report::{Comparison, SpeedOptions, compare, results_table};
 use crate::run::patch::{self, Table};
 use crate::run::{Run, RunLock, TrainConfig, resume};
 use crate::train::{TrainOptions, train};
@@ -35,6 +38,12 @@ struct ExperimentFile {
     student: Map<String, Value>,
     #[serde(default)]
     distill: Map<String, Value>,
+    /// Each student (plain and distilled) trains once per seed.
+    #[serde(default)]
+    seeds: Option<Vec<u64>>,
+    /// The distillation methods to compare, each a `[distill]`-like table (and a `name`).
+    #[serde(default)]
+    methods: Vec<Map<String, Value>>,
 }
 
 /// Where the images come from.
@@ -63,23 +72,32 @@ fn default_seed() -> u64 {
     TrainConfig::default().seed
 }
 
-/// A parsed experiment: the three training configs and where they go.
+/// A parsed experiment: the teacher's config, and the students' with their folders.
 #[derive(Debug, Clone)]
 pub struct Experiment {
     /// Output folder.
     pub out: PathBuf,
     /// Data section.
     pub data: DataSection,
-    /// Teacher training.
+    /// Teacher training (folder `teacher`).
     pub teacher: TrainConfig,
-    /// Plain student training.
-    pub student: TrainConfig,
-    /// Distilled student training (teacher filled in).
-    pub kd_student: TrainConfig,
+    /// The plain students, then the distilled ones (teacher filled in), each with its folder
+    /// name: `student` and `kd_student` in a study of one method and one seed, else
+    /// `student-seedN` and `METHOD-seedN` (or the method's `name`).
+    pub students: Vec<Stage>,
 }
 
-/// Stage folders inside the output folder.
-pub const STAGES: [&str; 3] = ["teacher", "student", "kd_student"];
+/// A student's training and its folder inside the output folder.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Folder name.
+    pub name: String,
+    /// Its config.
+    pub config: TrainConfig,
+}
+
+/// The teacher's folder inside the output folder.
+pub const TEACHER: &str = "teacher";
 
 /// Reads and validates an experiment file.
 pub fn load_experiment(path: &Path) -> Result<Experiment> {
@@ -125,22 +143,125 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
         Ok(c)
     };
     let teacher = stage(&file.teacher, "teacher")?;
-    let student = stage(&file.student, "student")?;
-    // The KD student: [student] with [distill] on top, taught by the teacher stage.
-    let mut kd_table = file.student.clone();
-    kd_table.extend(file.distill.clone());
-    kd_table.insert(
-        "teacher".into(),
-        Value::String(file.out.join("teacher").to_string_lossy().into_owned()),
-    );
-    let kd_student = stage(&kd_table, "distill")?;
+    // The methods: each [[methods]] entry, else [distill] alone (the KD student).
+    let methods = if file.methods.is_empty() {
+        vec![("kd_student".to_string(), Map::new())]
+    } else {
+        if let Some(key) = file.distill.keys().find(|k| is_method_key(k)) {
+            bail!(
+                "[distill] sets `{key}`, a method setting: with [[methods]], give each method's settings in its entry"
+            );
+        }
+        method_entries(&file.methods)?
+    };
+    let seeds: Vec<Option<u64>> = match &file.seeds {
+        None => vec![None],
+        Some(seeds) => {
+            if seeds.is_empty() {
+                bail!("seeds = [] lists no seed: give one or more, e.g. seeds = [1, 2, 3]");
+            }
+            if let Some(s) = seeds
+                .iter()
+                .find(|s| seeds.iter().filter(|t| t == s).count() > 1)
+            {
+                bail!("seeds lists {s} twice: give each seed once");
+            }
+            seeds.iter().copied().map(Some).collect()
+        }
+    };
+    let folder = |name: &str, seed: Option<u64>| match seed {
+        Some(s) if file.seeds.is_some() => format!("{name}-seed{s}"),
+        _ => name.to_string(),
+    };
+    let with_seed = |mut table: Map<String, Value>, seed: Option<u64>| {
+        if let Some(s) = seed {
+            table.insert("seed".into(), s.into());
+        }
+        table
+    };
+    let mut students = Vec::new();
+    for &seed in &seeds {
+        let config = stage(&with_seed(file.student.clone(), seed), "student")?;
+        students.push(Stage {
+            name: folder("student", seed),
+            config,
+        });
+    }
+    for (name, entry) in &methods {
+        for &seed in &seeds {
+            // A KD student: [student], [distill] and the method's entry on top, taught by the
+            // teacher stage.
+            let mut table = file.student.clone();
+            table.extend(file.distill.clone());
+            table.extend(entry.clone());
+            table.insert(
+                "teacher".into(),
+                Value::String(file.out.join(TEACHER).to_string_lossy().into_owned()),
+            );
+            let section = if file.methods.is_empty() {
+                "distill".to_string()
+            } else {
+                format!("methods {name}")
+            };
+            let config = stage(&with_seed(table, seed), &section)?;
+            students.push(Stage {
+                name: folder(name, seed),
+                config,
+            });
+        }
+    }
     Ok(Experiment {
         out: file.out,
         data: file.data,
         teacher,
-        student,
-        kd_student,
+        students,
     })
+}
+
+/// Whether `key` belongs to a method (its name, a setting, the feature term's weight).
+fn is_method_key(key: &str) -> bool {
+    ["method", "loss", "feature_weight"].contains(&key)
+        || Method::all_keys().iter().any(|k| k == key)
+}
+
+/// The `[[methods]]` entries: each one's folder name (its `name`, else its method's) and
+/// its table without the name, checked like `[distill]`.
+fn method_entries(entries: &[Map<String, Value>]) -> Result<Vec<(String, Map<String, Value>)>> {
+    let mut out: Vec<(String, Map<String, Value>)> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let mut entry = entry.clone();
+        let section = format!("[[methods]] entry {}", i + 1);
+        let name = match entry.remove("name") {
+            Some(Value::String(n)) => n,
+            Some(other) => bail!("{section}: name {other} is not a text"),
+            None => match entry.get("method").or_else(|| entry.get("loss")) {
+                Some(Value::String(m)) => m.clone(),
+                _ => bail!(
+                    "{section} needs method = \"...\" (one of {})",
+                    crate::losses::names()
+                ),
+            },
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            || name == TEACHER
+            || name.starts_with("student")
+        {
+            bail!(
+                "{section}: name '{name}' cannot name a folder next to the teacher and students: use letters, digits, - _ . +"
+            );
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!(
+                "{section}: two methods are named '{name}': give one of them another name = \"...\""
+            );
+        }
+        patch::check_keys(&entry, Table::Distill, &section)?;
+        out.push((name, entry));
+    }
+    Ok(out)
 }
 
 impl Experiment {
@@ -151,13 +272,13 @@ impl Experiment {
         exp.out = out.to_path_buf();
         exp.data.path = data.to_path_buf();
         exp.data.seed = seed;
-        for c in [&mut exp.teacher, &mut exp.student, &mut exp.kd_student] {
+        for c in exp.configs_mut() {
             c.data = data.to_path_buf();
             c.seed = seed;
             c.split_seed = Some(seed);
-        }
-        if let Some(t) = exp.kd_student.teacher.as_mut() {
-            t.run = out.join("teacher");
+            if let Some(t) = c.teacher.as_mut() {
+                t.run = out.join(TEACHER);
+            }
         }
         Ok(exp)
     }
@@ -165,10 +286,29 @@ impl Experiment {
     /// Overrides every stage's precision (`--precision` of `kd run` / `kd demo`).
     pub fn set_precision(&mut self, precision: Option<Precision>) {
         if let Some(p) = precision {
-            for c in [&mut self.teacher, &mut self.student, &mut self.kd_student] {
+            for c in self.configs_mut() {
                 c.precision = p;
             }
         }
+    }
+
+    /// The config of the student in folder `name`.
+    pub fn student(&self, name: &str) -> Option<&TrainConfig> {
+        self.students
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &s.config)
+    }
+
+    /// Every stage's config, the teacher's first.
+    fn configs_mut(&mut self) -> impl Iterator<Item = &mut TrainConfig> {
+        std::iter::once(&mut self.teacher).chain(self.students.iter_mut().map(|s| &mut s.config))
+    }
+
+    /// Every stage: its folder name and config, the teacher's first.
+    pub fn stages(&self) -> impl Iterator<Item = (&str, &TrainConfig)> {
+        std::iter::once((TEACHER, &self.teacher))
+            .chain(self.students.iter().map(|s| (s.name.as_str(), &s.config)))
     }
 }
 
@@ -225,8 +365,8 @@ pub fn run_stage(
     })
 }
 
-/// Runs the whole study on `device`; returns the comparison rows.
-pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Result<Vec<RunRow>> {
+/// Runs the whole study on `device`; returns the comparison.
+pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Result<Comparison> {
     if let Some(dst) = &exp.data.split_to {
         let (source, fraction, seed) = (&exp.data.path, exp.data.val_fraction, exp.data.seed);
         if crate::data::dataset::is_split(dst) {
@@ -260,27 +400,40 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
             );
         }
     }
-    let configs = [&exp.teacher, &exp.student, &exp.kd_student];
-    for (stage, config) in STAGES.iter().zip(configs) {
+    for (stage, config) in exp.stages() {
         let dir = exp.out.join(stage);
-        println!("== {stage}: {} -> {}", config.model.name, dir.display());
+        let method = config
+            .teacher
+            .as_ref()
+            .map(|t| format!(", {}", t.kd.name()))
+            .unwrap_or_default();
+        let seed = if exp.students.len() > 2 {
+            format!(", seed {}", config.seed)
+        } else {
+            String::new()
+        };
+        println!(
+            "== {stage}: {}{method}{seed} -> {}",
+            config.model.name,
+            dir.display()
+        );
         let outcome = run_stage(config, &dir, quiet, device)?;
         if outcome == StageOutcome::Skipped {
             println!("{stage}: finished earlier, skipped");
         }
     }
-    let runs: Vec<PathBuf> = STAGES.iter().map(|s| exp.out.join(s)).collect();
+    let runs: Vec<PathBuf> = exp.stages().map(|(s, _)| exp.out.join(s)).collect();
     let report = exp.out.join("report");
     // Inference speed on the study's device, in the precision each run trained in.
     let speed = SpeedOptions {
         device,
         precision: None,
     };
-    let rows = compare(&runs, &report, speed)?;
-    println!("\n{}", results_table(&rows));
+    let comparison = compare(&runs, &report, speed)?;
+    println!("\n{}", results_table(&comparison));
     println!(
         "report: {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
         report.display()
     );
-    Ok(rows)
+    Ok(comparison)
 }

@@ -358,8 +358,12 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     let plants =
         kd::experiment::load_experiment(&root.join("examples/plant-seedlings.toml")).unwrap();
     assert_eq!(plants.teacher.model.name, "coatnet_2");
-    assert_eq!(plants.student.model.name, "resnet18");
-    for c in [&plants.teacher, &plants.student, &plants.kd_student] {
+    let (student, kd_student) = (
+        plants.student("student").unwrap(),
+        plants.student("kd_student").unwrap(),
+    );
+    assert_eq!(student.model.name, "resnet18");
+    for c in [&plants.teacher, student, kd_student] {
         assert_eq!(
             (c.image_size, c.batch_size, c.epochs, c.t_max),
             (224, 16, 50, 20)
@@ -367,7 +371,7 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         assert_eq!((c.lr, c.eta_min), (1e-4, 1e-9));
         assert_eq!(c.augment, kd::data::AugmentConfig::default());
     }
-    let kd = plants.kd_student.teacher.as_ref().unwrap();
+    let kd = kd_student.teacher.as_ref().unwrap();
     let settings = serde_json::to_value(&kd.kd).unwrap();
     assert_eq!(
         settings["method"], "tutorial",
@@ -377,10 +381,10 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         (settings["temperature"].as_f64(), settings["alpha"].as_f64()),
         (Some(7.0), Some(0.7))
     );
-    assert!(plants.teacher.teacher.is_none() && plants.student.teacher.is_none());
+    assert!(plants.teacher.teacher.is_none() && student.teacher.is_none());
 
     let demo = kd::experiment::parse_experiment(kd::experiment::DEMO_TOML).unwrap();
-    assert_eq!(demo.student.image_size, 32);
+    assert_eq!(demo.student("student").unwrap().image_size, 32);
     assert!(demo.teacher.model.name.starts_with("coatnet"));
 
     // A stage's own seed changes its initialisation, not the data every stage shares.
@@ -392,7 +396,10 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
         (reseeded.teacher.seed, reseeded.teacher.data_seed()),
         (5, 5)
     );
-    for c in [&reseeded.student, &reseeded.kd_student] {
+    for c in [
+        reseeded.student("student").unwrap(),
+        reseeded.student("kd_student").unwrap(),
+    ] {
         assert_eq!((c.seed, c.data_seed()), (9, 5));
     }
 
@@ -417,7 +424,7 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     let err = format!("{err:#}");
     assert!(
         err.contains("[distill] has an unknown key `kd_loss`")
-            && err.contains("alpha, temperature, method, cache_teacher, teacher_checkpoint")
+            && err.contains("temperature, warmup, method, cache_teacher")
             && !err.contains(" teacher,"),
         "{err}"
     );

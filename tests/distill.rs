@@ -73,8 +73,10 @@ fn kd_config(data: &Path, teacher: &Path, epochs: usize) -> TrainConfig {
         kd: Method::Hinton(Hinton {
             temperature: 4.0,
             alpha: 0.9,
+            standardize: false,
         }),
         cache_logits: false,
+        feature_weight: 0.0,
     });
     c
 }
@@ -116,6 +118,7 @@ fn teacher_is_bit_identical_after_a_distillation_epoch() {
                 teacher: &t_out,
                 targets: &labels_tensor(&batch, &ad),
                 epoch: 1,
+                projection: None,
             })
             .total;
         let grads = GradientsParams::from_grads(loss.backward(), &student);
@@ -396,7 +399,7 @@ alpha = 0.5
         "| teacher (resnet18) |",
         "| student without KD (resnet18, student) |",
         "| student without KD (resnet18, student-seed2) |",
-        "| student with KD (resnet18) |",
+        "| student with KD (resnet18, hinton alpha=0.5 temperature=4.0) |",
     ] {
         assert!(printed.contains(label), "{label} in {printed}");
     }

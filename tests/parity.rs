@@ -157,11 +157,12 @@ fn kd_losses_match_pytorch_values_and_gradients() {
             let t = Tensor::<2>::from_data(TensorData::new(flat("teacher_logits"), [b, c]), &ad);
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [b]), &ad);
             let (student, teacher) = (logits_only(s.clone()), logits_only(t));
-            let parts = cfg.build().loss(&Step {
+            let parts = cfg.build(0.0).loss(&Step {
                 student: &student,
                 teacher: &teacher,
                 targets: &y,
                 epoch: 1,
+                projection: None,
             });
             let total = values(parts.total.clone())[0];
             let expected = case[loss_key].as_f64().unwrap();

@@ -27,8 +27,8 @@ pub fn run(a: CompareArgs) -> Result<()> {
         device: a.compute.device,
         precision: a.compute.precision,
     };
-    let rows = compare(&a.runs, &a.out, speed)?;
-    print!("{}", results_table(&rows));
+    let comparison = compare(&a.runs, &a.out, speed)?;
+    print!("{}", results_table(&comparison));
     println!(
         "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
         a.out.display()

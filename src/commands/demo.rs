@@ -47,13 +47,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
         );
     }
     let mut exp = Experiment::demo(&data, &a.out, a.seed)?;
+    let student = &exp.students[0].config;
     println!(
         "kd demo: teacher {}, student {} and distilled student on {} ({}x{} px); output {}",
         exp.teacher.model.name,
-        exp.student.model.name,
+        student.model.name,
         data.display(),
-        exp.student.image_size,
-        exp.student.image_size,
+        student.image_size,
+        student.image_size,
         a.out.display()
     );
     exp.set_precision(a.compute.precision);

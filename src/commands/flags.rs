@@ -165,16 +165,46 @@ pub struct DistillFlags {
     /// Teacher checkpoint.
     #[arg(long, value_enum)]
     teacher_checkpoint: Option<Checkpoint>,
-    /// Distillation method: hinton (KL averaged per sample) or tutorial (the tutorial's exact
-    /// formula; `seed` names it too).
+    /// Distillation method: hinton (alias kd), tutorial (the tutorial's exact formula; alias
+    /// seed), dkd, dist, nkd, logit_std or feature. Each takes its own settings below (the
+    /// defaults after the options); another method's setting is refused.
     #[arg(long, visible_alias = "kd-loss")]
     method: Option<String>,
-    /// Softmax temperature T.
+    /// Softmax temperature T (every method but feature; DIST's tau, NKD's temp).
     #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
     temperature: Option<f64>,
-    /// Weight of the soft-target term.
+    /// hinton, tutorial: weight of the soft-target term; dkd: weight of TCKD.
     #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
     alpha: Option<f64>,
+    /// dkd: weight of NCKD; dist: weight of the inter-class relation.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    beta: Option<f64>,
+    /// dist: weight of the intra-class relation; nkd: weight of the non-target term.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    gamma: Option<f64>,
+    /// dkd, dist, nkd, logit_std: weight of the cross-entropy.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    ce_weight: Option<f64>,
+    /// dist, logit_std: weight of the distillation term.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    kd_weight: Option<f64>,
+    /// dkd: epochs over which the KD terms grow to full weight.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// hinton, dkd: standardize the logits first (logit standardization).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    standardize: bool,
+    /// feature: weight of the task's cross-entropy (timm's task_loss_weight).
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    task_weight: Option<f64>,
+    /// feature: weight of the feature term (timm's distill_loss_weight).
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    distill_weight: Option<f64>,
+    /// Any logit method: add timm's feature term (projected student features against the
+    /// teacher's, mean squared error) with this weight.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
+    feature_weight: Option<f64>,
     /// Compute the teacher's outputs once and reuse them each epoch (needs --no-augment).
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -8,8 +8,10 @@
 //! which the training log, `metrics.json` and the loss chart show.
 
 mod cross_entropy;
+pub mod logits;
 
 use anyhow::{Result, bail};
+use burn::nn::Linear;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +30,9 @@ pub struct Step<'a> {
     pub targets: &'a Tensor<1, Int>,
     /// The epoch, counted from 1 (for warm-ups).
     pub epoch: usize,
+    /// The learned projection of the student's pooled features onto the teacher's size, for a
+    /// method that reads features when the sizes differ (trained with the student).
+    pub projection: Option<&'a Linear>,
 }
 
 /// A method's loss at one step.
@@ -40,11 +45,12 @@ pub struct Loss {
 
 /// A distillation objective.
 pub trait Distiller: Send + Sync {
-    /// Names of the parts [`Distiller::loss`] returns, in order (`kd`, `ce`, ...).
-    fn parts(&self) -> &'static [&'static str];
+    /// Names of the parts [`Distiller::loss`] returns, in order (`kd`, `ce`, ...): the
+    /// weighted terms of the loss (and, for DKD, its warm-up factor).
+    fn parts(&self) -> Vec<&'static str>;
 
     /// Whether it reads pooled features (then the teacher's are kept, and cached with its
-    /// logits).
+    /// logits, and a projection is learnt when the sizes differ).
     fn needs_features(&self) -> bool {
         false
     }
@@ -88,10 +94,16 @@ macro_rules! registry {
                 }
             }
 
-            /// The objective these settings describe.
-            pub fn build(&self) -> Box<dyn Distiller> {
-                match self {
+            /// The objective these settings describe, with timm's feature term added at
+            /// `feature_weight` (0: none).
+            pub fn build(&self, feature_weight: f64) -> Box<dyn Distiller> {
+                let method: Box<dyn Distiller> = match self {
                     $(Self::$ty(m) => Box::new(m.clone()),)*
+                };
+                if feature_weight > 0.0 {
+                    Box::new(feature::WithFeatures { inner: method, weight: feature_weight })
+                } else {
+                    method
                 }
             }
 
@@ -109,8 +121,31 @@ macro_rules! registry {
 }
 
 registry! {
-    hinton::Hinton => "hinton",
+    hinton::Hinton => "hinton" | "kd",
     tutorial::Tutorial => "tutorial" | "seed",
+    dkd::Dkd => "dkd",
+    dist::Dist => "dist",
+    nkd::Nkd => "nkd",
+    logit_std::LogitStd => "logit_std",
+    feature::Feature => "feature",
+}
+
+/// Refuses a temperature that is not a positive number.
+fn check_temperature(temperature: f64) -> Result<()> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("--temperature {temperature} is invalid: use a positive number such as 4");
+    }
+    Ok(())
+}
+
+/// Refuses a loss weight that is negative or not finite, naming it.
+fn check_weights(weights: &[(&str, f64)]) -> Result<()> {
+    for &(name, w) in weights {
+        if !(w >= 0.0 && w.is_finite()) {
+            bail!("{name} {w} is invalid: use 0 or a positive number");
+        }
+    }
+    Ok(())
 }
 
 impl Default for Method {
@@ -219,14 +254,15 @@ mod tests {
             partial,
             Method::Hinton(hinton::Hinton {
                 temperature: 4.0,
-                alpha: 0.7
+                alpha: 0.7,
+                standardize: false,
             })
         );
         let err = t(r#"{"method": "hinton", "beta": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("`beta`") && err.contains("alpha, temperature"),
+            err.contains("`beta`") && err.contains("alpha, standardize, temperature"),
             "{err}"
         );
         let err = t(r#"{"method": "dkdd"}"#).unwrap_err().to_string();

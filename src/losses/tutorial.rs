@@ -20,7 +20,9 @@ pub struct Tutorial {
 
 impl Default for Tutorial {
     fn default() -> Self {
-        let Hinton { temperature, alpha } = Hinton::default();
+        let Hinton {
+            temperature, alpha, ..
+        } = Hinton::default();
         Self { temperature, alpha }
     }
 }
@@ -31,14 +33,15 @@ impl Tutorial {
         Hinton {
             temperature: self.temperature,
             alpha: self.alpha,
+            standardize: false,
         }
         .validate()
     }
 }
 
 impl Distiller for Tutorial {
-    fn parts(&self) -> &'static [&'static str] {
-        &["kd", "ce"]
+    fn parts(&self) -> Vec<&'static str> {
+        vec!["kd", "ce"]
     }
 
     fn loss(&self, step: &Step) -> Loss {
@@ -47,7 +50,7 @@ impl Distiller for Tutorial {
             step.student.logits.clone(),
             step.teacher.logits.clone(),
             step.targets.clone(),
-            (self.temperature, self.alpha),
+            (self.temperature, self.alpha, false),
             (batch * classes) as f64 / 2.0,
         )
     }

@@ -610,6 +610,10 @@ impl Architecture for CoAtNet {
     fn forward_head(&self, features: Tensor<2>, _: &Ctx) -> Tensor<2> {
         self.fc.forward(features)
     }
+
+    fn num_features(&self) -> usize {
+        self.fc.weight.dims()[0]
+    }
 }
 
 #[cfg(test)]

@@ -163,4 +163,8 @@ impl Architecture for EfficientNet {
     fn forward_head(&self, features: Tensor<2>, cx: &Ctx) -> Tensor<2> {
         cx.linear(&self.classifier, cx.dropout(features, self.dropout))
     }
+
+    fn num_features(&self) -> usize {
+        self.classifier.weight.dims()[0]
+    }
 }

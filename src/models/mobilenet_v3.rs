@@ -182,4 +182,8 @@ impl Architecture for MobileNetV3 {
         let x = cx.hardswish(cx.linear(&self.classifier_hidden, features));
         cx.linear(&self.classifier_out, cx.dropout(x, self.dropout))
     }
+
+    fn num_features(&self) -> usize {
+        self.classifier_hidden.weight.dims()[0]
+    }
 }

@@ -57,6 +57,9 @@ pub trait Architecture: Module + Sized {
 
     /// Logits `[batch, classes]` of pooled features.
     fn forward_head(&self, features: Tensor<2>, cx: &Ctx) -> Tensor<2>;
+
+    /// The size of the pooled features.
+    fn num_features(&self) -> usize;
 }
 
 /// A registered family: its [`Architecture`] items, reachable without knowing its type.
@@ -123,6 +126,13 @@ macro_rules! registry {
             pub fn forward_head(&self, features: Tensor<2>, cx: &Ctx) -> Tensor<2> {
                 match self {
                     $(Self::$ty(m) => m.forward_head(features, cx),)*
+                }
+            }
+
+            /// The size of the pooled features.
+            pub fn num_features(&self) -> usize {
+                match self {
+                    $(Self::$ty(m) => m.num_features(),)*
                 }
             }
 

@@ -24,8 +24,8 @@ fn from_torch_remaps(net: &Network) -> impl Iterator<Item = Remap> {
     std::iter::once(STRIP_WRAPPER).chain(net.family().from_torch.iter().copied())
 }
 
-/// Serialises a network to burnpack bytes.
-pub fn to_bytes(net: &Network) -> Result<Vec<u8>> {
+/// Serialises a network (or any module, such as a feature projection) to burnpack bytes.
+pub fn to_bytes<M: burn::module::Module>(net: &M) -> Result<Vec<u8>> {
     let mut store = BurnpackStore::from_bytes(None);
     net.save_into(&mut store)
         .context("cannot serialise model")?;
@@ -35,8 +35,13 @@ pub fn to_bytes(net: &Network) -> Result<Vec<u8>> {
         .to_vec())
 }
 
-/// Loads burnpack bytes (from [`to_bytes`]) into a network of the same architecture.
-pub fn load_bytes(net: &mut Network, bytes: Vec<u8>, origin: &Path) -> Result<()> {
+/// Loads burnpack bytes (from [`to_bytes`]) into a network (or module) of the same
+/// architecture.
+pub fn load_bytes<M: burn::module::Module>(
+    net: &mut M,
+    bytes: Vec<u8>,
+    origin: &Path,
+) -> Result<()> {
     // Partial loading turns a foreign model into a list of missing weights (reported by
     // `check_complete`) instead of one enormous validation error.
     let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)))

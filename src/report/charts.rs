@@ -127,6 +127,8 @@ pub struct Series {
     pub label: String,
     /// Points.
     pub points: Vec<(u32, f64)>,
+    /// A shaded band around the line, `(x, low, high)` (the min–max over seeds).
+    pub band: Option<Vec<(u32, f64, f64)>>,
 }
 
 /// Values spread over more than this factor get a logarithmic axis (a diverged run's loss
@@ -151,7 +153,10 @@ pub fn curves_png(
     let x_range = if max_x == 1 { 0..2 } else { 1..max_x };
     let ys: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .flat_map(|s| {
+            let band = s.band.iter().flatten().flat_map(|b| [b.1, b.2]);
+            s.points.iter().map(|p| p.1).chain(band)
+        })
         .filter(|v| v.is_finite())
         .collect();
     let (mut lo, mut hi) = ys
@@ -215,6 +220,23 @@ where
         .map_err(|e| anyhow!("{e}"))?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        if let Some(band) = &s.band {
+            let band: Vec<_> = band
+                .iter()
+                .filter(|b| b.1.is_finite() && b.2.is_finite())
+                .collect();
+            let outline: Vec<(u32, f64)> = band
+                .iter()
+                .map(|b| (b.0, b.2))
+                .chain(band.iter().rev().map(|b| (b.0, b.1)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(
+                    outline,
+                    color.mix(0.2).filled(),
+                )))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
         let points = s.points.iter().copied().filter(|p| p.1.is_finite());
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
@@ -244,6 +266,7 @@ mod tests {
         let series = [Series {
             label: "run".into(),
             points,
+            band: None,
         }];
         curves_png(&path, "t", "y", &series, true).unwrap();
         let c = Palette99::pick(0).to_rgba().rgb();

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::charts::{Series, curves_png};
+use super::methods::{self, MethodRow};
 use crate::bench::{inference_times, median};
 use crate::device::{DeviceSpec, PeakDeviceMemory};
 use crate::io::{ensure_dir, write_atomic, write_json};
@@ -57,16 +58,25 @@ pub struct SpeedOptions {
     pub precision: Option<Precision>,
 }
 
-/// Labels for the runs: each one's role in a distillation study and its network; runs
-/// whose labels would be the same also get their folder's name (or, if that is shared too,
-/// their path).
+/// A run's label without its folder: its role, network and (for KD runs other than
+/// Hinton's defaults) method.
+fn base_label(run: &Run, all: &[Run]) -> String {
+    let method = run
+        .config
+        .teacher
+        .as_ref()
+        .and_then(methods::method_label)
+        .map(|m| format!(", {m}"))
+        .unwrap_or_default();
+    format!("{} ({}{method})", role(run, all), run.config.model.name)
+}
+
+/// Labels for the runs: each one's role in a distillation study, its network and method;
+/// runs whose labels would be the same also get their folder's name (or, if that is shared
+/// too, their path).
 fn labels(all: &[Run]) -> Vec<String> {
     let roles: Vec<&str> = all.iter().map(|run| role(run, all)).collect();
-    let plain: Vec<String> = all
-        .iter()
-        .zip(&roles)
-        .map(|(run, role)| format!("{role} ({})", run.config.model.name))
-        .collect();
+    let plain: Vec<String> = all.iter().map(|run| base_label(run, all)).collect();
     let count = |l: &String| plain.iter().filter(|m| *m == l).count();
     let name = |run: &Run| {
         let shared = all
@@ -81,9 +91,9 @@ fn labels(all: &[Run]) -> Vec<String> {
     all.iter()
         .zip(roles)
         .zip(&plain)
-        .map(|((run, role), label)| match count(label) {
+        .map(|((run, _), label)| match count(label) {
             1 => label.clone(),
-            _ => format!("{role} ({}, {})", run.config.model.name, name(run)),
+            _ => format!("{}, {})", label.trim_end_matches(')'), name(run)),
         })
         .collect()
 }
@@ -144,9 +154,21 @@ fn inference_speed(net: &Network, s: usize, device: &Device, cx: &Ctx, on_cpu: b
     32.0 / median(times)
 }
 
+/// What `kd compare` found: a row per run, and when some runs differ only in their seed, a
+/// row per method over its seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Over seeds, best first (empty when every run is its own experiment).
+    pub methods: Vec<MethodRow>,
+    /// Every run.
+    pub runs: Vec<RunRow>,
+}
+
 /// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
 /// `results.md` and `results.json` into `out`; inference speed is measured as `speed` says.
-pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<RunRow>> {
+/// Runs that differ only in their seed are drawn as one line (their mean) with the min–max
+/// band and ranked in a methods table.
+pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comparison> {
     if runs.is_empty() {
         bail!("no runs given: pass one or more run folders");
     }
@@ -165,6 +187,7 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
     let mut rows = Vec::new();
     let (mut acc_series, mut val_loss_series, mut train_loss_series) =
         (Vec::new(), Vec::new(), Vec::new());
+    let mut histories = Vec::new();
     for (run, label) in opened.iter().zip(labels) {
         let history = run.metrics()?;
         let Some(best) = best_epoch(&history) else {
@@ -199,10 +222,41 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         let series = |f: fn(&EpochMetrics) -> f64| Series {
             label: label.clone(),
             points: history.iter().map(|m| (m.epoch as u32, f(m))).collect(),
+            band: None,
         };
         acc_series.push(series(|m| m.val_accuracy * 100.0));
         val_loss_series.push(series(|m| m.val_loss));
         train_loss_series.push(series(|m| m.train_loss));
+        histories.push(history);
+    }
+    let groups = methods::groups(&opened);
+    let over_seeds = groups.iter().any(|g| g.len() > 1);
+    let mut method_rows = Vec::new();
+    if over_seeds {
+        let group_labels: Vec<String> = groups
+            .iter()
+            .map(|g| base_label(&opened[g[0]], &opened))
+            .collect();
+        let plain: Vec<bool> = groups
+            .iter()
+            .map(|g| role(&opened[g[0]], &opened) == "student without KD")
+            .collect();
+        let best: Vec<f64> = rows.iter().map(|r: &RunRow| r.best_accuracy).collect();
+        method_rows = methods::method_rows(&opened, &groups, &group_labels, &best, &plain);
+        let mean = |f: fn(&EpochMetrics) -> f64| -> Vec<Series> {
+            groups
+                .iter()
+                .zip(&group_labels)
+                .map(|(g, label)| {
+                    let of_group: Vec<&[EpochMetrics]> =
+                        g.iter().map(|&i| histories[i].as_slice()).collect();
+                    methods::mean_series(label, &of_group, f)
+                })
+                .collect()
+        };
+        acc_series = mean(|m| m.val_accuracy * 100.0);
+        val_loss_series = mean(|m| m.val_loss);
+        train_loss_series = mean(|m| m.train_loss);
     }
     ensure_dir(out)?;
     curves_png(
@@ -227,13 +281,34 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Vec<
         &train_loss_series,
         true,
     )?;
-    write_json(&out.join("results.json"), &rows)?;
-    write_atomic(&out.join("results.md"), results_table(&rows).as_bytes())?;
-    Ok(rows)
+    let comparison = Comparison {
+        methods: method_rows,
+        runs: rows,
+    };
+    if over_seeds {
+        write_json(&out.join("results.json"), &comparison)?;
+    } else {
+        write_json(&out.join("results.json"), &comparison.runs)?;
+    }
+    write_atomic(
+        &out.join("results.md"),
+        results_table(&comparison).as_bytes(),
+    )?;
+    Ok(comparison)
 }
 
-/// The results as a markdown table.
-pub fn results_table(rows: &[RunRow]) -> String {
+/// The results as markdown: the methods over seeds (if any), then every run.
+pub fn results_table(comparison: &Comparison) -> String {
+    let mut s = String::new();
+    if !comparison.methods.is_empty() {
+        s += &methods::methods_table(&comparison.methods);
+        s += "\n";
+    }
+    s + &runs_table(&comparison.runs)
+}
+
+/// The runs as a markdown table.
+fn runs_table(rows: &[RunRow]) -> String {
     let mut s = String::from(
         "| run | network | parameters | checkpoint (MB) | epochs | best val acc | final val acc | macro F1 | training time | inference img/s |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -1,7 +1,9 @@
-//! Reporting: PNG charts (curves, confusion matrix) and `kd compare`'s results table.
+//! Reporting: PNG charts (curves, confusion matrix) and `kd compare`'s results tables (runs,
+//! and methods over seeds).
 
 pub mod charts;
 pub mod compare;
+pub mod methods;
 
 pub use charts::{Series, confusion_png, curves_png};
-pub use compare::{RunRow, SpeedOptions, compare, results_table};
+pub use compare::{Comparison, RunRow, SpeedOptions, compare, results_table};

@@ -142,24 +142,38 @@ pub struct ResumeState {
     pub optimizer: Vec<u8>,
     /// Loop state.
     pub state: LoopState,
+    /// The learned feature projection and its optimizer (feature distillation), burnpack
+    /// bytes.
+    pub projection: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Writes the resume file atomically.
-pub fn save_resume(path: &Path, model: &[u8], optimizer: &[u8], state: &LoopState) -> Result<()> {
+/// The resume file of a run with a feature projection: two more parts.
+const MAGIC_PROJECTION: &[u8; 8] = b"KDRESUM2";
+
+/// Writes the resume file atomically: the magic, then each part after its length. A run
+/// without a feature projection writes the first format (three parts), as kd always has.
+pub fn save_resume(
+    path: &Path,
+    model: &[u8],
+    optimizer: &[u8],
+    state: &LoopState,
+    projection: Option<(&[u8], &[u8])>,
+) -> Result<()> {
     let json = serde_json::to_vec(state)?;
-    let lengths = [model, optimizer, &json].map(|part| (part.len() as u64).to_le_bytes());
-    write_atomic_parts(
-        path,
-        &[
-            MAGIC,
-            &lengths[0],
-            model,
-            &lengths[1],
-            optimizer,
-            &lengths[2],
-            &json,
-        ],
-    )
+    let (magic, parts): (&[u8], Vec<&[u8]>) = match projection {
+        None => (MAGIC, vec![model, optimizer, &json]),
+        Some((p, o)) => (MAGIC_PROJECTION, vec![model, optimizer, &json, p, o]),
+    };
+    let lengths: Vec<[u8; 8]> = parts
+        .iter()
+        .map(|part| (part.len() as u64).to_le_bytes())
+        .collect();
+    let mut all: Vec<&[u8]> = vec![magic];
+    for (length, part) in lengths.iter().zip(&parts) {
+        all.push(length);
+        all.push(part);
+    }
+    write_atomic_parts(path, &all)
 }
 
 /// Reads a resume file, rejecting truncated or foreign files with a clear message.
@@ -171,12 +185,14 @@ pub fn load_resume(path: &Path) -> Result<ResumeState> {
             path.display()
         )
     };
-    if bytes.len() < 8 || &bytes[..8] != MAGIC {
-        return Err(damaged());
-    }
+    let count = match bytes.get(..8) {
+        Some(m) if m == MAGIC => 3,
+        Some(m) if m == MAGIC_PROJECTION => 5,
+        _ => return Err(damaged()),
+    };
     let mut parts = Vec::new();
     let mut pos = 8;
-    for _ in 0..3 {
+    for _ in 0..count {
         let len_bytes: [u8; 8] = bytes.get(pos..pos + 8).ok_or_else(damaged)?.try_into()?;
         let len = u64::from_le_bytes(len_bytes) as usize;
         pos += 8;
@@ -189,13 +205,16 @@ pub fn load_resume(path: &Path) -> Result<ResumeState> {
     if pos != bytes.len() {
         bail!(damaged());
     }
-    let state: LoopState = serde_json::from_slice(&parts[2]).map_err(|_| damaged())?;
-    let optimizer = parts.remove(1);
-    let model = parts.remove(0);
+    let mut parts = parts.into_iter();
+    let mut next = || parts.next().expect("counted");
+    let (model, optimizer) = (next(), next());
+    let state: LoopState = serde_json::from_slice(&next()).map_err(|_| damaged())?;
+    let projection = (count == 5).then(|| (next(), next()));
     Ok(ResumeState {
         model,
         optimizer,
         state,
+        projection,
     })
 }
 

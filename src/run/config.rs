@@ -41,6 +41,16 @@ pub struct TeacherConfig {
     /// (only without random augmentation).
     #[serde(default)]
     pub cache_logits: bool,
+    /// Weight of timm's feature term added to a logit method (0: none).
+    #[serde(default)]
+    pub feature_weight: f64,
+}
+
+impl TeacherConfig {
+    /// The distillation objective: the method, with the feature term if weighted.
+    pub fn distiller(&self) -> Box<dyn crate::losses::Distiller> {
+        self.kd.build(self.feature_weight)
+    }
 }
 
 /// Configuration of `kd train` / `kd distill`. Defaults are the tutorial's recipe.
@@ -200,6 +210,12 @@ impl TrainConfig {
         }
         if let Some(t) = &self.teacher {
             t.kd.validate()?;
+            crate::losses::feature::WithFeatures::check(t.feature_weight)?;
+            if t.feature_weight > 0.0 && t.kd.name() == "feature" {
+                bail!(
+                    "feature_weight adds the feature term to a logit method; method feature has it already (set its distill_weight)"
+                );
+            }
             if t.cache_logits && self.augment.is_random() {
                 bail!(
                     "--cache-teacher needs a training pipeline without random augmentation (each epoch would \

@@ -14,8 +14,13 @@ use crate::losses::Method;
 pub const MODEL_KEYS: [&str; 3] = ["model", "width", "stem"];
 
 /// The keys of the distillation besides each method's settings: `method` (`loss` before),
-/// `cache_teacher`, `teacher_checkpoint`.
-pub const DISTILL_KEYS: [&str; 3] = ["method", "cache_teacher", "teacher_checkpoint"];
+/// `cache_teacher`, `teacher_checkpoint`, `feature_weight`.
+pub const DISTILL_KEYS: [&str; 4] = [
+    "method",
+    "cache_teacher",
+    "teacher_checkpoint",
+    "feature_weight",
+];
 
 /// Config keys a table cannot set: the images and the teacher come from elsewhere.
 const NOT_IN_TABLES: [&str; 3] = ["data", "model", "teacher"];
@@ -95,7 +100,8 @@ fn check_model_keys(flat: &Map<String, Value>, section: &str) -> Result<()> {
 
 /// A flat table as a patch of the config's nested keys: `model`, `width` and `stem` go under
 /// `model`; `method` (or `loss`) and the methods' settings under `teacher.kd`; `teacher`,
-/// `teacher_checkpoint` and `cache_teacher` under `teacher`; every other key stays.
+/// `teacher_checkpoint`, `cache_teacher` and `feature_weight` under `teacher`; every other
+/// key stays.
 pub fn nest(flat: &Map<String, Value>) -> Value {
     let method_keys = Method::all_keys();
     let mut out = Value::Object(Map::new());
@@ -107,6 +113,7 @@ pub fn nest(flat: &Map<String, Value>) -> Value {
             "teacher" => vec!["teacher", "run"],
             "teacher_checkpoint" => vec!["teacher", "checkpoint"],
             "cache_teacher" => vec!["teacher", "cache_logits"],
+            "feature_weight" => vec!["teacher", "feature_weight"],
             k if method_keys.iter().any(|m| m == k) => vec!["teacher", "kd", k],
             k => vec![k],
         };

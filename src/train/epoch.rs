@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::interrupt::{Interrupted, interrupted};
 use super::prepare::Prepared;
+use super::projection::Projection;
 use super::schedule::CosineSchedule;
 use super::teacher::{OutputsCache, Teacher};
 use super::writer::BackgroundWriter;
@@ -41,6 +42,14 @@ struct Step<'a> {
     device: &'a Device,
 }
 
+/// What the step reads besides the batch: the epoch (0-based), the forward context and the
+/// feature projection.
+struct StepInputs<'a> {
+    epoch: usize,
+    cx: &'a Ctx,
+    projection: Option<&'a burn::nn::Linear>,
+}
+
 impl Step<'_> {
     /// The loss to minimise and its named parts, still on the device (reading them waits for
     /// the device, so the caller reads them after queueing the backward pass). Consumes the
@@ -49,8 +58,11 @@ impl Step<'_> {
         &self,
         model: &Network,
         batch: &mut Batch,
-        epoch: usize,
-        cx: &Ctx,
+        StepInputs {
+            epoch,
+            cx,
+            projection,
+        }: StepInputs,
     ) -> (Tensor<1>, Vec<Tensor<1>>) {
         let labels = labels_tensor(batch, self.device);
         let Some(t) = self.teacher else {
@@ -87,6 +99,7 @@ impl Step<'_> {
             teacher: &teacher,
             targets: &labels,
             epoch: epoch + 1,
+            projection,
         });
         (loss.total, loss.parts)
     }
@@ -143,7 +156,7 @@ fn metrics(
 pub fn run_epoch(
     p: &Prepared,
     mut model: Network,
-    optim: &mut ModuleOptimizer,
+    (optim, mut projection): (&mut ModuleOptimizer, Option<&mut Projection>),
     state: &mut LoopState,
     writer: &mut BackgroundWriter,
     epoch: usize,
@@ -168,7 +181,7 @@ pub fn run_epoch(
         cache: p.teacher_cache.as_ref(),
         device: ad,
     };
-    let parts: &[&str] = p.teacher.as_ref().map_or(&[], |t| t.method.parts());
+    let parts: Vec<&str> = p.teacher.as_ref().map_or(Vec::new(), |t| t.method.parts());
     // What a stop for non-finite losses leaves behind.
     let kept = |epochs_done: usize| {
         if p.started_fresh && epochs_done == 0 {
@@ -186,10 +199,15 @@ pub fn run_epoch(
         let mut batch = batch?;
         // Dropout masks and the like: one seeded stream per batch, replayed on resume.
         let cx = step_context(config.precision, config.seed, epoch, progress.batches);
-        let (loss, part_tensors) = step.loss(&model, &mut batch, epoch, &cx);
+        let inputs = StepInputs {
+            epoch,
+            cx: &cx,
+            projection: projection.as_ref().map(|p| &p.layer),
+        };
+        let (loss, part_tensors) = step.loss(&model, &mut batch, inputs);
         // The backward pass is queued before the loss is read, so a GPU has it in hand
         // while the host waits; a non-finite loss then skips the optimizer step.
-        let grads = loss.clone().backward();
+        let mut grads = loss.clone().backward();
         let (mut value, part_values) = read_losses(loss, part_tensors)?;
         // Right after the read, where the host has waited for the device anyway.
         progress.device_memory.sample(ad);
@@ -198,8 +216,11 @@ pub fn run_epoch(
             value = f32::NAN;
         }
         if value.is_finite() {
-            let grads = GradientsParams::from_grads(grads, &model);
-            model = optim.step(lr, model, grads);
+            let model_grads = GradientsParams::from_module(&mut grads, &model);
+            model = optim.step(lr, model, model_grads);
+            if let Some(p) = projection.as_mut() {
+                p.step(lr, &mut grads);
+            }
             let n = batch.len() as f64;
             progress.loss_sum += f64::from(value) * n;
             for (name, v) in parts.iter().zip(part_values) {
@@ -235,6 +256,7 @@ pub fn run_epoch(
                 &model_bytes,
                 optim,
                 state,
+                projection.as_deref(),
             )?])?;
             writer.wait()?;
             return Err(Interrupted {
@@ -266,9 +288,9 @@ pub fn run_epoch(
     )?;
     progress.device_memory.sample(&p.device);
     let seconds = progress.seconds + start.elapsed().as_secs_f64();
-    let m = metrics(&progress, parts, &eval, lr, (seconds, train_seconds));
+    let m = metrics(&progress, &parts, &eval, lr, (seconds, train_seconds));
     if !quiet {
-        print_epoch(&m, parts, config.epochs);
+        print_epoch(&m, &parts, config.epochs);
     }
     Ok((model, m))
 }

@@ -12,6 +12,7 @@
 mod epoch;
 mod interrupt;
 pub mod prepare;
+pub mod projection;
 pub mod schedule;
 pub mod teacher;
 mod writer;
@@ -62,6 +63,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         mut model,
         mut optim,
         mut state,
+        mut projection,
     } = trainee;
     let epochs = run.config.epochs;
     let resumed_at_the_end = state.epochs_done == epochs;
@@ -70,7 +72,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         let (trained, m) = epoch::run_epoch(
             &run,
             model,
-            &mut optim,
+            (&mut optim, projection.as_mut()),
             &mut state,
             &mut writer,
             epoch,
@@ -89,7 +91,7 @@ pub fn train(config: &TrainConfig, out: &Path, options: &TrainOptions) -> Result
         let jobs = writes::epoch_end(
             out,
             &model_bytes,
-            &optim,
+            (&optim, projection.as_ref()),
             &state,
             improved,
             state.epochs_done == epochs,

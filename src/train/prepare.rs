@@ -9,6 +9,7 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
 use super::TrainOptions;
+use super::projection::Projection;
 use super::teacher::{self, OutputsCache, Teacher};
 use crate::data::{CacheMode, Loader, RunData, Transform, channel_stats};
 use crate::io::{ensure_dir, write_json};
@@ -43,7 +44,8 @@ pub struct Prepared {
     pub lock: RunLock,
 }
 
-/// What training changes: the model, its optimizer and the loop state.
+/// What training changes: the model, its optimizer, the loop state, and the feature
+/// projection of feature distillation.
 pub struct Trainee {
     /// The model, on the autodiff device.
     pub model: Network,
@@ -51,6 +53,9 @@ pub struct Trainee {
     pub optim: ModuleOptimizer,
     /// Epochs done and their metrics (restored on `--resume`).
     pub state: LoopState,
+    /// The student's features onto the teacher's, when a method reads features of
+    /// different sizes.
+    pub projection: Option<Projection>,
 }
 
 /// Prepares the run of `config` in `out`.
@@ -147,6 +152,14 @@ pub fn prepare(
         weights::load_pytorch(&mut model, init)?;
     }
     let optim = FusedAdam::new(config.adam_epsilon as f32).init();
+    let mut projection = match &teacher {
+        Some(t) if t.method.needs_features() => {
+            let (student, teacher) = (model.num_features(), t.net.num_features());
+            (student != teacher)
+                .then(|| Projection::new(student, teacher, config.adam_epsilon, &ad))
+        }
+        _ => None,
+    };
     let fresh = LoopState {
         epochs_done: 0,
         history: Vec::new(),
@@ -157,7 +170,19 @@ pub fn prepare(
     };
     let started_fresh = resumed.is_none();
     let (model, optim, state) = match resumed {
-        Some(r) => restore(model, optim, r, out)?,
+        Some(mut r) => {
+            let path = resume::resume_path(out);
+            match (projection.as_mut(), r.projection.take()) {
+                (Some(p), Some(bytes)) => p.restore(bytes, &path)?,
+                (None, None) => {}
+                _ => anyhow::bail!(
+                    "cannot resume {}: its resume state {} does not fit the method's feature projection; train it again in a new --out",
+                    out.display(),
+                    path.display()
+                ),
+            }
+            restore(model, optim, r, out)?
+        }
         None => (model, optim, fresh),
     };
     let prepared = Prepared {
@@ -179,6 +204,7 @@ pub fn prepare(
             model,
             optim,
             state,
+            projection,
         },
     ))
 }

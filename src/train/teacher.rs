@@ -80,7 +80,7 @@ impl Teacher {
         let net = run.load_network(tc.checkpoint, device)?.valid();
         Ok(Self {
             net,
-            method: tc.kd.build(),
+            method: tc.distiller(),
             device: device.clone(),
             cx,
         })

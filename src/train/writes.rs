@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use burn::optim::ModuleOptimizer;
 
+use super::projection::Projection;
 use super::writer::WriteJob;
 use crate::io::write_atomic;
 use crate::run::checkpoint::{LoopState, save_resume};
@@ -21,19 +22,25 @@ pub fn checkpoint(out: &Path, checkpoint: Checkpoint, model: &Arc<Vec<u8>>) -> W
     Box::new(move || write_atomic(&path, &bytes))
 }
 
-/// Writes the resume state: model, optimizer (serialised now) and loop state.
+/// Writes the resume state: model, optimizer and feature projection (serialised now) and
+/// loop state.
 pub fn resume_state(
     out: &Path,
     model: &Arc<Vec<u8>>,
     optim: &ModuleOptimizer,
     state: &LoopState,
+    projection: Option<&Projection>,
 ) -> Result<WriteJob> {
     let optim_bytes = optim
         .into_bytes()
         .map_err(|e| anyhow::anyhow!("cannot serialise optimizer state: {e:?}"))?;
+    let projection = projection.map(Projection::to_bytes).transpose()?;
     let (path, model, state) = (resume::resume_path(out), model.clone(), state.clone());
     Ok(Box::new(move || {
-        save_resume(&path, &model, &optim_bytes, &state)
+        let projection = projection
+            .as_ref()
+            .map(|(p, o)| (p.as_slice(), o.as_slice()));
+        save_resume(&path, &model, &optim_bytes, &state, projection)
     }))
 }
 
@@ -44,7 +51,7 @@ pub fn resume_state(
 pub fn epoch_end(
     out: &Path,
     model: &Arc<Vec<u8>>,
-    optim: &ModuleOptimizer,
+    (optim, projection): (&ModuleOptimizer, Option<&Projection>),
     state: &LoopState,
     improved: bool,
     last: bool,
@@ -58,6 +65,6 @@ pub fn epoch_end(
     if last {
         jobs.push(checkpoint(out, Checkpoint::Final, model));
     }
-    jobs.push(resume_state(out, model, optim, state)?);
+    jobs.push(resume_state(out, model, optim, state, projection)?);
     Ok(jobs)
 }

@@ -1,0 +1,225 @@
+//! A comparison over seeds: runs that differ only in their seed form one group (a method,
+//! the plain student, the teacher), ranked by mean best validation accuracy with the spread
+//! over seeds and the difference to the plain student and to Hinton's KD.
+
+use serde::{Deserialize, Serialize};
+
+use super::charts::Series;
+use crate::losses::Method;
+use crate::run::{EpochMetrics, Run, TeacherConfig};
+
+/// How a run's method reads in labels: `None` for Hinton's loss with its defaults (the
+/// plain "student with KD"), else the method's name with the settings that differ from its
+/// defaults (`dkd beta=2`) and the feature term (`+ features 0.5`).
+pub fn method_label(teacher: &TeacherConfig) -> Option<String> {
+    let settings = serde_json::to_value(&teacher.kd).ok()?;
+    let defaults =
+        Method::defaults(teacher.kd.name()).and_then(|d| serde_json::to_value(d).ok())?;
+    let mut label = teacher.kd.name().to_string();
+    if let (Some(settings), Some(defaults)) = (settings.as_object(), defaults.as_object()) {
+        for (key, value) in settings {
+            if key != "method" && defaults.get(key) != Some(value) {
+                label += &format!(" {key}={value}");
+            }
+        }
+    }
+    if teacher.feature_weight > 0.0 {
+        label += &format!(" + features {}", teacher.feature_weight);
+    }
+    (label != Method::default().name()).then_some(label)
+}
+
+/// What makes two runs the same experiment but for the seed.
+fn key(run: &Run) -> String {
+    let mut config = run.config.clone();
+    config.seed = 0;
+    if config.split_seed == Some(run.config.seed) {
+        config.split_seed = None;
+    }
+    // The recorded normalization follows the data, not the seed.
+    serde_json::to_string(&config).unwrap_or_default()
+}
+
+/// The runs grouped by [`key`], each group's indices in the order given, groups in the order
+/// of their first run.
+pub fn groups(runs: &[Run]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        let k = key(run);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((k, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// A difference of mean best accuracies between two groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delta {
+    /// This group's mean minus the other's, in accuracy (0..1).
+    pub difference: f64,
+    /// Whether the two groups' min–max ranges overlap: the difference is within the spread
+    /// over seeds.
+    pub within_spread: bool,
+}
+
+/// One group of a comparison over seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodRow {
+    /// Role, network and method.
+    pub label: String,
+    /// Architecture name.
+    pub network: String,
+    /// The method (`None` for runs without distillation).
+    pub method: Option<String>,
+    /// The seeds of its runs.
+    pub seeds: Vec<u64>,
+    /// Mean of the runs' best validation accuracies.
+    pub mean_best_accuracy: f64,
+    /// Their sample standard deviation (0 for one run).
+    pub std_best_accuracy: f64,
+    /// The lowest.
+    pub min_best_accuracy: f64,
+    /// The highest.
+    pub max_best_accuracy: f64,
+    /// Against the plain student (runs without distillation next to KD runs).
+    pub vs_plain: Option<Delta>,
+    /// Against Hinton's KD with its defaults.
+    pub vs_hinton: Option<Delta>,
+}
+
+impl MethodRow {
+    fn delta(&self, other: &Self) -> Delta {
+        Delta {
+            difference: self.mean_best_accuracy - other.mean_best_accuracy,
+            within_spread: self.min_best_accuracy <= other.max_best_accuracy
+                && other.min_best_accuracy <= self.max_best_accuracy,
+        }
+    }
+}
+
+/// The groups' rows, ranked by mean best accuracy (best first). `best` holds each run's best
+/// validation accuracy, `labels` each group's label, `roles` whether it is the plain student.
+pub fn method_rows(
+    runs: &[Run],
+    groups: &[Vec<usize>],
+    labels: &[String],
+    best: &[f64],
+    plain: &[bool],
+) -> Vec<MethodRow> {
+    let mut rows: Vec<(MethodRow, bool)> = groups
+        .iter()
+        .zip(labels)
+        .zip(plain)
+        .map(|((members, label), &plain)| {
+            let accs: Vec<f64> = members.iter().map(|&i| best[i]).collect();
+            let n = accs.len() as f64;
+            let mean = accs.iter().sum::<f64>() / n;
+            let sd = if accs.len() > 1 {
+                (accs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+            } else {
+                0.0
+            };
+            let first = &runs[members[0]];
+            let row = MethodRow {
+                label: label.clone(),
+                network: first.config.model.name.clone(),
+                method: first.config.teacher.as_ref().map(|t| {
+                    method_label(t).unwrap_or_else(|| Method::default().name().to_string())
+                }),
+                seeds: members.iter().map(|&i| runs[i].config.seed).collect(),
+                mean_best_accuracy: mean,
+                std_best_accuracy: sd,
+                min_best_accuracy: accs.iter().copied().fold(f64::MAX, f64::min),
+                max_best_accuracy: accs.iter().copied().fold(f64::MIN, f64::max),
+                vs_plain: None,
+                vs_hinton: None,
+            };
+            (row, plain)
+        })
+        .collect();
+    let plain = rows.iter().find(|(_, p)| *p).map(|(r, _)| r.clone());
+    let hinton = rows
+        .iter()
+        .find(|(r, _)| r.method.as_deref() == Some(Method::default().name()))
+        .map(|(r, _)| r.clone());
+    for (row, _) in &mut rows {
+        if row.method.is_some() {
+            row.vs_plain = plain.as_ref().map(|p| row.delta(p));
+            row.vs_hinton = hinton
+                .as_ref()
+                .filter(|h| h.label != row.label)
+                .map(|h| row.delta(h));
+        }
+    }
+    let mut rows: Vec<MethodRow> = rows.into_iter().map(|(r, _)| r).collect();
+    rows.sort_by(|a, b| b.mean_best_accuracy.total_cmp(&a.mean_best_accuracy));
+    rows
+}
+
+/// The methods as a markdown table, best first.
+pub fn methods_table(rows: &[MethodRow]) -> String {
+    let pct = |v: f64| format!("{:.2}", v * 100.0);
+    let delta = |d: &Option<Delta>| match d {
+        Some(d) => format!(
+            "{:+.2}{}",
+            d.difference * 100.0,
+            if d.within_spread {
+                " (within spread)"
+            } else {
+                ""
+            }
+        ),
+        None => String::new(),
+    };
+    let mut s = String::from(
+        "| rank | run | seeds | best val acc, mean ± sd | min–max | vs plain student | vs Hinton KD |\n\
+         |---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (i, r) in rows.iter().enumerate() {
+        s += &format!(
+            "| {} | {} | {} | {}% ± {} | {}–{}% | {} | {} |\n",
+            i + 1,
+            r.label,
+            r.seeds.len(),
+            pct(r.mean_best_accuracy),
+            pct(r.std_best_accuracy),
+            pct(r.min_best_accuracy),
+            pct(r.max_best_accuracy),
+            delta(&r.vs_plain),
+            delta(&r.vs_hinton),
+        );
+    }
+    s += "\nDifferences are of mean best validation accuracy in points; \"within spread\": the two \
+          groups' min–max ranges over seeds overlap.\n";
+    s
+}
+
+/// The mean over a group's runs of `f` at each epoch all of them reached, with the min–max
+/// band.
+pub fn mean_series(
+    label: &str,
+    histories: &[&[EpochMetrics]],
+    f: fn(&EpochMetrics) -> f64,
+) -> Series {
+    let epochs = histories.iter().map(|h| h.len()).min().unwrap_or(0);
+    let mut points = Vec::new();
+    let mut band = Vec::new();
+    for e in 0..epochs {
+        let values: Vec<f64> = histories.iter().map(|h| f(&h[e])).collect();
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let epoch = histories[0][e].epoch as u32;
+        points.push((epoch, mean));
+        band.push((
+            epoch,
+            values.iter().copied().fold(f64::MAX, f64::min),
+            values.iter().copied().fold(f64::MIN, f64::max),
+        ));
+    }
+    Series {
+        label: label.to_string(),
+        points,
+        band: (histories.len() > 1).then_some(band),
+    }
+}
