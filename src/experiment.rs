@@ -432,7 +432,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
     let comparison = compare(&runs, &report, speed)?;
     println!("\n{}", results_table(&comparison));
     println!(
-        "report: {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
+        "report: {} (results.md, results.json, accuracy.png, loss.png, train_loss.png, loss_parts.png)",
         report.display()
     );
     Ok(comparison)

@@ -93,7 +93,10 @@ fn runs_of_the_previous_kd_evaluate_export_compare_and_resume() {
             "report",
         ],
     );
-    assert!(table.contains("student with KD (resnet18, tutorial)"), "{table}");
+    assert!(
+        table.contains("student with KD (resnet18, tutorial)"),
+        "{table}"
+    );
     let chart = std::fs::read(dir.join("report/train_loss.png")).unwrap();
     assert!(chart.starts_with(b"\x89PNG"));
 

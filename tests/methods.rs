@@ -904,9 +904,8 @@ fn a_methods_study_over_seeds_ranks_the_methods() {
         md.contains("| rank |") && md.contains("dkd beta=2.0 warmup=1"),
         "{md}"
     );
-    assert!(
-        std::fs::read(out.join("report/accuracy.png"))
-            .unwrap()
-            .starts_with(b"\x89PNG")
-    );
+    for chart in ["accuracy.png", "loss_parts.png"] {
+        let png = std::fs::read(out.join("report").join(chart)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{chart}");
+    }
 }

@@ -14,7 +14,8 @@ pub struct CompareArgs {
     /// Run folders.
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// Folder for accuracy.png, loss.png, train_loss.png, results.md and results.json.
+    /// Folder for accuracy.png, loss.png, train_loss.png, loss_parts.png, results.md and
+    /// results.json.
     #[arg(long)]
     out: PathBuf,
     /// Device and precision of the inference-speed column [default: cpu, each run's precision].
@@ -30,7 +31,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let comparison = compare(&a.runs, &a.out, speed)?;
     print!("{}", results_table(&comparison));
     println!(
-        "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png)",
+        "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png, loss_parts.png)",
         a.out.display()
     );
     Ok(())

@@ -165,7 +165,8 @@ pub struct Comparison {
 }
 
 /// Compares runs: writes `accuracy.png`, `loss.png` (validation), `train_loss.png`,
-/// `results.md` and `results.json` into `out`; inference speed is measured as `speed` says.
+/// `loss_parts.png` (with distillation runs), `results.md` and `results.json` into `out`;
+/// inference speed is measured as `speed` says.
 /// Runs that differ only in their seed are drawn as one line (their mean) with the min–max
 /// band and ranked in a methods table.
 pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comparison> {
@@ -232,11 +233,23 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comp
     let groups = methods::groups(&opened);
     let over_seeds = groups.iter().any(|g| g.len() > 1);
     let mut method_rows = Vec::new();
+    // The parts of each distillation run's loss (each group's mean over seeds).
+    let mut parts: Vec<Series> = Vec::new();
+    if !over_seeds {
+        for (row, history) in rows.iter().zip(&histories) {
+            parts.extend(methods::parts_series(&row.label, &[history.as_slice()]));
+        }
+    }
     if over_seeds {
         let group_labels: Vec<String> = groups
             .iter()
             .map(|g| base_label(&opened[g[0]], &opened))
             .collect();
+        for (g, label) in groups.iter().zip(&group_labels) {
+            let of_group: Vec<&[EpochMetrics]> =
+                g.iter().map(|&i| histories[i].as_slice()).collect();
+            parts.extend(methods::parts_series(label, &of_group));
+        }
         let plain: Vec<bool> = groups
             .iter()
             .map(|g| role(&opened[g[0]], &opened) == "student without KD")
@@ -281,6 +294,15 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comp
         &train_loss_series,
         true,
     )?;
+    if !parts.is_empty() {
+        curves_png(
+            &out.join("loss_parts.png"),
+            "the parts of each distillation method's training loss",
+            "loss part",
+            &parts,
+            true,
+        )?;
+    }
     let comparison = Comparison {
         methods: method_rows,
         runs: rows,

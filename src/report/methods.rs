@@ -223,3 +223,29 @@ pub fn mean_series(
         band: (histories.len() > 1).then_some(band),
     }
 }
+
+/// Each named part of a distillation method's training loss (`kd`, `ce`, ...), per epoch,
+/// averaged over `histories` (one run, or a group over seeds), labelled `label: part`.
+pub fn parts_series(label: &str, histories: &[&[EpochMetrics]]) -> Vec<Series> {
+    let Some(first) = histories.first().and_then(|h| h.first()) else {
+        return Vec::new();
+    };
+    let epochs = histories.iter().map(|h| h.len()).min().unwrap_or(0);
+    first
+        .train_parts
+        .keys()
+        .map(|part| Series {
+            label: format!("{label}: {part}"),
+            points: (0..epochs)
+                .map(|e| {
+                    let sum: f64 = histories
+                        .iter()
+                        .map(|h| h[e].train_parts.get(part).copied().unwrap_or(f64::NAN))
+                        .sum();
+                    (histories[0][e].epoch as u32, sum / histories.len() as f64)
+                })
+                .collect(),
+            band: None,
+        })
+        .collect()
+}
