@@ -60,18 +60,20 @@ pub struct BenchOptions {
     /// ResNet stem [default: imagenet].
     #[arg(long, value_enum)]
     pub stem: Option<Stem>,
-    /// Teacher architecture for --mode distill.
-    #[arg(long, default_value = "coatnet_0")]
-    pub teacher: String,
+    /// Teacher architecture for --mode distill [default: coatnet_0].
+    #[arg(long)]
+    pub teacher: Option<String>,
     /// Teacher base width override for --mode distill.
     #[arg(long)]
     pub teacher_width: Option<usize>,
-    /// Distillation method of --mode distill (its default settings; see `kd distill --help`).
-    #[arg(long, default_value = "hinton")]
-    pub method: String,
-    /// Weight of timm's feature term added to the method in --mode distill (0: none).
-    #[arg(long, default_value_t = 0.0)]
-    pub feature_weight: f64,
+    /// Distillation method of --mode distill, with its default settings (see `kd distill
+    /// --help`) [default: hinton].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Weight of timm's feature term added to the method in --mode distill [default: 0,
+    /// none].
+    #[arg(long)]
+    pub feature_weight: Option<f64>,
     /// Instead of a model, measure decode + augment images/s of this image folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -149,6 +151,16 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The teacher of --mode distill.
+fn teacher_name(a: &BenchOptions) -> &str {
+    a.teacher.as_deref().unwrap_or("coatnet_0")
+}
+
+/// The method of --mode distill.
+fn method_name(a: &BenchOptions) -> &str {
+    a.method.as_deref().unwrap_or(Method::default().name())
+}
+
 /// Runs the benchmark.
 pub fn run(a: &BenchOptions) -> Result<BenchResult> {
     if a.batch == 0 || a.steps == 0 {
@@ -156,6 +168,17 @@ pub fn run(a: &BenchOptions) -> Result<BenchResult> {
     }
     if a.classes < 2 {
         bail!("--classes {} is invalid: use at least 2", a.classes);
+    }
+    if a.mode != BenchMode::Distill {
+        let given = [
+            ("--teacher", a.teacher.is_some()),
+            ("--teacher-width", a.teacher_width.is_some()),
+            ("--method", a.method.is_some()),
+            ("--feature-weight", a.feature_weight.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+            bail!("{flag} applies to distillation steps: add --mode distill");
+        }
     }
     match &a.data {
         Some(dir) => bench_pipeline(a, dir),
@@ -183,7 +206,7 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
             let teacher = match a.mode {
                 BenchMode::Distill => Some(
                     ModelSpec {
-                        name: a.teacher.clone(),
+                        name: teacher_name(a).to_string(),
                         width: a.teacher_width,
                         stem: None,
                     }
@@ -194,8 +217,11 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
             };
             let distiller = match a.mode {
                 BenchMode::Distill => {
-                    let method = Method::from_table(&serde_json::json!({ "method": a.method }))?;
-                    Some(method.build(a.feature_weight))
+                    let method =
+                        Method::from_table(&serde_json::json!({ "method": method_name(a) }))?;
+                    let feature_weight = a.feature_weight.unwrap_or(0.0);
+                    crate::losses::feature::WithFeatures::check(feature_weight)?;
+                    Some(method.build(feature_weight))
                 }
                 _ => None,
             };
@@ -274,10 +300,10 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
             BenchMode::Eval => format!("{} inference", a.model),
             BenchMode::Distill => format!(
                 "{} -> {} distillation step ({}{})",
-                a.teacher,
+                teacher_name(a),
                 a.model,
-                a.method,
-                if a.feature_weight > 0.0 {
+                method_name(a),
+                if a.feature_weight.unwrap_or(0.0) > 0.0 {
                     " + features"
                 } else {
                     ""

@@ -99,6 +99,9 @@ pub struct Stage {
 /// The teacher's folder inside the output folder.
 pub const TEACHER: &str = "teacher";
 
+/// The folder of a study's report, next to its runs.
+pub const REPORT: &str = "report";
+
 /// Reads and validates an experiment file.
 pub fn load_experiment(path: &Path) -> Result<Experiment> {
     let text = std::fs::read_to_string(path)
@@ -133,16 +136,17 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
         ..TrainConfig::default()
     };
     let base = patch::apply(&base, &patch::nest(&file.recipe)).context("in [recipe]")?;
+    // `section` names the table a stage's error is reported in ([student], a method's entry).
     let stage = |table: &Map<String, Value>, section: &str| -> Result<TrainConfig> {
         if !table.contains_key("model") {
-            bail!("[{section}] needs model = \"...\" (see `kd models`)");
+            bail!("{section} needs model = \"...\" (see `kd models`)");
         }
-        let c = patch::apply(&base, &patch::nest(table))
-            .with_context(|| format!("in [{section}] or [recipe]"))?;
-        c.validate().with_context(|| format!("in [{section}]"))?;
+        let c =
+            patch::apply(&base, &patch::nest(table)).with_context(|| format!("in {section}"))?;
+        c.validate().with_context(|| format!("in {section}"))?;
         Ok(c)
     };
-    let teacher = stage(&file.teacher, "teacher")?;
+    let teacher = stage(&file.teacher, "[teacher]")?;
     // The methods: each [[methods]] entry, else [distill] alone (the KD student).
     let methods = if file.methods.is_empty() {
         vec![("kd_student".to_string(), Map::new())]
@@ -166,6 +170,23 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
             {
                 bail!("seeds lists {s} twice: give each seed once");
             }
+            // Each student's seed comes from the list, so a table's own would be overruled.
+            let tables = [
+                ("[student]".to_string(), &file.student),
+                ("[distill]".to_string(), &file.distill),
+            ];
+            let entries = methods
+                .iter()
+                .map(|(name, e)| (format!("[[methods]] entry '{name}'"), e));
+            if let Some((section, _)) = tables
+                .into_iter()
+                .chain(entries)
+                .find(|(_, table)| table.contains_key("seed"))
+            {
+                bail!(
+                    "{section} sets seed, but seeds = [...] gives each student its seeds: remove one of them"
+                );
+            }
             seeds.iter().copied().map(Some).collect()
         }
     };
@@ -181,7 +202,7 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
     };
     let mut students = Vec::new();
     for &seed in &seeds {
-        let config = stage(&with_seed(file.student.clone(), seed), "student")?;
+        let config = stage(&with_seed(file.student.clone(), seed), "[student]")?;
         students.push(Stage {
             name: folder("student", seed),
             config,
@@ -199,15 +220,25 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
                 Value::String(file.out.join(TEACHER).to_string_lossy().into_owned()),
             );
             let section = if file.methods.is_empty() {
-                "distill".to_string()
+                "[distill]".to_string()
             } else {
-                format!("methods {name}")
+                format!("[[methods]] entry '{name}'")
             };
             let config = stage(&with_seed(table, seed), &section)?;
             students.push(Stage {
                 name: folder(name, seed),
                 config,
             });
+        }
+    }
+    // Two entries that train the same thing (`kd` and `hinton`, say) would only repeat it.
+    for (i, a) in students.iter().enumerate() {
+        if let Some(b) = students[..i].iter().find(|b| b.config == a.config) {
+            bail!(
+                "'{}' and '{}' train the same student with the same settings: remove one, or change its settings",
+                b.name,
+                a.name
+            );
         }
     }
     Ok(Experiment {
@@ -242,15 +273,21 @@ fn method_entries(entries: &[Map<String, Value>]) -> Result<Vec<(String, Map<Str
                 ),
             },
         };
+        // A folder of its own in the study: not the study itself (`.`), its parent, a hidden
+        // folder, the report's, or (on case-blind file systems too) the teacher's or a
+        // student's.
+        let lower = name.to_ascii_lowercase();
         if name.is_empty()
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-            || name == TEACHER
-            || name.starts_with("student")
+            || name.starts_with('.')
+            || lower == TEACHER
+            || lower == REPORT
+            || lower.starts_with("student")
         {
             bail!(
-                "{section}: name '{name}' cannot name a folder next to the teacher and students: use letters, digits, - _ . +"
+                "{section}: name '{name}' cannot name a folder next to the teacher, students and report: use letters, digits, - _ . + (not first)"
             );
         }
         if out.iter().any(|(n, _)| *n == name) {
@@ -317,24 +354,27 @@ impl Experiment {
 pub enum StageOutcome {
     /// Already finished with the same config.
     Skipped,
-    /// Continued from its last completed epoch.
+    /// Continued from its last completed epoch (or extended to more epochs).
     Resumed,
     /// Trained from scratch.
     Trained,
 }
 
-/// Runs one training stage, skipping or resuming as the folder says.
+/// Runs one training stage, skipping or resuming as the folder says; a finished stage asked
+/// for more epochs (and nothing else changed) is extended.
 pub fn run_stage(
     config: &TrainConfig,
     dir: &Path,
     quiet: bool,
     device: DeviceSpec,
 ) -> Result<StageOutcome> {
+    let mut extend = false;
     if resume::finished(dir) {
         let done = Run::open(dir)?;
         let mut wanted = config.clone();
         wanted.mean = wanted.mean.or(done.config.mean);
         wanted.std = wanted.std.or(done.config.std);
+        wanted.epochs = done.config.epochs; // more epochs extend it
         let diff = wanted.differing_keys(&done.config);
         if !diff.is_empty() {
             bail!(
@@ -343,9 +383,21 @@ pub fn run_stage(
                 diff.join("; ")
             );
         }
-        return Ok(StageOutcome::Skipped);
+        if config.epochs < done.config.epochs {
+            bail!(
+                "{} was trained for {} epochs and the file asks for {}: ask for {} or more to keep it (more extend it), or delete that folder to retrain it",
+                dir.display(),
+                done.config.epochs,
+                config.epochs,
+                done.config.epochs
+            );
+        }
+        if config.epochs == done.config.epochs {
+            return Ok(StageOutcome::Skipped);
+        }
+        extend = true;
     }
-    let resumable = resume::resume_path(dir).is_file();
+    let resumable = extend || resume::resume_path(dir).is_file();
     if dir.join(crate::run::files::CONFIG).is_file() && !resumable {
         // Interrupted before its first epoch finished: nothing worth keeping. Cleared under
         // the folder's lock, so that a stage another process is training is left alone.
@@ -423,7 +475,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
         }
     }
     let runs: Vec<PathBuf> = exp.stages().map(|(s, _)| exp.out.join(s)).collect();
-    let report = exp.out.join("report");
+    let report = exp.out.join(REPORT);
     // Inference speed on the study's device, in the precision each run trained in.
     let speed = SpeedOptions {
         device,

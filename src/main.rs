@@ -50,12 +50,28 @@ fn main() {
     }));
     let cli = match kd::commands::Cli::try_parse() {
         Ok(cli) => cli,
-        // Help and version go to stdout as clap writes them; a usage error is one line.
+        // Help and version go to stdout as clap writes them; a usage error is one line: its
+        // message with clap's details (the missing arguments, the possible values, a tip),
+        // without the usage block.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see --help)", first.trim_end());
+            let mut line = String::new();
+            for part in text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+            {
+                if !line.is_empty() {
+                    line += if line.ends_with(':') { " " } else { "; " };
+                }
+                line += part;
+            }
+            if line.is_empty() {
+                line = "error: invalid arguments".into();
+            }
+            eprintln!("{line} (see --help)");
             std::process::exit(2);
         }
     };

@@ -432,6 +432,73 @@ fn shipped_experiments_parse_with_the_tutorial_recipe() {
     assert!(format!("{err:#}").contains("[data] path"), "{err:#}");
 }
 
+/// A study file that would mix runs, hide a setting or write outside its own folders is
+/// refused, naming the table.
+#[test]
+fn study_files_refuse_what_would_mix_runs() {
+    let head = "out = 'x'\n[data]\npath = 'd'\n[teacher]\nmodel = 'resnet18'\n[student]\nmodel = 'resnet18'\n";
+    let err = |tail: &str| {
+        let text = format!("{head}{tail}");
+        format!(
+            "{:#}",
+            kd::experiment::parse_experiment(&text).expect_err(&text)
+        )
+    };
+    for name in [".", "..", ".hidden", "Report", "Teacher", "students"] {
+        let e = err(&format!("[[methods]]\nname = '{name}'\nmethod = 'dkd'\n"));
+        assert!(
+            e.contains(&format!("name '{name}' cannot name a folder")),
+            "{e}"
+        );
+    }
+    let e = err("[[methods]]\nmethod = 'hinton'\n[[methods]]\nname = 'again'\nmethod = 'kd'\n");
+    assert!(
+        e.contains("'hinton' and 'again' train the same student"),
+        "{e}"
+    );
+    // Without seeds = [...], an entry's seed is its own.
+    let text = format!("{head}[[methods]]\nmethod = 'dkd'\nseed = 3\n");
+    let exp = kd::experiment::parse_experiment(&text).unwrap();
+    assert_eq!(exp.student("dkd").unwrap().seed, 3);
+    let text = format!("seeds = [1, 2]\n{head}[[methods]]\nmethod = 'dkd'\nseed = 3\n");
+    let e = format!("{:#}", kd::experiment::parse_experiment(&text).unwrap_err());
+    assert!(
+        e.contains("[[methods]] entry 'dkd' sets seed, but seeds = [...]"),
+        "{e}"
+    );
+    let e = err("[distill]\ntemperature = nan\n");
+    assert!(e.contains("[distill] temperature has no value"), "{e}");
+    let e = err("[[methods]]\nmethod = 'dkd'\nbeta = -1.0\n");
+    assert!(
+        e.contains("in [[methods]] entry 'dkd'") && e.contains("beta -1"),
+        "{e}"
+    );
+    let e = err("[distill]\ntemprature = 4.0\n");
+    assert!(e.contains("did you mean `temperature`?"), "{e}");
+}
+
+/// Usage errors say what is missing or allowed; flags that do not apply are refused.
+#[test]
+fn usage_errors_carry_their_details() {
+    let e = kd_err(&["train"]);
+    assert!(e.contains("not provided: --out <OUT> (see --help)"), "{e}");
+    let e = kd_err(&["train", "--out", "x", "--stem", "wide"]);
+    assert!(e.contains("possible values: imagenet, small"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let e = kd_err(&[
+        "distill",
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        "resnet18",
+    ]);
+    assert!(e.contains("kd distill needs --teacher"), "{e}");
+    assert!(!out.exists());
+    let e = kd_err(&["bench", "--method", "dkd"]);
+    assert!(e.contains("--method applies to distillation steps"), "{e}");
+}
+
 #[test]
 fn bench_reports_speed_and_memory_for_every_mode() {
     let tiny = [

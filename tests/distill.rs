@@ -471,6 +471,32 @@ alpha = 0.5
         err.contains("another config") && err.contains("lr"),
         "{err}"
     );
+    // More epochs extend every finished stage; fewer are refused.
+    let longer = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("lr = 1e-3", "lr = 2e-3")
+        .replace("epochs = 1", "epochs = 2");
+    std::fs::write(&file, &longer).unwrap();
+    let fourth = kd_ok(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert_eq!(
+        fourth.matches("finished earlier, skipped").count(),
+        0,
+        "{fourth}"
+    );
+    for stage in ["teacher", "student", "kd_student"] {
+        let m: Vec<serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(out.join(stage).join("metrics.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m.len(), 2, "{stage} extended to 2 epochs");
+        assert!(out.join(stage).join("checkpoints/final.bpk").is_file());
+    }
+    std::fs::write(&file, longer.replace("epochs = 2", "epochs = 1")).unwrap();
+    let err = kd_err(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert!(
+        err.contains("trained for 2 epochs and the file asks for 1"),
+        "{err}"
+    );
 
     // The split folder records what it was made from; a file asking for another split of
     // it is refused rather than trained on the old one.

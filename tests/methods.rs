@@ -138,13 +138,13 @@ fn check_logit_method(name: &str, c: &Case) {
         assert!(err < 1e-5 || absolute, "{label}: {key} rel err {err:.1e}");
     };
     check(values(student.grad(&grads).unwrap()), "grad_student_logits");
-    // The gradient of the loss without its weighted CE part (nor DKD's warm-up factor).
+    // The gradient of the loss without its weighted CE part.
     let (student, loss) = run();
     let without_ce = loss
         .parts
         .into_iter()
         .zip(&names)
-        .filter(|(_, n)| **n != "ce" && **n != "warmup")
+        .filter(|(_, n)| **n != "ce")
         .map(|(p, _)| p)
         .reduce(|a, b| a + b)
         .expect("a KD part");
@@ -191,9 +191,17 @@ fn dkd_matches_mdistiller() {
                     ("ce", f("loss_ce")),
                     ("tckd", w * alpha * f("tckd")),
                     ("nckd", w * beta * f("nckd")),
-                    ("warmup", w),
                 ],
             },
+        );
+        let settings = Method::from_table(&json!({"method": "dkd", "warmup": h["warmup"]}))
+            .unwrap()
+            .build(0.0);
+        let epoch = h["epoch"].as_u64().unwrap() as usize;
+        assert_eq!(
+            settings.factors(epoch),
+            [("warmup", w)],
+            "dkd warm-up factor"
         );
     }
 }
@@ -654,16 +662,31 @@ fn every_method_trains_a_student_and_logs_its_parts() {
             let mut expected = parts.clone();
             expected.sort();
             assert_eq!(logged, expected, "{name}: parts in metrics.json");
+            // The parts are the loss's terms: they add up to it.
+            let sum: f64 = epoch["train_parts"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .sum();
+            let total = epoch["train_loss"].as_f64().unwrap();
+            assert!(
+                (sum - total).abs() <= 1e-4 * total.abs().max(1.0),
+                "{name}: parts sum to {sum}, the loss is {total}"
+            );
         }
+        let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
         if name == "dkd" {
             // Epochs counted from 1: the factor of epoch e is min(e / 4, 1).
             let factors: Vec<f64> = m
                 .iter()
-                .map(|e| e["train_parts"]["warmup"].as_f64().unwrap())
+                .map(|e| e["train_factors"]["warmup"].as_f64().unwrap())
                 .collect();
             assert_eq!(factors, [0.25, 0.5, 0.75]);
+            assert!(csv.lines().next().unwrap().contains(",warmup,"), "{csv}");
+        } else {
+            assert!(m[0].get("train_factors").is_none(), "{name}: no factors");
         }
-        let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
         assert!(
             csv.lines()
                 .next()
@@ -824,7 +847,7 @@ fn a_methods_study_over_seeds_ranks_the_methods() {
     let s = shared();
     let out = s.dir.path().join("study");
     let toml = format!(
-        "out = '{}'\nseeds = [1, 2]\n[data]\npath = '{}'\n[recipe]\nimage_size = 32\nbatch_size = 32\nepochs = 1\nlr = 3e-3\n\
+        "out = '{}'\nseeds = [1, 2]\n[data]\npath = '{}'\nseed = 1\n[recipe]\nimage_size = 32\nbatch_size = 32\nepochs = 1\nlr = 3e-3\n\
          [recipe.augment]\nrotation_degrees = 0.0\nblur_kernel = 0\nbrightness = 0.0\ncontrast = 0.0\nsaturation = 0.0\n\
          [teacher]\nmodel = 'resnet18'\nwidth = 4\nstem = 'small'\n[student]\nmodel = 'resnet18'\nwidth = 2\nstem = 'small'\n\
          [[methods]]\nmethod = 'hinton'\n[[methods]]\nname = 'dkd-b2'\nmethod = 'dkd'\nbeta = 2.0\nwarmup = 1\n",
@@ -873,7 +896,7 @@ fn a_methods_study_over_seeds_ranks_the_methods() {
     };
     let dkd = methods
         .iter()
-        .find(|m| m["method"] == "dkd beta=2.0 warmup=1")
+        .find(|m| m["method"] == "dkd" && m["settings"] == "beta=2.0 warmup=1")
         .unwrap();
     let (a, b) = (best("dkd-b2-seed1"), best("dkd-b2-seed2"));
     close(
@@ -907,5 +930,50 @@ fn a_methods_study_over_seeds_ranks_the_methods() {
     for chart in ["accuracy.png", "loss_parts.png"] {
         let png = std::fs::read(out.join("report").join(chart)).unwrap();
         assert!(png.starts_with(b"\x89PNG"), "{chart}");
+    }
+}
+
+/// Logits where the reference formulas break down give finite losses and gradients: a
+/// student so sure of a wrong class that its target's probability underflows (DKD's TCKD in
+/// log space), and a constant student row (logit standardization's root at 0).
+#[test]
+fn extreme_logits_give_finite_losses_and_gradients() {
+    let ad = Device::flex().autodiff();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &ad);
+    let cases = [
+        (
+            json!({"method": "dkd", "temperature": 1.0, "warmup": 1}),
+            [[-200.0f32, 200.0, 0.0], [0.0, 0.0, 0.0]],
+        ),
+        (
+            json!({"method": "logit_std"}),
+            [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]],
+        ),
+        (
+            json!({"method": "hinton", "standardize": true}),
+            [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]],
+        ),
+    ];
+    for (table, logits) in cases {
+        let distiller = Method::from_table(&table).unwrap().build(0.0);
+        let student = Tensor::<2>::from_data(logits, &ad).require_grad();
+        let loss = distiller.loss(&Step {
+            student: &Outputs {
+                logits: student.clone(),
+                features: None,
+            },
+            teacher: &Outputs {
+                logits: Tensor::from_data([[2.0f32, 0.0, 1.0], [0.5, 1.5, 0.0]], &ad),
+                features: None,
+            },
+            targets: &y,
+            epoch: 1,
+            projection: None,
+        });
+        let value = values(loss.total.clone())[0];
+        assert!(value.is_finite(), "{table}: loss {value}");
+        let grads = loss.total.backward();
+        let g = values(student.grad(&grads).unwrap());
+        assert!(g.iter().all(|v| v.is_finite()), "{table}: gradient {g:?}");
     }
 }

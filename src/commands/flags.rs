@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -94,10 +94,10 @@ pub struct TrainFlags {
     /// with every batch skipped still stops).
     #[arg(long, value_enum)]
     nan_policy: Option<NanPolicy>,
-    /// Fail on non-image files in the class folders (default: skip them with a warning).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    strict: bool,
+    /// Fail on non-image files in the class folders (default: skip them with a warning);
+    /// =false turns a recorded one off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    strict: Option<bool>,
     /// Keep images in memory after the first epoch: decoded (exact) or resized (augment
     /// after resize).
     #[arg(long, value_enum)]
@@ -143,14 +143,12 @@ struct AugmentFlags {
     /// ColorJitter hue.
     #[arg(long, allow_negative_numbers = true, value_parser = finite::<f32>)]
     hue: Option<f32>,
-    /// RandomHorizontalFlip (p = 0.5).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    hflip: bool,
-    /// RandomResizedCrop instead of Resize.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    random_resized_crop: bool,
+    /// RandomHorizontalFlip (p = 0.5); =false turns it off (a recorded one, on --resume).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    hflip: Option<bool>,
+    /// RandomResizedCrop instead of Resize; =false turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    random_resized_crop: Option<bool>,
     /// RandomResizedCrop area scale range "min,max".
     #[arg(long, value_parser = parse_pair)]
     crop_scale: Option<[f32; 2]>,
@@ -159,9 +157,11 @@ struct AugmentFlags {
 /// The distillation flags of `kd distill`, besides the training ones.
 #[derive(Debug, Args, Serialize)]
 pub struct DistillFlags {
-    /// Run folder of the trained teacher.
+    /// Run folder of the trained teacher (required, but with --resume, which keeps the
+    /// run's).
     #[arg(long)]
-    teacher: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    teacher: Option<PathBuf>,
     /// Teacher checkpoint.
     #[arg(long, value_enum)]
     teacher_checkpoint: Option<Checkpoint>,
@@ -191,10 +191,10 @@ pub struct DistillFlags {
     /// dkd: epochs over which the KD terms grow to full weight.
     #[arg(long)]
     warmup: Option<usize>,
-    /// hinton, dkd: standardize the logits first (logit standardization).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    standardize: bool,
+    /// hinton, dkd: standardize the logits first (logit standardization); =false turns it
+    /// off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    standardize: Option<bool>,
     /// feature: weight of the task's cross-entropy (timm's task_loss_weight).
     #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
     task_weight: Option<f64>,
@@ -205,10 +205,10 @@ pub struct DistillFlags {
     /// teacher's, mean squared error) with this weight.
     #[arg(long, allow_negative_numbers = true, value_parser = finite::<f64>)]
     feature_weight: Option<f64>,
-    /// Compute the teacher's outputs once and reuse them each epoch (needs --no-augment).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    cache_teacher: bool,
+    /// Compute the teacher's outputs once and reuse them each epoch (needs --no-augment);
+    /// =false turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    cache_teacher: Option<bool>,
 }
 
 /// A number that is finite: the config records values as JSON, which has no NaN or infinity.
@@ -261,11 +261,20 @@ impl TrainFlags {
     /// The run's config: the recipe (or, with --resume, the recorded config) with the given
     /// flags, and those of `distill`, applied.
     pub fn config(&self, distill: Option<&DistillFlags>) -> Result<TrainConfig> {
-        let base = if self.resume && self.out.join(files::CONFIG).is_file() {
+        let recorded = self.resume && self.out.join(files::CONFIG).is_file();
+        let base = if recorded {
             Run::open(&self.out)?.config
         } else {
             TrainConfig::default()
         };
+        if let Some(d) = distill
+            && d.teacher.is_none()
+            && base.teacher.is_none()
+        {
+            anyhow::bail!(
+                "kd distill needs --teacher RUN, the folder of the trained teacher (kd train --out RUN)"
+            );
+        }
         let mut table = flat(self)?;
         if let Some(d) = distill {
             table.extend(flat(d)?);
@@ -279,7 +288,7 @@ impl TrainFlags {
             }
             nested["augment"] = augment;
         }
-        patch::apply(&base, &nested).context("invalid flags")
+        patch::apply(&base, &nested)
     }
 }
 
@@ -297,11 +306,11 @@ pub fn recipe_help() -> String {
             Value::Null => {}
             Value::Object(table) if key == "augment" => {
                 for (k, v) in table {
-                    text += &format!("  augment.{k} = {v}\n");
+                    text += &format!("  augment.{k} = {}\n", short(&v));
                 }
             }
             Value::Object(_) => {}
-            v => text += &format!("  {key} = {v}\n"),
+            v => text += &format!("  {key} = {}\n", short(&v)),
         }
     }
     text += &format!(
@@ -317,7 +326,7 @@ pub fn recipe_help() -> String {
         let settings: Vec<String> = settings
             .iter()
             .filter(|(k, _)| *k != "method")
-            .map(|(k, v)| format!("{k} = {v}"))
+            .map(|(k, v)| format!("{k} = {}", short(v)))
             .collect();
         let also = if aliases.is_empty() {
             String::new()
@@ -335,4 +344,67 @@ pub fn recipe_help() -> String {
         );
     }
     text
+}
+
+/// A value as written in a file: a number stored from an `f32` (0.1 recorded as
+/// 0.10000000149011612) in its shortest form.
+fn short(v: &Value) -> String {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or_default();
+            if f64::from(f as f32) == f {
+                format!("{:?}", f as f32)
+            } else {
+                format!("{f:?}")
+            }
+        }
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(short).collect();
+            format!("[{}]", items.join(", "))
+        }
+        v => v.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        train: TrainFlags,
+        #[command(flatten)]
+        distill: DistillFlags,
+    }
+
+    fn config(args: &[&str]) -> TrainConfig {
+        let argv = ["kd", "--out", "x", "--teacher", "t"].iter().chain(args);
+        let flags = Flags::try_parse_from(argv).unwrap();
+        flags.train.config(Some(&flags.distill)).unwrap()
+    }
+
+    #[test]
+    fn switches_turn_on_alone_and_off_with_false() {
+        assert!(config(&["--hflip"]).augment.hflip);
+        let kd = |c: TrainConfig| serde_json::to_value(c.teacher.unwrap().kd).unwrap();
+        assert_eq!(kd(config(&["--standardize"]))["standardize"], true);
+        // Over a base that has them on (a recorded run on --resume), =false turns them off.
+        let on = config(&["--hflip", "--cache-teacher"]);
+        let patch = patch::nest(
+            &flat(
+                &Flags::try_parse_from(["kd", "--out", "x", "--hflip=false"])
+                    .unwrap()
+                    .train,
+            )
+            .unwrap(),
+        );
+        assert!(!patch::apply(&on, &patch).unwrap().augment.hflip);
+        assert!(on.teacher.unwrap().cache_logits);
+        // The recipe's values print as written, not as their f32 expansion.
+        let help = recipe_help();
+        assert!(help.contains("augment.brightness = 0.5"), "{help}");
+        assert!(!help.contains("0.10000000"), "{help}");
+    }
 }

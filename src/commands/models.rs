@@ -14,6 +14,9 @@ pub struct ModelsArgs {
     /// Image size for the parameter counts (CoAtNet's attention tables grow with it).
     #[arg(long, default_value_t = 224)]
     image_size: usize,
+    /// Base width, as --width of kd train (the counts of the tiny models a test trains).
+    #[arg(long)]
+    width: Option<usize>,
 }
 
 pub fn run(a: ModelsArgs) -> Result<()> {
@@ -22,8 +25,12 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     }
     crate::data::check_image_size(a.image_size)?;
     let device = burn::tensor::Device::flex();
+    if a.width == Some(0) {
+        bail!("--width 0 is invalid: use at least 1");
+    }
+    let width = a.width.map(|w| format!(", width {w}")).unwrap_or_default();
     println!(
-        "{:<18} {:>14}  kind  ({} classes, {}x{} images)",
+        "{:<18} {:>14}  kind  ({} classes, {}x{} images{width})",
         "model", "parameters", a.classes, a.image_size, a.image_size
     );
     for family in FAMILIES {
@@ -35,7 +42,10 @@ pub fn run(a: ModelsArgs) -> Result<()> {
             224
         };
         for name in family.names {
-            let spec = ModelSpec::named(name);
+            let spec = ModelSpec {
+                width: a.width,
+                ..ModelSpec::named(name)
+            };
             let count = match spec.validate(size) {
                 Ok(()) => param_count(&spec.build(a.classes, size, &device)?).to_string(),
                 Err(_) => "-".into(),

@@ -3,10 +3,11 @@
 //! warmed up over the first epochs, plus cross-entropy.
 
 use anyhow::{Result, bail};
+use burn::tensor::Tensor;
 use burn::tensor::activation::{log_softmax, softmax};
 use serde::{Deserialize, Serialize};
 
-use super::logits::{kl_sum, one_hot, standardize};
+use super::logits::{kl_sum, log_sum_exp, one_hot, standardize};
 use super::{Distiller, Loss, Step, cross_entropy};
 
 /// DKD's settings: mdistiller's defaults (`CFG.DKD`).
@@ -64,7 +65,11 @@ impl Dkd {
 
 impl Distiller for Dkd {
     fn parts(&self) -> Vec<&'static str> {
-        vec!["ce", "tckd", "nckd", "warmup"]
+        vec!["ce", "tckd", "nckd"]
+    }
+
+    fn factors(&self, epoch: usize) -> Vec<(&'static str, f64)> {
+        vec![("warmup", self.warmup_factor(epoch))]
     }
 
     fn loss(&self, step: &Step) -> Loss {
@@ -78,18 +83,29 @@ impl Distiller for Dkd {
         let gt = one_hot(step.targets, classes);
         let other = gt.clone().neg().add_scalar(1.0);
         let scale = temperature * temperature / batch as f64;
-        // TCKD: the binary (target, rest) split of each full softmax.
-        let binary = |p: burn::tensor::Tensor<2>| {
-            let target = (p.clone() * gt.clone()).sum_dim(1);
-            let rest = (p * other.clone()).sum_dim(1);
-            burn::tensor::Tensor::cat(vec![target, rest], 1)
-        };
+        // TCKD: the binary (target, rest) split of each full softmax; the student's in log
+        // space, so that a probability that underflows (a wide logit gap at a low
+        // temperature) gives a large finite loss, not log 0.
         let (s_t, t_t) = (s.clone().div_scalar(temperature), t.clone().div_scalar(temperature));
-        let p_s = binary(softmax(s_t.clone(), 1));
-        let p_t = binary(softmax(t_t.clone(), 1));
-        let tckd = kl_sum(p_t, p_s.log()).mul_scalar(scale);
+        let p_t = softmax(t_t.clone(), 1);
+        let p_t = Tensor::cat(
+            vec![
+                (p_t.clone() * gt.clone()).sum_dim(1),
+                (p_t * other).sum_dim(1),
+            ],
+            1,
+        );
+        let shift = gt.clone().mul_scalar(1000.0);
+        let log_p = log_softmax(s_t.clone(), 1);
+        let log_p_s = Tensor::cat(
+            vec![
+                (log_p.clone() * gt).sum_dim(1),
+                log_sum_exp(log_p - shift.clone()),
+            ],
+            1,
+        );
+        let tckd = kl_sum(p_t, log_p_s).mul_scalar(scale);
         // NCKD: the target class shifted out of both distributions.
-        let shift = gt.mul_scalar(1000.0);
         let q_t = softmax(t_t - shift.clone(), 1);
         let log_q_s = log_softmax(s_t - shift, 1);
         let nckd = kl_sum(q_t, log_q_s).mul_scalar(scale);
@@ -97,10 +113,9 @@ impl Distiller for Dkd {
         let ce = cross_entropy(raw, step.targets.clone()).mul_scalar(self.ce_weight);
         let tckd = tckd.mul_scalar(warmup * self.alpha);
         let nckd = nckd.mul_scalar(warmup * self.beta);
-        let factor = burn::tensor::Tensor::<1>::from_floats([warmup as f32], &ce.device());
         Loss {
             total: ce.clone() + tckd.clone() + nckd.clone(),
-            parts: vec![ce, tckd, nckd, factor],
+            parts: vec![ce, tckd, nckd],
         }
     }
 }

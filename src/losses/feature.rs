@@ -10,32 +10,54 @@ use serde::{Deserialize, Serialize};
 
 use super::{Distiller, Loss, Step, cross_entropy};
 
-/// Feature distillation's settings. timm's rule for the weights: both given, as given; only
-/// `distill_weight`, task 1; only `task_weight`, distill `1 − task`; neither, both 1.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Feature distillation's settings, the weights resolved by timm's rule when read: both
+/// given, as given; only `distill_weight`, task 1; only `task_weight`, distill `1 − task`;
+/// neither, both 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "FeatureTable")]
 pub struct Feature {
     /// Weight of the task's cross-entropy.
-    pub task_weight: Option<f64>,
+    pub task_weight: f64,
     /// Weight of the feature term.
-    pub distill_weight: Option<f64>,
+    pub distill_weight: f64,
 }
 
-impl Feature {
-    /// `(task, distill)` weights by timm's rule.
-    pub fn weights(&self) -> (f64, f64) {
-        match (self.task_weight, self.distill_weight) {
+impl Default for Feature {
+    fn default() -> Self {
+        FeatureTable::default().into()
+    }
+}
+
+/// [`Feature`] as written: either weight may be left out.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FeatureTable {
+    task_weight: Option<f64>,
+    distill_weight: Option<f64>,
+}
+
+impl From<FeatureTable> for Feature {
+    fn from(t: FeatureTable) -> Self {
+        let (task_weight, distill_weight) = match (t.task_weight, t.distill_weight) {
             (Some(t), Some(d)) => (t, d),
             (None, Some(d)) => (1.0, d),
             (Some(t), None) => (t, 1.0 - t),
             (None, None) => (1.0, 1.0),
+        };
+        Self {
+            task_weight,
+            distill_weight,
         }
     }
+}
 
+impl Feature {
     /// Checks the weights.
     pub fn validate(&self) -> Result<()> {
-        let (task, distill) = self.weights();
-        super::check_weights(&[("task_weight", task), ("distill_weight", distill)])
+        super::check_weights(&[
+            ("task_weight", self.task_weight),
+            ("distill_weight", self.distill_weight),
+        ])
     }
 }
 
@@ -69,10 +91,9 @@ impl Distiller for Feature {
     }
 
     fn loss(&self, step: &Step) -> Loss {
-        let (task_weight, distill_weight) = self.weights();
         let task = cross_entropy(step.student.logits.clone(), step.targets.clone())
-            .mul_scalar(task_weight);
-        let feature = feature_mse(step).mul_scalar(distill_weight);
+            .mul_scalar(self.task_weight);
+        let feature = feature_mse(step).mul_scalar(self.distill_weight);
         Loss {
             total: task.clone() + feature.clone(),
             parts: vec![task, feature],
@@ -103,6 +124,10 @@ impl Distiller for WithFeatures {
         let mut parts = self.inner.parts();
         parts.push("feature");
         parts
+    }
+
+    fn factors(&self, epoch: usize) -> Vec<(&'static str, f64)> {
+        self.inner.factors(epoch)
     }
 
     fn needs_features(&self) -> bool {

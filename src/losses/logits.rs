@@ -23,9 +23,17 @@ pub fn kl_sum(p: Tensor<2>, log_q: Tensor<2>) -> Tensor<1> {
 }
 
 /// Each row as z-scores: `(z − mean) / (1e-7 + std)`, the std unbiased (divided by C − 1), as
-/// logit standardization (Sun et al., CVPR 2024) computes them. A constant row gives zeros.
+/// logit standardization (Sun et al., CVPR 2024) computes them. A constant row gives zeros,
+/// and a zero gradient (the variance is clamped off 0, where the root's slope is infinite).
 pub fn standardize(z: Tensor<2>) -> Tensor<2> {
     let mean = z.clone().mean_dim(1);
-    let std = z.clone().var(1).sqrt();
+    let std = z.clone().var(1).clamp_min(1e-12).sqrt();
     (z - mean).div(std.add_scalar(1e-7))
+}
+
+/// `log Σ exp` of each row, `[batch, 1]`, shifted by the row's maximum so that it neither
+/// overflows nor underflows.
+pub fn log_sum_exp(x: Tensor<2>) -> Tensor<2> {
+    let max = x.clone().max_dim(1).detach();
+    (x - max.clone()).exp().sum_dim(1).log() + max
 }

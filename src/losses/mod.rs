@@ -46,8 +46,14 @@ pub struct Loss {
 /// A distillation objective.
 pub trait Distiller: Send + Sync {
     /// Names of the parts [`Distiller::loss`] returns, in order (`kd`, `ce`, ...): the
-    /// weighted terms of the loss (and, for DKD, its warm-up factor).
+    /// weighted terms of the loss, which sum to it.
     fn parts(&self) -> Vec<&'static str>;
+
+    /// Named factors the method applies in epoch `epoch` (counted from 1), such as DKD's
+    /// warm-up: logged beside the parts, not summed into the loss.
+    fn factors(&self, _epoch: usize) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 
     /// Whether it reads pooled features (then the teacher's are kept, and cached with its
     /// logits, and a projection is learnt when the sizes differ).
@@ -187,7 +193,8 @@ impl Method {
 
     /// Settings from a (possibly partial) table: the method named by `method` (or the
     /// older `loss`; Hinton's when absent) with its defaults for the keys not given. A key
-    /// of another method is refused, naming the keys this one takes.
+    /// of another method is refused, naming the keys this one takes, and so is a key
+    /// without a value (TOML's `nan` or `inf`, which JSON cannot hold).
     pub fn from_table(table: &Value) -> Result<Self> {
         let Value::Object(map) = table else {
             bail!("the distillation settings must be a table of keys, e.g. method = \"hinton\"");
@@ -212,12 +219,12 @@ impl Method {
                 known.join(", ")
             );
         }
-        let mut value = serde_json::to_value(&defaults)?;
-        if let Value::Object(full) = &mut value {
-            map.remove(TAG);
-            full.extend(map);
+        if let Some((key, _)) = map.iter().find(|(_, v)| v.is_null()) {
+            bail!("{key} has no value (nan or inf?): use a finite number");
         }
-        Ok(serde_json::from_value(value)?)
+        // Each method's own defaults fill what is left out.
+        map.insert(TAG.into(), Value::String(defaults.name().into()));
+        Ok(serde_json::from_value(Value::Object(map))?)
     }
 }
 

@@ -38,7 +38,10 @@ impl ModelSpec {
     /// The family that builds this model, or an error listing the known names.
     pub fn family(&self) -> Result<&'static Family> {
         if self.name.is_empty() {
-            bail!("no model given: pass --model, one of {}", names());
+            bail!(
+                "no model given: pass --model (or --student), one of {}",
+                names()
+            );
         }
         family_of(&self.name).ok_or_else(|| {
             anyhow::anyhow!(

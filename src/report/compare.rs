@@ -368,7 +368,9 @@ fn runs_table(rows: &[RunRow]) -> String {
 }
 
 fn format_duration(s: f64) -> String {
-    if s < 120.0 {
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else if s < 120.0 {
         format!("{s:.0} s")
     } else if s < 7200.0 {
         format!("{:.1} min", s / 60.0)

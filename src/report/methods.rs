@@ -29,14 +29,23 @@ pub fn method_label(teacher: &TeacherConfig) -> Option<String> {
     (label != Method::default().name()).then_some(label)
 }
 
-/// What makes two runs the same experiment but for the seed.
+/// A method's settings as [`MethodRow::settings`] shows them.
+fn method_settings(teacher: &TeacherConfig) -> Option<String> {
+    let label = method_label(teacher)?;
+    let settings = label
+        .strip_prefix(teacher.kd.name())
+        .unwrap_or(&label)
+        .trim();
+    (!settings.is_empty()).then(|| settings.to_string())
+}
+
+/// What makes two runs the same experiment but for the seed: the config with the seed
+/// cleared and the split's seed made explicit (a run whose split follows its seed and one
+/// given the same split seed share a split).
 fn key(run: &Run) -> String {
     let mut config = run.config.clone();
+    config.split_seed = Some(run.config.data_seed());
     config.seed = 0;
-    if config.split_seed == Some(run.config.seed) {
-        config.split_seed = None;
-    }
-    // The recorded normalization follows the data, not the seed.
     serde_json::to_string(&config).unwrap_or_default()
 }
 
@@ -71,8 +80,11 @@ pub struct MethodRow {
     pub label: String,
     /// Architecture name.
     pub network: String,
-    /// The method (`None` for runs without distillation).
+    /// The method's name (`None` for runs without distillation).
     pub method: Option<String>,
+    /// Its settings that differ from the method's defaults, and the feature term
+    /// (`beta=2.0 warmup=1 + features 0.5`); `None` for the defaults.
+    pub settings: Option<String>,
     /// The seeds of its runs.
     pub seeds: Vec<u64>,
     /// Mean of the runs' best validation accuracies.
@@ -125,9 +137,12 @@ pub fn method_rows(
             let row = MethodRow {
                 label: label.clone(),
                 network: first.config.model.name.clone(),
-                method: first.config.teacher.as_ref().map(|t| {
-                    method_label(t).unwrap_or_else(|| Method::default().name().to_string())
-                }),
+                method: first
+                    .config
+                    .teacher
+                    .as_ref()
+                    .map(|t| t.kd.name().to_string()),
+                settings: first.config.teacher.as_ref().and_then(method_settings),
                 seeds: members.iter().map(|&i| runs[i].config.seed).collect(),
                 mean_best_accuracy: mean,
                 std_best_accuracy: sd,
@@ -139,19 +154,32 @@ pub fn method_rows(
             (row, plain)
         })
         .collect();
-    let plain = rows.iter().find(|(_, p)| *p).map(|(r, _)| r.clone());
-    let hinton = rows
+    // Each KD group against the plain student and Hinton's KD of its own network.
+    let find = |of: &MethodRow, what: &dyn Fn(&MethodRow, bool) -> bool| {
+        rows.iter()
+            .position(|(r, p)| r.network == of.network && what(r, *p))
+    };
+    let deltas: Vec<(Option<Delta>, Option<Delta>)> = rows
         .iter()
-        .find(|(r, _)| r.method.as_deref() == Some(Method::default().name()))
-        .map(|(r, _)| r.clone());
-    for (row, _) in &mut rows {
-        if row.method.is_some() {
-            row.vs_plain = plain.as_ref().map(|p| row.delta(p));
-            row.vs_hinton = hinton
-                .as_ref()
-                .filter(|h| h.label != row.label)
-                .map(|h| row.delta(h));
-        }
+        .enumerate()
+        .map(|(i, (row, _))| {
+            if row.method.is_none() {
+                return (None, None);
+            }
+            let plain = find(row, &|_, plain| plain);
+            let hinton = find(row, &|r, _| {
+                r.method.as_deref() == Some(Method::default().name()) && r.settings.is_none()
+            })
+            .filter(|&h| h != i);
+            (
+                plain.map(|p| row.delta(&rows[p].0)),
+                hinton.map(|h| row.delta(&rows[h].0)),
+            )
+        })
+        .collect();
+    for ((row, _), (vs_plain, vs_hinton)) in rows.iter_mut().zip(deltas) {
+        row.vs_plain = vs_plain;
+        row.vs_hinton = vs_hinton;
     }
     let mut rows: Vec<MethodRow> = rows.into_iter().map(|(r, _)| r).collect();
     rows.sort_by(|a, b| b.mean_best_accuracy.total_cmp(&a.mean_best_accuracy));
@@ -211,11 +239,13 @@ pub fn mean_series(
         let mean = values.iter().sum::<f64>() / values.len() as f64;
         let epoch = histories[0][e].epoch as u32;
         points.push((epoch, mean));
-        band.push((
-            epoch,
-            values.iter().copied().fold(f64::MAX, f64::min),
-            values.iter().copied().fold(f64::MIN, f64::max),
-        ));
+        // Over the finite values only; no band where there are none.
+        let finite = values.iter().copied().filter(|v| v.is_finite());
+        let low = finite.clone().fold(f64::INFINITY, f64::min);
+        let high = finite.fold(f64::NEG_INFINITY, f64::max);
+        if low.is_finite() {
+            band.push((epoch, low, high));
+        }
     }
     Series {
         label: label.to_string(),

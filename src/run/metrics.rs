@@ -21,6 +21,9 @@ pub struct EpochMetrics {
     /// method weights it; empty without distillation.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub train_parts: BTreeMap<String, f64>,
+    /// The factors the method applied in the epoch (DKD's `warmup`); empty for most.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub train_factors: BTreeMap<String, f64>,
     /// Mean validation cross-entropy.
     pub val_loss: f64,
     /// Validation accuracy in `[0, 1]`.
@@ -49,6 +52,8 @@ struct RecordedEpoch {
     #[serde(default)]
     train_parts: BTreeMap<String, f64>,
     #[serde(default)]
+    train_factors: BTreeMap<String, f64>,
+    #[serde(default)]
     train_kd_loss: Option<f64>,
     #[serde(default)]
     train_ce_loss: Option<f64>,
@@ -75,6 +80,7 @@ impl From<RecordedEpoch> for EpochMetrics {
             epoch: r.epoch,
             train_loss: r.train_loss,
             train_parts,
+            train_factors: r.train_factors,
             val_loss: r.val_loss,
             val_accuracy: r.val_accuracy,
             val_macro_f1: r.val_macro_f1,
@@ -102,15 +108,25 @@ pub fn best_epoch(history: &[EpochMetrics]) -> Option<&EpochMetrics> {
 }
 
 /// Writes `metrics.json` and `metrics.csv` into `dir`, atomically. The CSV has a
-/// `train_<part>_loss` column for each part of the method's loss.
+/// `train_<part>_loss` column for each part of the method's loss and a column for each of its
+/// factors (`warmup`).
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
     write_json(&dir.join(files::METRICS), &history)?;
     let mut parts: Vec<&String> = history.iter().flat_map(|m| m.train_parts.keys()).collect();
     parts.sort();
     parts.dedup();
+    let mut factors: Vec<&String> = history
+        .iter()
+        .flat_map(|m| m.train_factors.keys())
+        .collect();
+    factors.sort();
+    factors.dedup();
     let mut csv = String::from("epoch,train_loss,");
     for p in &parts {
         csv += &format!("train_{p}_loss,");
+    }
+    for f in &factors {
+        csv += &format!("{f},");
     }
     csv += "val_loss,val_accuracy,val_macro_f1,lr,seconds,images_per_second,skipped_batches,peak_device_mib\n";
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
@@ -118,6 +134,9 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
         csv += &format!("{},{},", m.epoch, m.train_loss);
         for p in &parts {
             csv += &format!("{},", opt(m.train_parts.get(*p).copied()));
+        }
+        for f in &factors {
+            csv += &format!("{},", opt(m.train_factors.get(*f).copied()));
         }
         csv += &format!(
             "{},{},{},{},{},{},{},{}\n",
@@ -144,6 +163,7 @@ mod tests {
             epoch,
             train_loss: 1.0,
             train_parts: BTreeMap::new(),
+            train_factors: BTreeMap::new(),
             val_loss: 1.0,
             val_accuracy,
             val_macro_f1: val_accuracy,

@@ -4,7 +4,7 @@
 //! the table may set, nested ([`nest`]) and merged onto a base config ([`apply`]): the recipe,
 //! or on `--resume` the config the run recorded.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::{Map, Value};
 
 use super::TrainConfig;
@@ -58,9 +58,13 @@ pub fn known_keys(table: Table) -> Vec<String> {
     keys
 }
 
-/// Refuses a key that `table` does not take, listing those it does; `section` names the
-/// table in the message (`[distill]`).
+/// Refuses a key that `table` does not take, listing those it does (and the closest, when a
+/// key looks misspelt), and a key without a value (TOML's `nan` and `inf` have no JSON
+/// form); `section` names the table in the message (`[distill]`).
 pub fn check_keys(flat: &Map<String, Value>, table: Table, section: &str) -> Result<()> {
+    if let Some(key) = null_key(flat) {
+        bail!("{section} {key} has no value (nan or inf?): use a finite number");
+    }
     let known = known_keys(table);
     // `loss` is what older kds called `method`.
     let takes = |k: &str| known.iter().any(|n| n == k) || (table == Table::Distill && k == "loss");
@@ -70,12 +74,53 @@ pub fn check_keys(flat: &Map<String, Value>, table: Table, section: &str) -> Res
         Some("teacher") => bail!(
             "{section} cannot set `teacher`: the KD student learns from the study's teacher stage"
         ),
-        Some(key) => bail!(
-            "{section} has an unknown key `{key}`: use one of {}",
-            known.join(", ")
-        ),
+        Some(key) => match closest(key, &known) {
+            Some(near) => bail!("{section} has an unknown key `{key}`: did you mean `{near}`?"),
+            None => bail!(
+                "{section} has an unknown key `{key}`: use one of {}",
+                known.join(", ")
+            ),
+        },
         None => check_model_keys(flat, section),
     }
+}
+
+/// The first key, dotted through nested tables (`augment.rotation_degrees`), whose value is
+/// null.
+fn null_key(flat: &Map<String, Value>) -> Option<String> {
+    flat.iter().find_map(|(k, v)| match v {
+        Value::Null => Some(k.clone()),
+        Value::Object(inner) => null_key(inner).map(|n| format!("{k}.{n}")),
+        _ => None,
+    })
+}
+
+/// The known key within two edits of `key` (the nearest), if any.
+fn closest<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), k.as_str()))
+        .filter(|&(d, _)| d <= 2)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// Refuses model keys of the wrong kind (a width of "4" or -4, say), naming the key.
@@ -176,7 +221,7 @@ pub fn apply(base: &TrainConfig, patch: &Value) -> Result<TrainConfig> {
         *kd = Value::Object(Map::new());
     }
     merge(&mut value, patch);
-    serde_json::from_value(value).context("invalid setting")
+    Ok(serde_json::from_value(value)?)
 }
 
 #[cfg(test)]
@@ -258,5 +303,20 @@ mod tests {
             .to_string();
         assert!(err.contains("unknown key `temperature`"), "{err}");
         assert!(check_keys(&flat(json!({"loss": "seed"})), Table::Distill, "[distill]").is_ok());
+        let err = check_keys(&flat(json!({"temperatur": 4})), Table::Distill, "[distill]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `temperature`?"), "{err}");
+        let err = check_keys(
+            &flat(json!({"augment": {"rotation_degrees": null}})),
+            Table::Recipe,
+            "[recipe]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[recipe] augment.rotation_degrees has no value"),
+            "{err}"
+        );
     }
 }

@@ -123,7 +123,7 @@ fn read_losses(loss: Tensor<1>, parts: Vec<Tensor<1>>) -> Result<(f32, Vec<f32>)
 /// The metrics of a finished epoch.
 fn metrics(
     progress: &EpochProgress,
-    parts: &[&str],
+    (parts, factors): (&[&str], Vec<(&str, f64)>),
     eval: &Evaluation,
     lr: f64,
     (seconds, train_seconds): (f64, f64),
@@ -138,6 +138,10 @@ fn metrics(
                 let sum = progress.part_sums.get(p).copied().unwrap_or(0.0);
                 (p.to_string(), sum / n)
             })
+            .collect(),
+        train_factors: factors
+            .into_iter()
+            .map(|(f, v)| (f.to_string(), v))
             .collect(),
         val_loss: eval.loss,
         val_accuracy: eval.accuracy,
@@ -288,7 +292,17 @@ pub fn run_epoch(
     )?;
     progress.device_memory.sample(&p.device);
     let seconds = progress.seconds + start.elapsed().as_secs_f64();
-    let m = metrics(&progress, &parts, &eval, lr, (seconds, train_seconds));
+    let factors = p
+        .teacher
+        .as_ref()
+        .map_or(Vec::new(), |t| t.method.factors(epoch + 1));
+    let m = metrics(
+        &progress,
+        (&parts, factors),
+        &eval,
+        lr,
+        (seconds, train_seconds),
+    );
     if !quiet {
         print_epoch(&m, &parts, config.epochs);
     }
@@ -327,7 +341,12 @@ fn print_epoch(m: &EpochMetrics, parts: &[&str], epochs: usize) {
             .iter()
             .map(|p| format!("{p} {:.4}", m.train_parts.get(*p).copied().unwrap_or(0.0)))
             .collect();
-        format!(" ({})", shown.join(" + "))
+        let factors: String = m
+            .train_factors
+            .iter()
+            .map(|(f, v)| format!(", {f} {v:.2}"))
+            .collect();
+        format!(" ({}{factors})", shown.join(" + "))
     };
     let memory = m
         .peak_device_mib

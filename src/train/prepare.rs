@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
@@ -134,8 +134,6 @@ pub fn prepare(
         None => RunLock::acquire(out)?,
     };
     ensure_dir(&out.join(files::CHECKPOINTS))?;
-    write_json(&out.join(files::CONFIG), &config)?;
-    write_json(&out.join(files::CLASSES), &classes_map(&data.classes))?;
 
     let (train_loader, val_loader) = loaders(&config, data.clone());
     let teacher_cache = match (&teacher, &config.teacher) {
@@ -185,6 +183,18 @@ pub fn prepare(
         }
         None => (model, optim, fresh),
     };
+    // Recorded once the state is restored, so that a resume refused above leaves the
+    // recorded config as it was. A finished run extended by more epochs is no longer
+    // finished: its final checkpoint goes, and a crash meanwhile leaves it resumable.
+    write_json(&out.join(files::CONFIG), &config)?;
+    write_json(&out.join(files::CLASSES), &classes_map(&data.classes))?;
+    let final_path = out
+        .join(files::CHECKPOINTS)
+        .join(files::Checkpoint::Final.file_name());
+    if state.epochs_done < config.epochs && final_path.is_file() {
+        std::fs::remove_file(&final_path)
+            .with_context(|| format!("cannot remove {}", final_path.display()))?;
+    }
     let prepared = Prepared {
         config,
         out: out.to_path_buf(),
