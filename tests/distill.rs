@@ -12,10 +12,10 @@ use common::*;
 use kd::data::tensors::{images_tensor, labels_tensor, rows};
 use kd::data::{AugmentConfig, Loader, RunData};
 use kd::losses::{Method, hinton::Hinton};
-use kd::models::{ModelSpec, Outputs, Stem, weights};
+use kd::models::{Outputs, weights};
 use kd::ops::{Ctx, Precision};
 use kd::run::{Checkpoint, Run, TeacherConfig, TrainConfig};
-use kd::train::{Teacher, TrainOptions, train};
+use kd::train::{Teacher, train};
 
 struct Shared {
     _dir: tempfile::TempDir,
@@ -24,28 +24,9 @@ struct Shared {
 }
 
 fn config(data: &Path, width: usize, epochs: usize) -> TrainConfig {
-    let mut c = TrainConfig::recipe(
-        data.to_path_buf(),
-        ModelSpec {
-            name: "resnet18".into(),
-            width: Some(width),
-            stem: Some(Stem::Small),
-        },
-    );
-    c.image_size = 32;
-    c.batch_size = 32;
-    c.epochs = epochs;
-    c.lr = 2e-3;
-    c.t_max = epochs;
-    c.augment = AugmentConfig::none();
+    let mut c = small_resnet(data, width, epochs);
+    (c.lr, c.t_max) = (2e-3, epochs);
     c
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..TrainOptions::default()
-    }
 }
 
 /// One teacher trained on 600 real digits, shared by the tests of this file.

@@ -455,57 +455,59 @@ fn method_settings_have_the_references_defaults_and_refuse_others_keys() {
     let all = fixture_methods();
     let defaults = |name: &str| serde_json::to_value(Method::defaults(name).unwrap()).unwrap();
     let reference = |name: &str, key: &str| all["methods"][name]["defaults"][key].clone();
-    let dkd = defaults("dkd");
-    for (ours, theirs) in [
-        ("ce_weight", "ce_weight"),
-        ("alpha", "alpha"),
-        ("beta", "beta"),
-        ("temperature", "T"),
-        ("warmup", "warmup"),
-    ] {
-        assert_eq!(
-            dkd[ours].as_f64(),
-            reference("dkd", theirs).as_f64(),
-            "dkd {ours}"
-        );
-    }
-    let dist = defaults("dist");
-    for (ours, theirs) in [
-        ("beta", "beta"),
-        ("gamma", "gamma"),
-        ("temperature", "tau"),
-        ("ce_weight", "ce_weight"),
-        ("kd_weight", "kd_weight"),
-    ] {
-        assert_eq!(
-            dist[ours].as_f64(),
-            reference("dist", theirs).as_f64(),
-            "dist {ours}"
-        );
-    }
-    let nkd = defaults("nkd");
-    for (ours, theirs) in [
-        ("temperature", "temp"),
-        ("gamma", "gamma"),
-        ("ce_weight", "ce_weight"),
-    ] {
-        assert_eq!(
-            nkd[ours].as_f64(),
-            reference("nkd", theirs).as_f64(),
-            "nkd {ours}"
-        );
-    }
-    let ls = defaults("logit_std");
-    for (ours, theirs) in [
-        ("temperature", "T"),
-        ("ce_weight", "ce_weight"),
-        ("kd_weight", "kd_weight"),
-    ] {
-        assert_eq!(
-            ls[ours].as_f64(),
-            reference("logit_std_kd", theirs).as_f64(),
-            "logit_std {ours}"
-        );
+    // (our method, the fixture's, [(our key, the reference's)]).
+    type Keys = &'static [(&'static str, &'static str)];
+    let cases: [(&str, &str, Keys); 4] = [
+        (
+            "dkd",
+            "dkd",
+            &[
+                ("ce_weight", "ce_weight"),
+                ("alpha", "alpha"),
+                ("beta", "beta"),
+                ("temperature", "T"),
+                ("warmup", "warmup"),
+            ],
+        ),
+        (
+            "dist",
+            "dist",
+            &[
+                ("beta", "beta"),
+                ("gamma", "gamma"),
+                ("temperature", "tau"),
+                ("ce_weight", "ce_weight"),
+                ("kd_weight", "kd_weight"),
+            ],
+        ),
+        (
+            "nkd",
+            "nkd",
+            &[
+                ("temperature", "temp"),
+                ("gamma", "gamma"),
+                ("ce_weight", "ce_weight"),
+            ],
+        ),
+        (
+            "logit_std",
+            "logit_std_kd",
+            &[
+                ("temperature", "T"),
+                ("ce_weight", "ce_weight"),
+                ("kd_weight", "kd_weight"),
+            ],
+        ),
+    ];
+    for (name, fixture, keys) in cases {
+        let ours = defaults(name);
+        for (key, theirs) in keys {
+            assert_eq!(
+                ours[key].as_f64(),
+                reference(fixture, theirs).as_f64(),
+                "{name} {key}"
+            );
+        }
     }
     let err = Method::from_table(&json!({"method": "dist", "warmup": 5}))
         .unwrap_err()
@@ -545,10 +547,8 @@ fn method_settings_have_the_references_defaults_and_refuse_others_keys() {
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use kd::data::AugmentConfig;
-use kd::models::{ModelSpec, Stem};
 use kd::run::{Checkpoint, TeacherConfig, TrainConfig};
-use kd::train::{TrainOptions, train};
+use kd::train::train;
 
 struct Shared {
     dir: tempfile::TempDir,
@@ -557,24 +557,9 @@ struct Shared {
 }
 
 fn config(data: &Path, width: usize, epochs: usize) -> TrainConfig {
-    let mut c = TrainConfig::recipe(
-        data.to_path_buf(),
-        ModelSpec {
-            name: "resnet18".into(),
-            width: Some(width),
-            stem: Some(Stem::Small),
-        },
-    );
-    (c.image_size, c.batch_size, c.epochs, c.lr, c.t_max) = (32, 32, epochs, 3e-3, 20);
-    c.augment = AugmentConfig::none();
+    let mut c = small_resnet(data, width, epochs);
+    (c.lr, c.t_max) = (3e-3, 20);
     c
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..TrainOptions::default()
-    }
 }
 
 /// One teacher (ResNet-18 at width 8: 64 pooled features) on 400 real digits.

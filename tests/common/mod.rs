@@ -305,3 +305,27 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The tests' small ResNet-18 (`stem = small`, `width`) on `data` at 32x32, batch 32, without
+/// augmentation, for `epochs` (learning rate and schedule the recipe's until a test sets them).
+pub fn small_resnet(data: &Path, width: usize, epochs: usize) -> kd::run::TrainConfig {
+    let mut c = kd::run::TrainConfig::recipe(
+        data.to_path_buf(),
+        kd::models::ModelSpec {
+            name: "resnet18".into(),
+            width: Some(width),
+            stem: Some(kd::models::Stem::Small),
+        },
+    );
+    (c.image_size, c.batch_size, c.epochs) = (32, 32, epochs);
+    c.augment = kd::data::AugmentConfig::none();
+    c
+}
+
+/// Training without progress output.
+pub fn quiet() -> kd::train::TrainOptions {
+    kd::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
