@@ -75,7 +75,7 @@ pub struct BenchOptions {
     #[arg(long)]
     pub feature_weight: Option<f64>,
     /// Instead of a model, measure decode + augment images/s of this image folder.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     pub data: Option<PathBuf>,
     /// With --data: time an epoch served from the image cache (after one pass fills it).
     #[arg(long, value_enum, default_value = "off")]

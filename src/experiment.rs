@@ -119,6 +119,17 @@ pub fn parse_experiment(text: &str) -> Result<Experiment> {
             .unwrap_or_default();
         anyhow::anyhow!("{line}{}", e.message().trim_end())
     })?;
+    let paths = [
+        ("out", Some(&file.out)),
+        ("[data] path", Some(&file.data.path)),
+        ("[data] split_to", file.data.split_to.as_ref()),
+    ];
+    if let Some((key, _)) = paths
+        .iter()
+        .find(|(_, p)| p.is_some_and(|p| p.as_os_str().to_string_lossy().trim().is_empty()))
+    {
+        bail!("{key} is empty: give a folder (an empty path would write into the working folder)");
+    }
     patch::check_keys(&file.recipe, Table::Recipe, "[recipe]")?;
     patch::check_keys(&file.teacher, Table::Stage, "[teacher]")?;
     patch::check_keys(&file.student, Table::Stage, "[student]")?;
@@ -442,6 +453,7 @@ pub fn run_experiment(exp: &Experiment, quiet: bool, device: DeviceSpec) -> Resu
         } else {
             let folder = ImageFolder::scan(&exp.data.path)?;
             crate::data::report_skipped(&folder.skipped, Some(exp.teacher.strict))?;
+            crate::data::split::check_class_sizes(&folder, false)?;
             let split = stratified_split(&folder, exp.data.val_fraction, exp.data.seed)?;
             write_split(&folder, &split, dst, LinkMode::Copy, false)?;
             println!(

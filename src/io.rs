@@ -88,6 +88,129 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     })
 }
 
+/// Takes an exclusive lock on the file `path` (created if missing), released when the
+/// returned file is dropped or the process ends however it ends; `None` when another process
+/// holds it.
+pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot create {}: check that the folder is writable",
+                path.display()
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// What ends a file guarded by [`with_checksum`]: this tag, then the CRC-32 (little-endian)
+/// of everything before it.
+const CHECKSUM_TAG: &[u8; 8] = b"KDCRC32:";
+
+/// The trailer that guards `parts` (written one after the other): [`CHECKSUM_TAG`] and their
+/// CRC-32.
+pub fn with_checksum(parts: &[&[u8]]) -> [u8; 12] {
+    let mut crc = crc32fast::Hasher::new();
+    for part in parts {
+        crc.update(part);
+    }
+    let mut trailer = [0u8; 12];
+    trailer[..8].copy_from_slice(CHECKSUM_TAG);
+    trailer[8..].copy_from_slice(&crc.finalize().to_le_bytes());
+    trailer
+}
+
+/// The contents of a file read as `bytes`, its checksum trailer checked and removed; a file
+/// without one (written before kd kept checksums) is taken as it is. A mismatch names the
+/// file: it was damaged after it was written.
+pub fn verified(mut bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
+    let Some(body) = bytes.len().checked_sub(12) else {
+        return Ok(bytes);
+    };
+    if &bytes[body..body + 8] != CHECKSUM_TAG {
+        return Ok(bytes);
+    }
+    let stored = u32::from_le_bytes(bytes[body + 8..].try_into().expect("4 bytes"));
+    if crc32fast::hash(&bytes[..body]) != stored {
+        anyhow::bail!(
+            "{} is damaged (its checksum does not match its contents): restore it from a copy, or use another checkpoint",
+            path.display()
+        );
+    }
+    bytes.truncate(body);
+    Ok(bytes)
+}
+
+/// The process that wrote a temporary file of [`write_atomic`] (`.NAME.tmp-PID`), or
+/// another hidden `.NAME<marker>PID` (a split's `.partial-`).
+fn temp_writer(name: &str, marker: &str) -> Option<u32> {
+    let (_, pid) = name.strip_prefix('.')?.rsplit_once(marker)?;
+    pid.parse().ok()
+}
+
+/// Whether `name` is a hidden `.NAME<marker>PID` of a process that is no longer running.
+pub fn left_by_dead_process(name: &str, marker: &str) -> bool {
+    temp_writer(name, marker).is_some_and(|pid| pid != std::process::id() && !alive(pid))
+}
+
+/// Whether process `pid` is alive (on Unix; elsewhere every process counts as alive, so
+/// nothing is removed).
+fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes from `dir` the temporary files of [`write_atomic`] left by processes that died
+/// mid-write (`kill -9`); returns how many. The caller holds the folder's lock, so no live
+/// writer of another process is touched.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if left_by_dead_process(&name, ".tmp-")
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// A path given on the command line: an empty one (`--out ""`) would mean the working
+/// folder, which no command means, so it is refused (clap's value parser).
+pub fn parse_path(s: &str) -> Result<PathBuf, String> {
+    if s.trim().is_empty() {
+        Err("an empty path: give a file or folder".into())
+    } else {
+        Ok(PathBuf::from(s))
+    }
+}
+
 /// `path` made absolute with symlinks resolved as far as it exists (the rest appended), so
 /// that two spellings of one place compare equal, even for a folder not created yet.
 pub fn resolved(path: &Path) -> PathBuf {
@@ -104,6 +227,28 @@ pub fn resolved(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let ours = std::process::id();
+        for name in [
+            format!(".best.bpk.tmp-{dead}"),
+            format!(".last.kdc.tmp-{ours}"),
+            "best.bpk".into(),
+            format!("notes.tmp-{dead}"),
+        ] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(dir.path()), 1);
+        assert!(!dir.path().join(format!(".best.bpk.tmp-{dead}")).exists());
+        for kept in [format!(".last.kdc.tmp-{ours}"), "best.bpk".into()] {
+            assert!(dir.path().join(kept).exists());
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_content_and_leaves_no_temp_file() {

@@ -369,6 +369,24 @@ fn disk_full_while_writing_a_checkpoint_leaves_nothing_half_written() {
     assert!(!out.join("metrics.json").exists());
     assert!(!out.join("checkpoints/last.kdc").exists());
     assert!(!out.join("checkpoints/final.bpk").exists());
+
+    // A full disk at the first epoch's resume state leaves its best checkpoint and metrics
+    // but nothing to continue from: the same command starts again, and so does --resume.
+    for resume in [false, true] {
+        let out = dir.path().join(format!("first-{resume}"));
+        train_on_full_disk(&out, "2", "last.kdc");
+        assert!(out.join("metrics.json").is_file() && !out.join("checkpoints/last.kdc").exists());
+        let extra: &[&str] = if resume {
+            &["--epochs", "2", "--resume"]
+        } else {
+            &["--epochs", "2"]
+        };
+        let again = kd(&train_args(s(&data), s(&out), extra));
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(again.status.success(), "{stderr}");
+        assert!(stderr.contains("starting it again"), "{stderr}");
+        assert!(out.join("checkpoints/final.bpk").is_file());
+    }
 }
 
 #[test]

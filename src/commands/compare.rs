@@ -12,11 +12,11 @@ use crate::report::{SpeedOptions, compare, results_table};
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Run folders.
-    #[arg(required = true)]
+    #[arg(required = true, value_parser = crate::io::parse_path)]
     runs: Vec<PathBuf>,
     /// Folder for accuracy.png, loss.png, train_loss.png, loss_parts.png, results.md and
     /// results.json.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     out: PathBuf,
     /// Device and precision of the inference-speed column [default: cpu, each run's precision].
     #[command(flatten)]

@@ -13,10 +13,10 @@ use crate::run::TrainConfig;
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// The bundled digits [default: data/mnist5k].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     data: Option<PathBuf>,
     /// Output folder.
-    #[arg(long, default_value = "runs/demo")]
+    #[arg(long, default_value = "runs/demo", value_parser = crate::io::parse_path)]
     out: PathBuf,
     /// Seed of split, initialisation and augmentation.
     #[arg(long, default_value_t = TrainConfig::default().seed)]

@@ -16,17 +16,17 @@ use crate::run::{Checkpoint, Run};
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Run folder.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     run: PathBuf,
     /// Which checkpoint.
     #[arg(long, value_enum, default_value_t)]
     checkpoint: Checkpoint,
     /// Images to evaluate: DIR/val if it exists, else every image of DIR [default: the run's validation images].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     data: Option<PathBuf>,
     /// Folder for eval JSON and confusion PNG [default: RUN/eval; files named
     /// eval-CHECKPOINT.json, or eval-CHECKPOINT-on-FOLDER.json with --data].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     out: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]

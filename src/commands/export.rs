@@ -11,13 +11,13 @@ use crate::run::{Checkpoint, Run};
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// Run folder.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     run: PathBuf,
     /// Which checkpoint.
     #[arg(long, value_enum, default_value_t)]
     checkpoint: Checkpoint,
     /// Output .safetensors file (load in PyTorch with safetensors.torch.load_file).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     out: PathBuf,
 }
 

@@ -21,13 +21,13 @@ use crate::run::{Checkpoint, NanPolicy, Run, TrainConfig, files};
 #[derive(Debug, Args, Serialize)]
 pub struct TrainFlags {
     /// Folder with train/ and val/, or a class folder to split in memory.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     data: Option<PathBuf>,
     /// Architecture (see `kd models`).
     #[arg(long, visible_alias = "student")]
     model: Option<String>,
     /// Run folder to write.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     #[serde(skip)]
     pub out: PathBuf,
     /// Epochs.
@@ -88,7 +88,7 @@ pub struct TrainFlags {
     #[arg(long)]
     val_limit: Option<usize>,
     /// Start from a PyTorch state dict (.safetensors or .pth; torchvision or reference CoAtNet names).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     init_from: Option<PathBuf>,
     /// On a NaN/Inf loss: stop (keep the last good checkpoint) or skip the batch (an epoch
     /// with every batch skipped still stops).
@@ -159,7 +159,7 @@ struct AugmentFlags {
 pub struct DistillFlags {
     /// Run folder of the trained teacher (required, but with --resume, which keeps the
     /// run's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     #[serde(skip_serializing_if = "Option::is_none")]
     teacher: Option<PathBuf>,
     /// Teacher checkpoint.

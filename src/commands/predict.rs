@@ -9,16 +9,16 @@ use super::ComputeArgs;
 use crate::data::Loader;
 use crate::eval::{Images, predict};
 use crate::ops::Ctx;
-use crate::run::{Checkpoint, Run};
+use crate::run::{Checkpoint, Run, files};
 
 /// Options of `kd predict`.
 #[derive(Debug, Args)]
 pub struct PredictArgs {
     /// Run folder.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     run: PathBuf,
     /// Image files or folders.
-    #[arg(required = true)]
+    #[arg(required = true, value_parser = crate::io::parse_path)]
     paths: Vec<PathBuf>,
     /// Which checkpoint.
     #[arg(long, value_enum, default_value_t)]
@@ -31,7 +31,7 @@ pub struct PredictArgs {
     json: bool,
     /// Also write each image's top class to this CSV file: file,class,probability (file
     /// relative to the folder given, or the file's name).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::io::parse_path)]
     csv: Option<PathBuf>,
     #[command(flatten)]
     compute: ComputeArgs,
@@ -43,6 +43,17 @@ pub fn run(a: PredictArgs) -> Result<()> {
     }
     let run = Run::open(&a.run)?;
     let images = Images::collect(&a.paths, a.csv.is_some())?;
+    if let Some(csv) = &a.csv {
+        // What it reads: the images, the folders given, the run's own files.
+        let mut inputs = a.paths.clone();
+        inputs.extend([files::CONFIG, files::CLASSES].map(|f| run.dir.join(f)));
+        inputs.push(
+            run.dir
+                .join(files::CHECKPOINTS)
+                .join(a.checkpoint.file_name()),
+        );
+        images.check_csv_path(csv, &inputs)?;
+    }
     let (device, precision) = a.compute.open_for(&run)?;
     let net = run.load_network(a.checkpoint, &device)?;
     let loader = Loader::new(images.samples.clone(), run.eval_transform(), 32, false, 0);

@@ -12,6 +12,7 @@ use crate::experiment::{load_experiment, run_experiment};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Experiment file (see examples/).
+    #[arg(value_parser = crate::io::parse_path)]
     config: PathBuf,
     /// No progress bars.
     #[arg(long)]

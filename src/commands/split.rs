@@ -12,8 +12,10 @@ use crate::run::TrainConfig;
 #[derive(Debug, Args)]
 pub struct SplitArgs {
     /// Folder with one sub-folder per class.
+    #[arg(value_parser = crate::io::parse_path)]
     src: PathBuf,
     /// Output folder (gets train/ and val/).
+    #[arg(value_parser = crate::io::parse_path)]
     dst: PathBuf,
     /// Share of each class that goes to val/.
     #[arg(long, default_value_t = TrainConfig::default().val_fraction)]
@@ -30,12 +32,17 @@ pub struct SplitArgs {
     /// Fail on non-image files (default: skip them with a warning).
     #[arg(long)]
     strict: bool,
+    /// Keep classes of one image (too few to split) in train/ only, their val/ folder empty;
+    /// without it such a class is refused.
+    #[arg(long)]
+    keep_tiny_classes: bool,
 }
 
 pub fn run(a: SplitArgs) -> Result<()> {
     crate::data::split::check_val_fraction(a.val_fraction)?;
     let folder = ImageFolder::scan(&a.src)?;
     crate::data::report_skipped(&folder.skipped, Some(a.strict))?;
+    crate::data::split::check_class_sizes(&folder, a.keep_tiny_classes)?;
     let split = stratified_split(&folder, a.val_fraction, a.seed)?;
     let mode = if a.link {
         LinkMode::HardLink

@@ -11,6 +11,7 @@ use crate::data::{ImageFolder, channel_stats};
 #[derive(Debug, Args)]
 pub struct StatsArgs {
     /// Folder with one sub-folder per class (or with train/ and val/: train/ is used).
+    #[arg(value_parser = crate::io::parse_path)]
     dir: PathBuf,
     /// Resize each image to SIZE x SIZE first (what a model sees).
     #[arg(long)]

@@ -48,10 +48,15 @@ impl RgbImage {
 
 /// Decodes an image file (PNG/JPEG/BMP/WebP; grayscale, RGBA and 16-bit become RGB).
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .len();
-    if len == 0 {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "image {} is not a regular file (a device, FIFO or socket, or a link to one): remove it",
+            path.display()
+        );
+    }
+    if meta.len() == 0 {
         bail!(
             "image {} is an empty (0-byte) file: remove or replace it",
             path.display()

@@ -57,7 +57,7 @@ fn resolve(dir: &Path, val_fraction: f64, seed: u64) -> Result<RunData> {
     let (train_dir, val_dir) = (dir.join("train"), dir.join("val"));
     let data = if is_split(dir) {
         let train = ImageFolder::scan(&train_dir)?;
-        let val = ImageFolder::scan(&val_dir)?;
+        let val = ImageFolder::scan_validation(&val_dir)?;
         if train.classes != val.classes {
             let (only_train, only_val) =
                 super::folder::class_difference(&train.classes, &val.classes);

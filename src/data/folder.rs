@@ -133,6 +133,16 @@ pub fn images_under(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 impl ImageFolder {
     /// Scans `root`. Fails on a missing folder, no classes or a class without images.
     pub fn scan(root: &Path) -> Result<Self> {
+        Self::scan_with(root, false)
+    }
+
+    /// Scans the validation images of a split folder, where a class kept in train/ only
+    /// (`kd split --keep-tiny-classes`) has an empty folder.
+    pub fn scan_validation(root: &Path) -> Result<Self> {
+        Self::scan_with(root, true)
+    }
+
+    fn scan_with(root: &Path, allow_empty: bool) -> Result<Self> {
         let classes = class_names(root)?;
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
@@ -154,7 +164,7 @@ impl ImageFolder {
                 &mut HashSet::from([own]),
                 &fence,
             )?;
-            if files.is_empty() {
+            if files.is_empty() && !allow_empty {
                 bail!(
                     "class folder {} has no images ({}): add images or remove the folder",
                     dir.display(),

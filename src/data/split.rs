@@ -82,6 +82,24 @@ pub fn check_val_fraction(val_fraction: f64) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a class too small to split (one image: nothing for val/), naming it, unless
+/// `keep_tiny` keeps such classes in train/ only.
+pub fn check_class_sizes(folder: &ImageFolder, keep_tiny: bool) -> Result<()> {
+    if keep_tiny {
+        return Ok(());
+    }
+    for (label, class) in folder.classes.iter().enumerate() {
+        let n = folder.samples.iter().filter(|s| s.label == label).count();
+        if n < 2 {
+            bail!(
+                "class '{class}' has {n} image: a split needs 2 or more per class (one for val/); add images, remove {}, or pass --keep-tiny-classes to keep it in train/ only",
+                folder.root.join(class).display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Number of validation images for a class of `n` images: rounded share, at least one
 /// image on each side when the class has two or more.
 pub fn val_count(n: usize, val_fraction: f64) -> usize {
@@ -151,6 +169,10 @@ pub fn write_split(
             dst.display()
         );
     }
+    // One split into a destination at a time: the lock sits next to it (the destination
+    // itself is replaced), and a split that finds it held stops at once.
+    let _lock = lock_destination(dst)?;
+    remove_dead_partials(dst);
     if dst.exists() {
         let non_empty = fs::read_dir(dst)
             .with_context(|| format!("cannot read {}", dst.display()))?
@@ -191,6 +213,14 @@ pub fn write_split(
                 })?;
             }
             for s in samples.iter() {
+                slow_split_hook();
+                if crate::interrupt::requested() {
+                    return Err(crate::interrupt::Stopped(format!(
+                        "nothing of {} was written",
+                        dst.display()
+                    ))
+                    .into());
+                }
                 let target = staging
                     .join(part)
                     .join(&folder.classes[s.label])
@@ -229,6 +259,60 @@ pub fn write_split(
         let _ = fs::remove_dir_all(&staging);
     }
     result
+}
+
+/// Test hook: `KD_FAULT_SLOW_SPLIT_MS=N` waits N ms before each file a split writes, so
+/// that a test can interrupt or race it.
+fn slow_split_hook() {
+    if let Some(ms) = std::env::var("KD_FAULT_SLOW_SPLIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// Locks the destination of a split (`.NAME.kd-lock` next to it), or says another process
+/// holds it. The operating system releases the lock when the process ends.
+fn lock_destination(dst: &Path) -> Result<fs::File> {
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let name = dst.file_name().context("destination has no folder name")?;
+    fs::create_dir_all(parent).with_context(|| {
+        format!(
+            "cannot create {}: choose a writable location",
+            parent.display()
+        )
+    })?;
+    let path = parent.join(format!(".{}.kd-lock", name.to_string_lossy()));
+    match crate::io::try_lock_file(&path)? {
+        Some(file) => Ok(file),
+        None => bail!(
+            "{} is being written by another kd split: wait for it to finish, or choose another destination",
+            dst.display()
+        ),
+    }
+}
+
+/// Removes the staging folders (`.NAME.partial-PID`) of splits into `dst` whose process was
+/// killed.
+fn remove_dead_partials(dst: &Path) {
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let Some(name) = dst.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.partial-");
+    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) && crate::io::left_by_dead_process(&file, ".partial-") {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Path of a sample relative to its class folder.

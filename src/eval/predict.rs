@@ -104,6 +104,11 @@ impl Images {
                     |n| n.to_string_lossy().into_owned(),
                 );
                 found.push((p.clone(), name));
+            } else if p.exists() {
+                bail!(
+                    "{} is not a regular file (a device, FIFO or socket): pass image files or folders",
+                    p.display()
+                );
             } else {
                 bail!(
                     "{} does not exist: pass image files or folders",
@@ -129,6 +134,40 @@ impl Images {
             images.samples.push(Sample { path, label: 0 });
         }
         Ok(images)
+    }
+
+    /// Refuses a CSV path that would overwrite an input: one of the images, a folder given,
+    /// or a path with an image's extension (a shell glob such as `imgs/*.png` after
+    /// `--csv` makes its first match the CSV).
+    pub fn check_csv_path(&self, csv: &Path, inputs: &[PathBuf]) -> Result<()> {
+        let ext = csv
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if let Some(ext) = ext
+            && crate::data::folder::IMAGE_EXTENSIONS.contains(&ext.as_str())
+        {
+            bail!(
+                "--csv {} is an image path (a shell glob after --csv?): give a .csv file, e.g. --csv predictions.csv",
+                csv.display()
+            );
+        }
+        let target = crate::io::resolved(csv);
+        let reads = self.samples.iter().map(|s| &s.path).chain(inputs);
+        if let Some(input) = reads.into_iter().find(|p| crate::io::resolved(p) == target) {
+            bail!(
+                "--csv {} is an input ({}): give another file for the predictions",
+                csv.display(),
+                input.display()
+            );
+        }
+        if csv.is_dir() {
+            bail!(
+                "--csv {} is a folder: give a file, e.g. {}",
+                csv.display(),
+                csv.join("predictions.csv").display()
+            );
+        }
+        Ok(())
     }
 
     /// Writes each image's top class as `file,class,probability` (RFC 4180 quoting).

@@ -68,7 +68,8 @@ impl ModelSpec {
         if num_classes < 2 {
             bail!("a classifier needs at least 2 classes, got {num_classes}");
         }
-        (self.family()?.build)(self, num_classes, image_size, device)
+        let net = (self.family()?.build)(self, num_classes, image_size, device)?;
+        Ok(super::weights::stable_ids(net, 0))
     }
 
     /// Refuses a ResNet stem for a family without the option.

@@ -1,6 +1,12 @@
-//! Weight files: kd's own checkpoints (burnpack, parameter ids kept for resuming) and
-//! PyTorch state dicts (`.safetensors` or `.pth`) under the reference names (torchvision's
-//! for ResNet, the reference implementation's for CoAtNet).
+//! Weight files: kd's own checkpoints and PyTorch state dicts (`.safetensors` or `.pth`)
+//! under the reference names (torchvision's for ResNet, the reference implementation's for
+//! CoAtNet).
+//!
+//! A kd checkpoint is burnpack bytes without parameter ids, followed by a CRC-32 of them
+//! ([`crate::io::with_checksum`]), so that two runs of the same seed and config write the
+//! same bytes and a damaged file is named instead of loaded. The parameters' ids, which key
+//! the optimizer's state, are stable instead: numbered in module order when a network is
+//! built ([`stable_ids`]), so a resumed model finds its optimizer state without them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,15 +30,73 @@ fn from_torch_remaps(net: &Network) -> impl Iterator<Item = Remap> {
     std::iter::once(STRIP_WRAPPER).chain(net.family().from_torch.iter().copied())
 }
 
-/// Serialises a network (or any module, such as a feature projection) to burnpack bytes.
+/// Serialises a network (or any module, such as a feature projection) to a kd checkpoint:
+/// burnpack bytes without parameter ids, then their checksum.
 pub fn to_bytes<M: burn::module::Module>(net: &M) -> Result<Vec<u8>> {
-    let mut store = BurnpackStore::from_bytes(None);
+    let mut store = BurnpackStore::from_bytes(None).with_to_adapter(WithoutIds);
     net.save_into(&mut store)
         .context("cannot serialise model")?;
-    Ok(store
-        .get_bytes()
-        .context("cannot serialise model")?
-        .to_vec())
+    let bytes = store.get_bytes().context("cannot serialise model")?;
+    let trailer = crate::io::with_checksum(&[&bytes]);
+    let mut out = bytes.to_vec();
+    out.extend_from_slice(&trailer);
+    Ok(out)
+}
+
+/// Leaves the (random or numbered) parameter ids out of a checkpoint.
+#[derive(Clone)]
+struct WithoutIds;
+
+impl burn::store::ModuleAdapter for WithoutIds {
+    fn adapt(
+        &self,
+        mut tensor: burn::store::burn_pack::Tensor,
+        _: burn::store::ModuleContext<'_>,
+    ) -> burn::store::burn_pack::Tensor {
+        tensor.param_id = None;
+        tensor
+    }
+
+    fn clone_box(&self) -> Box<dyn burn::store::ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Numbers the parameters of `module` in module order from `first`, in place of Burn's
+/// random ids, without initialising them (initialisation stays lazy, in the order the
+/// model first uses its parameters).
+pub fn stable_ids<M: burn::module::Module>(module: M, first: u64) -> M {
+    struct Numbering(u64);
+    impl Numbering {
+        fn next(&mut self) -> burn::module::ParamId {
+            self.0 += 1;
+            burn::module::ParamId::from(self.0)
+        }
+    }
+    impl burn::module::ModuleMapper for Numbering {
+        fn map_float<const D: usize>(
+            &mut self,
+            mut param: burn::module::Param<burn::tensor::Tensor<D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+            param.id = self.next();
+            param
+        }
+        fn map_int<const D: usize>(
+            &mut self,
+            mut param: burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Int>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Int>> {
+            param.id = self.next();
+            param
+        }
+        fn map_bool<const D: usize>(
+            &mut self,
+            mut param: burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Bool>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Bool>> {
+            param.id = self.next();
+            param
+        }
+    }
+    module.map(&mut Numbering(first))
 }
 
 /// Loads burnpack bytes (from [`to_bytes`]) into a network (or module) of the same
@@ -44,6 +108,7 @@ pub fn load_bytes<M: burn::module::Module>(
 ) -> Result<()> {
     // Partial loading turns a foreign model into a list of missing weights (reported by
     // `check_complete`) instead of one enormous validation error.
+    let bytes = crate::io::verified(bytes, origin)?;
     let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)))
         .allow_partial(true)
         .validate(false);

@@ -184,6 +184,18 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comp
             );
         }
     }
+    // Accuracies over other classes are not comparable.
+    if let Some(other) = opened[1..].iter().find(|r| r.classes != opened[0].classes) {
+        let first = &opened[0];
+        let (new, gone) = crate::data::folder::class_difference(&other.classes, &first.classes);
+        bail!(
+            "runs {} and {} were trained on different classes ({} has {new:?} that {} lacks, and lacks {gone:?}): compare runs of the same classes",
+            first.dir.display(),
+            other.dir.display(),
+            other.dir.display(),
+            first.dir.display()
+        );
+    }
     let labels = labels(&opened);
     let mut rows = Vec::new();
     let (mut acc_series, mut val_loss_series, mut train_loss_series) =

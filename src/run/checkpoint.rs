@@ -150,8 +150,9 @@ pub struct ResumeState {
 /// The resume file of a run with a feature projection: two more parts.
 const MAGIC_PROJECTION: &[u8; 8] = b"KDRESUM2";
 
-/// Writes the resume file atomically: the magic, then each part after its length. A run
-/// without a feature projection writes the first format (three parts), as kd always has.
+/// Writes the resume file atomically: the magic, then each part after its length, then their
+/// checksum ([`crate::io::with_checksum`]). A run without a feature projection writes the
+/// first format (three parts), as kd always has.
 pub fn save_resume(
     path: &Path,
     model: &[u8],
@@ -173,12 +174,15 @@ pub fn save_resume(
         all.push(length);
         all.push(part);
     }
+    let trailer = crate::io::with_checksum(&all);
+    all.push(&trailer);
     write_atomic_parts(path, &all)
 }
 
 /// Reads a resume file, rejecting truncated or foreign files with a clear message.
 pub fn load_resume(path: &Path) -> Result<ResumeState> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::io::verified(bytes, path)?;
     let damaged = || {
         anyhow::anyhow!(
             "resume file {} is truncated or not a kd checkpoint: delete it to restart the run",

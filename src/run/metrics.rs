@@ -94,8 +94,45 @@ impl From<RecordedEpoch> for EpochMetrics {
 }
 
 /// Reads a run folder's `metrics.json`.
+/// Reads a run folder's `metrics.json`, refusing numbers no training writes (an accuracy
+/// outside [0, 1], a non-finite or negative time, epochs out of order), naming the file.
 pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>> {
-    read_json(&dir.join(files::METRICS))
+    let path = dir.join(files::METRICS);
+    let history: Vec<EpochMetrics> = read_json(&path)?;
+    for (i, m) in history.iter().enumerate() {
+        let bad = |what: &str, value: f64| {
+            anyhow::anyhow!(
+                "{} is damaged: epoch {} has {what} {value}, which no training writes; restore it from a copy, or retrain the run",
+                path.display(),
+                m.epoch
+            )
+        };
+        if m.epoch != i + 1 {
+            return Err(bad("the number", m.epoch as f64));
+        }
+        for (what, v) in [
+            ("val_accuracy", m.val_accuracy),
+            ("val_macro_f1", m.val_macro_f1),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(bad(what, v));
+            }
+        }
+        for (what, v) in [
+            ("lr", m.lr),
+            ("seconds", m.seconds),
+            ("images_per_second", m.images_per_second),
+            ("val_loss", m.val_loss),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(bad(what, v));
+            }
+        }
+        if !m.train_loss.is_finite() {
+            return Err(bad("train_loss", m.train_loss));
+        }
+    }
+    Ok(history)
 }
 
 /// The epoch whose weights `best.bpk` holds: the first one of the highest validation

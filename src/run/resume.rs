@@ -21,20 +21,19 @@ pub fn resume_path(dir: &Path) -> std::path::PathBuf {
     dir.join(files::CHECKPOINTS).join(files::RESUME)
 }
 
-/// Whether `dir` holds a run that stopped before saving anything of its first epoch (an
-/// error or `kill -9` then; Ctrl-C saves a resumable state): nothing in it is worth keeping,
-/// so a new run (with or without `--resume`) starts there afresh.
+/// Whether `dir` holds a run that stopped before it could be continued: no resume state and
+/// no final checkpoint, and at most its first epoch's metrics (an error or `kill -9` during
+/// the first epoch, or while its files were written, a full disk among them; Ctrl-C saves a
+/// resumable state). Nothing in it is worth keeping, so a new run (with or without
+/// `--resume`) starts there afresh.
 pub fn saved_no_epoch(dir: &Path) -> bool {
     let ckpt = dir.join(files::CHECKPOINTS);
+    let metrics = dir.join(files::METRICS);
     Run::open(dir).is_ok()
-        && !dir.join(files::METRICS).exists()
-        && [
-            Checkpoint::Best.file_name(),
-            Checkpoint::Final.file_name(),
-            files::RESUME,
-        ]
-        .iter()
-        .all(|f| !ckpt.join(f).exists())
+        && [Checkpoint::Final.file_name(), files::RESUME]
+            .iter()
+            .all(|f| !ckpt.join(f).exists())
+        && (!metrics.exists() || super::metrics::read_metrics(dir).is_ok_and(|m| m.len() <= 1))
 }
 
 /// Empties a run folder that holds nothing worth keeping (its lock stays, held by the caller).

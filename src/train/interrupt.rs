@@ -2,19 +2,16 @@
 //! the error it then returns once a resumable state is saved.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Asks a running training to stop after its current batch and save a resumable state
 /// (what Ctrl-C does).
 pub fn request_interrupt() {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    crate::interrupt::request();
 }
 
 /// Whether a stop was asked for.
 pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+    crate::interrupt::requested()
 }
 
 /// Training stopped on request; the state up to the last batch is saved.

@@ -77,9 +77,10 @@ pub fn prepare(
     let restart = resume::saved_no_epoch(out);
     if restart {
         eprintln!(
-            "note: {} holds a run that saved no epoch (it stopped during its first); starting it again",
+            "note: {} holds a run that saved no epoch it can continue from (it stopped during its first); starting it again",
             out.display()
         );
+        resume::clear(out)?;
     }
     let resumed = if restart {
         None

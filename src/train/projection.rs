@@ -24,7 +24,11 @@ impl Projection {
     /// A fresh projection from `student` to `teacher` features on the autodiff `device`.
     pub fn new(student: usize, teacher: usize, epsilon: f64, device: &Device) -> Self {
         Self {
-            layer: crate::losses::feature::projection(student, teacher, device),
+            // Numbered apart from the student's parameters.
+            layer: crate::models::weights::stable_ids(
+                crate::losses::feature::projection(student, teacher, device),
+                1 << 32,
+            ),
             optim: FusedAdam::new(epsilon as f32).init(),
         }
     }
