@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::data::{AugmentConfig, CacheMode, ImageFolder, Loader, Transform};
 use crate::device::{DeviceSpec, PeakDeviceMemory};
 use crate::losses::{self, Method, cross_entropy};
+use crate::models::memory::{Role, check_step};
 use crate::models::{ModelSpec, Network, Outputs, Stem};
 use crate::ops::{Ctx, Precision};
 use crate::train::projection::Projection;
@@ -199,20 +200,28 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
     let mut times = Vec::new();
     let mut memory = PeakDeviceMemory::default();
+    let teacher_spec = ModelSpec {
+        name: teacher_name(a).to_string(),
+        width: a.teacher_width,
+        stem: None,
+    };
+    let mut roles = vec![Role {
+        spec: &spec,
+        train: a.mode != BenchMode::Eval,
+    }];
+    if a.mode == BenchMode::Distill {
+        roles.push(Role {
+            spec: &teacher_spec,
+            train: false,
+        });
+    }
+    check_step(&roles, (a.classes, s, b), precision, &device)?;
     match a.mode {
         BenchMode::Train | BenchMode::Distill => {
             let ad = device.clone().autodiff();
             let mut model = spec.build(a.classes, s, &ad)?;
             let teacher = match a.mode {
-                BenchMode::Distill => Some(
-                    ModelSpec {
-                        name: teacher_name(a).to_string(),
-                        width: a.teacher_width,
-                        stem: None,
-                    }
-                    .build(a.classes, s, &device)?
-                    .valid(),
-                ),
+                BenchMode::Distill => Some(teacher_spec.build(a.classes, s, &device)?.valid()),
                 _ => None,
             };
             let distiller = match a.mode {

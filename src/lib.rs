@@ -16,6 +16,7 @@ pub mod experiment;
 pub mod interrupt;
 pub mod io;
 pub mod losses;
+pub mod mem;
 pub mod models;
 pub mod ops;
 pub mod report;

@@ -24,86 +24,10 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-/// The system allocator, with a clear last line instead of Rust's abort (exit 134 and a
-/// backtrace) when memory runs out: which size was asked for and what to lower.
-#[cfg(unix)]
-struct ReportingAllocator;
-
-// SAFETY: every call goes to the system allocator unchanged; a failed allocation ends the
-// process instead of returning null.
-#[cfg(unix)]
-unsafe impl std::alloc::GlobalAlloc for ReportingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: the caller's layout is passed on as it is.
-        let p = unsafe { std::alloc::System.alloc(layout) };
-        if p.is_null() {
-            out_of_memory(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: as above.
-        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
-        if p.is_null() {
-            out_of_memory(layout.size());
-        }
-        p
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as above.
-        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
-        if p.is_null() {
-            out_of_memory(new_size);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: as above.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[cfg(unix)]
+/// Counts the bytes in use (what a run's memory check measures) and ends a refused
+/// allocation with one clear line instead of an abort.
 #[global_allocator]
-static ALLOCATOR: ReportingAllocator = ReportingAllocator;
-
-/// Writes one line to stderr without allocating (there is no memory left) and exits 1. The
-/// files kd writes are renamed into place whole, so nothing half-written remains; a run that
-/// saved no epoch starts again by the same command.
-#[cfg(unix)]
-fn out_of_memory(size: usize) -> ! {
-    let mut line = [0u8; 256];
-    let mut n = 0;
-    let mut put = |bytes: &[u8]| {
-        for &b in bytes {
-            if n < line.len() {
-                line[n] = b;
-                n += 1;
-            }
-        }
-    };
-    put(b"error: out of memory: ");
-    let mut digits = [0u8; 20];
-    let (mut v, mut d) = (size / (1 << 20), digits.len());
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    put(&digits[d..]);
-    put(b" MiB more could not be had; lower --batch-size, --image-size or --width\n");
-    // SAFETY: writes `n` initialised bytes to stderr, then ends the process at once.
-    unsafe {
-        libc::write(2, line.as_ptr().cast(), n);
-        libc::_exit(1)
-    }
-}
+static ALLOCATOR: kd::mem::Allocator = kd::mem::Allocator;
 
 /// Runs `job` on a thread of rayon's global pool. The kernels' parallel loops (kd's, Burn's
 /// flex backend's, gemm's) then start on the calling worker at once, instead of waking the
@@ -117,6 +41,12 @@ fn run_on_worker<T: Send>(job: impl FnOnce() -> T + Send) -> T {
 
 fn main() {
     keep_freed_memory();
+    if let Some(mib) = std::env::var("KD_FAULT_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        kd::mem::set_limit(mib << 20);
+    }
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()

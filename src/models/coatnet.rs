@@ -377,14 +377,24 @@ impl Attention {
     ) -> Self {
         let inner = cfg.heads * cfg.dim_head;
         let n = h * w;
-        let index = Tensor::<2, Int>::from_data(
-            TensorData::new(relative_index(h, w), [n * n, 1]),
-            (device, DType::I64),
+        // Made when first used: n² entries (34 GB for a 4096x4096 image's third stage) that
+        // counting the parameters must not allocate.
+        let index = Param::uninitialized(
+            ParamId::new(),
+            move |device: &Device, _| {
+                Tensor::<2, Int>::from_data(
+                    TensorData::new(relative_index(h, w), [n * n, 1]),
+                    (device, DType::I64),
+                )
+            },
+            device.clone(),
+            false,
+            [n * n, 1].into(),
         );
         Self {
             relative_bias_table: Initializer::Zeros
                 .init([(2 * h - 1) * (2 * w - 1), cfg.heads], device),
-            relative_index: Param::initialized(ParamId::new(), index),
+            relative_index: index,
             to_qkv: linear(cin, inner * 3, false, device),
             to_out: linear(inner, cout, true, device),
             heads: cfg.heads,

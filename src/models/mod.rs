@@ -5,6 +5,7 @@
 //! [`crate::ops::Ctx`], so they get kd's CPU kernels and autocast without naming them.
 
 pub mod blocks;
+pub mod memory;
 mod spec;
 pub mod weights;
 

@@ -13,6 +13,7 @@ use super::projection::Projection;
 use super::teacher::{self, OutputsCache, Teacher};
 use crate::data::{CacheMode, Loader, RunData, Transform, channel_stats};
 use crate::io::{ensure_dir, write_json};
+use crate::models::memory::{self, Role};
 use crate::models::{Network, weights};
 use crate::ops::{Ctx, FusedAdam};
 use crate::run::checkpoint::{DataFingerprint, LoopState, ResumeState};
@@ -102,9 +103,26 @@ pub fn prepare(
     };
 
     let device = crate::device::open(options.device, config.precision)?;
-    let teacher = match config.teacher.clone() {
-        Some(tc) => {
-            let run = teacher::open(&config, &tc, &data)?;
+    let teacher_run = match config.teacher.clone() {
+        Some(tc) => Some((teacher::open(&config, &tc, &data)?, tc)),
+        None => None,
+    };
+    // Refused before anything of the size asked for is allocated.
+    let mut roles = vec![Role {
+        spec: &config.model,
+        train: true,
+    }];
+    if let Some((run, _)) = &teacher_run {
+        roles.push(Role {
+            spec: &run.config.model,
+            train: false,
+        });
+    }
+    let batch = config.batch_size.min(data.train.len()).max(1);
+    let step = (data.classes.len(), config.image_size, batch);
+    memory::check_step(&roles, step, config.precision, &device)?;
+    let teacher = match teacher_run {
+        Some((run, tc)) => {
             // The student sees the teacher's normalization unless it was given (and equal).
             config.mean = config.mean.or(run.config.mean);
             config.std = config.std.or(run.config.std);

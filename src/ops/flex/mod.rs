@@ -17,6 +17,14 @@ use burn::backend::DispatchDevice;
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 
+/// Whether `device` is the flex CPU backend (with or without autodiff).
+pub fn is_flex_device(device: &burn::tensor::Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
 /// Whether `x` lives on the flex CPU backend (with or without autodiff) as f32.
 pub fn is_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_)) && x.dtype() == DType::F32
