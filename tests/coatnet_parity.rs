@@ -308,3 +308,16 @@ fn train_refuses_coatnet_image_size_before_any_work() {
     );
     assert!(!out.exists(), "no output for a bad size");
 }
+
+/// The exported ONNX graph computes the tiny CoAtNet's logits, relative-position attention
+/// included; only the MBConv blocks' pre-norms (which precede their convolution) stay
+/// BatchNorm nodes.
+#[test]
+fn coatnet_tiny_exports_to_onnx() {
+    let net = tiny_coatnet(&Device::flex());
+    assert_eq!(
+        check_onnx_round_trip(&net, 12, 64),
+        4,
+        "one per MBConv block"
+    );
+}

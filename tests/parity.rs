@@ -312,3 +312,10 @@ fn rewrite(from: &std::path::Path, key: &str, zeros_shape: Option<&[usize]>, to:
     file.extend(out_body);
     std::fs::write(to, file).unwrap();
 }
+
+/// The exported ONNX graph computes the tiny ResNet's logits, every BatchNorm folded.
+#[test]
+fn resnet_tiny_exports_to_onnx() {
+    let net = tiny_resnet(&Device::flex());
+    assert_eq!(check_onnx_round_trip(&net, 12, 64), 0, "all folded");
+}

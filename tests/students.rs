@@ -381,3 +381,14 @@ fn new_students_work_wherever_a_model_name_is_accepted() {
         "{out}"
     );
 }
+
+/// The exported ONNX graphs compute the tiny students' logits, every BatchNorm folded.
+#[test]
+fn students_export_to_onnx() {
+    let device = Device::flex();
+    assert_eq!(check_onnx_round_trip(&tiny_mobilenet(&device), 12, 64), 0);
+    assert_eq!(
+        check_onnx_round_trip(&tiny_efficientnet(&device), 12, 64),
+        0
+    );
+}

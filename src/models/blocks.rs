@@ -14,6 +14,7 @@ use burn::tensor::{Device, Tensor};
 use anyhow::{Result, bail};
 
 use super::ModelSpec;
+use super::onnx::{Graph, Value};
 use crate::ops::Ctx;
 
 /// Both families stride five times by 2: images from 32 pixels give their last stage one.
@@ -58,6 +59,15 @@ impl Activation {
             Self::Relu => burn::tensor::activation::relu(x),
             Self::Hardswish => cx.hardswish(x),
             Self::Silu => cx.silu(x),
+        }
+    }
+
+    fn to_onnx(self, g: &mut Graph, x: Value) -> Value {
+        match self {
+            Self::Identity => x,
+            Self::Relu => g.relu(&x),
+            Self::Hardswish => g.hardswish(&x),
+            Self::Silu => g.silu(&x),
         }
     }
 }
@@ -147,6 +157,12 @@ impl ConvBnAct {
         self.bn.gamma.dims()[0]
     }
 
+    /// `act(bn(conv(x)))` as ONNX nodes, the BatchNorm folded into the convolution.
+    pub fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let y = g.conv(&format!("{name}.0"), &x, &self.conv, Some(&self.bn))?;
+        Ok(self.act.to_onnx(g, y))
+    }
+
     /// `act(bn(conv(x)))`.
     pub fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let y = cx.conv2d(&self.conv, x);
@@ -193,6 +209,18 @@ impl SqueezeExcitation {
             act,
             gate,
         }
+    }
+
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let scale = g.global_avg_pool_4d(&x);
+        let scale = g.conv(&format!("{name}.fc1"), &scale, &self.fc1, None)?;
+        let scale = self.act.to_onnx(g, scale);
+        let scale = g.conv(&format!("{name}.fc2"), &scale, &self.fc2, None)?;
+        let scale = match self.gate {
+            Gate::Sigmoid => g.sigmoid(&scale),
+            Gate::Hardsigmoid => g.hardsigmoid(&scale),
+        };
+        Ok(g.mul(&scale, &x))
     }
 
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
@@ -289,6 +317,19 @@ impl InvertedResidual {
         }
     }
 
+    /// The block as ONNX nodes (stochastic depth is the identity in inference).
+    pub fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let mut y = x.clone();
+        for (j, layer) in self.block.iter().enumerate() {
+            let name = format!("{name}.block.{j}");
+            y = match layer {
+                Layer::Conv(c) => c.to_onnx(g, &name, y)?,
+                Layer::Se(se) => se.to_onnx(g, &name, y)?,
+            };
+        }
+        Ok(if self.residual { g.add(&y, &x) } else { y })
+    }
+
     /// The block's output.
     pub fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let mut y = x.clone();
@@ -320,6 +361,18 @@ pub enum Feature {
 }
 
 impl Feature {
+    /// The entry as ONNX nodes (`name` is its path, `features.<i>`).
+    pub fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        match self {
+            Self::Conv(c) => c.to_onnx(g, name, x),
+            Self::Block(b) => b.to_onnx(g, name, x),
+            Self::Stage(blocks) => blocks
+                .iter()
+                .enumerate()
+                .try_fold(x, |x, (k, b)| b.to_onnx(g, &format!("{name}.{k}"), x)),
+        }
+    }
+
     /// The entry's output.
     pub fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         match self {

@@ -19,6 +19,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::onnx::{Graph, Value, floats};
 use super::{Architecture, ModelSpec, Remap};
 use crate::ops::Ctx;
 
@@ -258,6 +259,11 @@ impl ConvBn {
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         cx.gelu(cx.batch_norm(&self.bn, cx.conv2d(&self.conv, x)))
     }
+
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let y = g.conv(&format!("{name}.0"), &x, &self.conv, Some(&self.bn))?;
+        Ok(g.gelu(&y))
+    }
 }
 
 /// Squeeze-and-excitation without biases; reference `conv.fn.6.fc.0` / `fc.2`.
@@ -268,6 +274,16 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let y = g.global_avg_pool(&x);
+        let y = g.linear(&format!("{name}.fc.0"), &y, &self.reduce, 2)?;
+        let y = g.gelu(&y);
+        let y = g.linear(&format!("{name}.fc.2"), &y, &self.expand, 2)?;
+        let y = g.sigmoid(&y);
+        let y = g.reshape(&y, &[0, 0, 1, 1]);
+        Ok(g.mul(&x, &y))
+    }
+
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let [b, c, _, _] = x.dims();
         let y = cx.global_avg_pool(x.clone());
@@ -320,6 +336,25 @@ impl MbConv {
             project_conv: conv(hidden, cout, 1, 1, 1, device),
             project_bn: BatchNormConfig::new(cout).init(device),
         }
+    }
+
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let shortcut = match (&self.pool, &self.proj) {
+            (Some(pool), Some(proj)) => {
+                let pooled = g.max_pool(&x, pool)?;
+                g.conv(&format!("{name}.proj"), &pooled, proj, None)?
+            }
+            _ => x.clone(),
+        };
+        let f = format!("{name}.conv.fn");
+        let y = g.batch_norm(&format!("{name}.conv.norm"), &x, &self.pre_norm)?;
+        let y = g.conv(&format!("{f}.0"), &y, &self.expand_conv, Some(&self.expand_bn))?;
+        let y = g.gelu(&y);
+        let y = g.conv(&format!("{f}.3"), &y, &self.dw_conv, Some(&self.dw_bn))?;
+        let y = g.gelu(&y);
+        let y = self.se.to_onnx(g, &format!("{f}.6"), y)?;
+        let y = g.conv(&format!("{f}.7"), &y, &self.project_conv, Some(&self.project_bn))?;
+        Ok(g.add(&shortcut, &y))
     }
 
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
@@ -402,6 +437,40 @@ impl Attention {
         }
     }
 
+    /// `[b, n, cin]` -> `[b, n, cout]` as ONNX nodes; the relative-position bias, which
+    /// depends on the weights only, is one constant `[1, heads, n, n]`.
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let (heads, d) = (self.heads, self.dim_head);
+        let n = self.relative_index.lazy_shape().num_elements().isqrt();
+        let qkv = g.linear(&format!("{name}.to_qkv"), &x, &self.to_qkv, 3)?;
+        // [b, n, 3·heads·d] -> [3, b, heads, n, d]
+        let qkv = g.reshape(&qkv, &[0, 0, 3, heads as i64, d as i64]);
+        let qkv = g.transpose(&qkv, &[2, 0, 3, 1, 4]);
+        let (q, k, v) = (g.gather(&qkv, 0, 0), g.gather(&qkv, 0, 1), g.gather(&qkv, 0, 2));
+        let kt = g.transpose(&k, &[0, 1, 3, 2]);
+        let dots = g.matmul(&q, &kt);
+        let scale = g.scalar((d as f64).powf(-0.5) as f32);
+        let dots = g.mul(&dots, &scale);
+        let index = self.relative_index.val().reshape([n * n]);
+        let bias = self
+            .relative_bias_table
+            .val()
+            .select(0, index)
+            .reshape([n, n, heads])
+            .permute([2, 0, 1]);
+        let bias = g.constant(
+            &format!("{name}.relative_bias"),
+            &[1, heads, n, n],
+            &floats(bias)?,
+        );
+        let dots = g.add(&dots, &bias);
+        let attn = g.softmax(&dots, -1);
+        let out = g.matmul(&attn, &v);
+        let out = g.transpose(&out, &[0, 2, 1, 3]);
+        let out = g.reshape(&out, &[0, 0, (heads * d) as i64]);
+        g.linear(&format!("{name}.to_out.0"), &out, &self.to_out, 3)
+    }
+
     /// `[b, n, cin]` -> `[b, n, cout]`.
     fn forward(&self, x: Tensor<3>, cx: &Ctx) -> Tensor<3> {
         let [b, n, _] = x.dims();
@@ -480,6 +549,48 @@ impl TransformerBlock {
                 fc2: linear(hidden, cout, true, device),
             },
         }
+    }
+
+    /// The block as ONNX nodes on maps of side `side` (after its pooling).
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value, side: usize) -> Result<Value> {
+        let (shortcut, x) = match (&self.pool, &self.proj) {
+            (Some(pool), Some(proj)) => {
+                let pooled = g.max_pool(&x, pool)?;
+                (g.conv(&format!("{name}.proj"), &pooled, proj, None)?, pooled)
+            }
+            _ => (x.clone(), x),
+        };
+        let tokens = |g: &mut Graph, x: &str| {
+            let flat = g.reshape(x, &[0, 0, -1]);
+            g.transpose(&flat, &[0, 2, 1])
+        };
+        let map = |g: &mut Graph, t: &str| {
+            let t = g.transpose(t, &[0, 2, 1]);
+            g.reshape(&t, &[0, 0, side as i64, side as i64])
+        };
+        let epsilon = |norm: &LayerNorm| LayerNormConfig::new(norm.gamma.dims()[0]).epsilon;
+        let t = tokens(g, &x);
+        let t = g.layer_norm(
+            &format!("{name}.attn.1.norm"),
+            &t,
+            &self.attn_norm,
+            epsilon(&self.attn_norm),
+        )?;
+        let attn = self.attn.to_onnx(g, &format!("{name}.attn.1.fn"), t)?;
+        let attn = map(g, &attn);
+        let x = g.add(&shortcut, &attn);
+        let t = tokens(g, &x);
+        let t = g.layer_norm(
+            &format!("{name}.ff.1.norm"),
+            &t,
+            &self.ff_norm,
+            epsilon(&self.ff_norm),
+        )?;
+        let t = g.linear(&format!("{name}.ff.1.fn.net.0"), &t, &self.ff.fc1, 3)?;
+        let t = g.gelu(&t);
+        let t = g.linear(&format!("{name}.ff.1.fn.net.3"), &t, &self.ff.fc2, 3)?;
+        let y = map(g, &t);
+        Ok(g.add(&x, &y))
     }
 
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
@@ -623,6 +734,35 @@ impl Architecture for CoAtNet {
 
     fn num_features(&self) -> usize {
         self.fc.weight.dims()[0]
+    }
+
+    fn to_onnx(&self, g: &mut Graph, x: Value, image_size: usize) -> Result<Value> {
+        // Every stride-2 step (a stride-2 convolution or a padded 3x3 max pool) halves the
+        // side, rounding up.
+        let halve = |side: usize| side.div_ceil(2);
+        let (mut x, mut side) = (x, image_size);
+        for (i, block) in self.s0.iter().enumerate() {
+            x = block.to_onnx(g, &format!("s0.{i}"), x)?;
+            side = side.div_ceil(block.conv.stride[0]);
+        }
+        for (s, blocks) in [(1, &self.s1), (2, &self.s2)] {
+            for (i, block) in blocks.iter().enumerate() {
+                x = block.to_onnx(g, &format!("s{s}.{i}"), x)?;
+                if block.pool.is_some() {
+                    side = halve(side);
+                }
+            }
+        }
+        for (s, blocks) in [(3, &self.s3), (4, &self.s4)] {
+            for (i, block) in blocks.iter().enumerate() {
+                if block.pool.is_some() {
+                    side = halve(side);
+                }
+                x = block.to_onnx(g, &format!("s{s}.{i}"), x, side)?;
+            }
+        }
+        let features = g.global_avg_pool(&x);
+        g.linear("fc", &features, &self.fc, 2)
     }
 }
 

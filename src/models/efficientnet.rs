@@ -12,6 +12,7 @@ use super::blocks::{
     Activation, BlockSettings, ConvBnAct, Feature, Gate, InvertedResidual, NormSettings, linear,
     make_divisible,
 };
+use super::onnx::{Graph, Value};
 use super::{Architecture, ModelSpec, Remap};
 use crate::ops::Ctx;
 
@@ -166,5 +167,14 @@ impl Architecture for EfficientNet {
 
     fn num_features(&self) -> usize {
         self.classifier.weight.dims()[0]
+    }
+
+    fn to_onnx(&self, g: &mut Graph, x: Value, _: usize) -> Result<Value> {
+        let mut x = x;
+        for (i, f) in self.features.iter().enumerate() {
+            x = f.to_onnx(g, &format!("features.{i}"), x)?;
+        }
+        let features = g.global_avg_pool(&x);
+        g.linear("classifier.1", &features, &self.classifier, 2)
     }
 }

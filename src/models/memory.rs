@@ -2,17 +2,20 @@
 //! the machine cannot hold is refused with one line instead of growing until the system
 //! kills the process.
 //!
-//! The parameters are counted (without allocating them); the activations of one image are
-//! measured with the counting allocator ([`crate::mem`]): a step of the network at batch 1 and
-//! at batch 5 on small images, whose difference is four images' share. Convolutions grow
-//! with the pixels and attention with their square, so two small sizes give both rates,
-//! which are extrapolated to the size asked for. Only on the CPU, and only where the
-//! counting allocator is installed (the `kd` binary); elsewhere nothing is checked.
+//! The parameters are counted (without allocating them). The activations of one image are
+//! measured with the counting allocator ([`crate::mem`]) on small images, batch 1 against
+//! batch 5, and grow with the pixels. Attention over all of a stage's pixels (CoAtNet's
+//! relative-position attention) grows with their square, too little at a probe's size to
+//! measure: its score maps and relative-position tables are counted from the shapes of its
+//! `relative_index` and `relative_bias_table` (`heads · n²` per block, `n` the stage's
+//! pixels). Only on the CPU, and only where the counting allocator is installed (the `kd`
+//! binary); elsewhere nothing is checked.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Tensor};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Int, Tensor};
 
-use super::{ModelSpec, param_count};
+use super::{ModelSpec, Network, param_count};
 use crate::ops::{Ctx, Precision};
 
 /// A network in a step: training (forward and backward, weights with gradients and Adam's
@@ -40,56 +43,49 @@ pub fn check_step(
         return Ok(());
     };
     let names: Vec<&str> = roles.iter().map(|r| r.spec.name.as_str()).collect();
-    let mut parameters = 0u64;
+    let (mut fixed, mut per_image) = (0u64, 0u64);
     for role in roles {
-        // Built lazily: the count allocates no weights.
-        let counted = role.spec.build(classes, size, device)?;
+        // Built lazily: counting allocates no weights or index tables.
+        let net = role.spec.build(classes, size, device)?;
         let bytes_per_parameter = if role.train { 16 } else { 4 };
-        parameters += param_count(&counted) as u64 * bytes_per_parameter;
+        fixed += param_count(&net) as u64 * bytes_per_parameter;
+        let attention = Attention::of(&net);
+        // Per step: each block's int64 index (n²) and its expanded bias (heads · n², twice:
+        // gathered and permuted).
+        fixed += attention.positions * 8 + attention.scores * 4 * 2;
+        // Per image: the scores before and after the softmax, and in training their
+        // gradients.
+        per_image += attention.scores * 4 * if role.train { 4 } else { 2 };
     }
-    if parameters > available {
+    if fixed > available {
         bail!(
-            "the weights of {} (with their optimizer state) need about {}; {} is available: lower --width",
+            "the weights of {} (with their optimizer state and attention tables) need about {}; {} is available: lower --width or --image-size",
             names.join(" and "),
-            bytes(parameters),
+            bytes(fixed),
             bytes(available)
         );
     }
-    let mut probes = Vec::with_capacity(roles.len());
     for role in roles {
-        probes.push(Probe::new(role, classes, size, precision, device)?);
+        per_image += activations(role, classes, size, precision, device)?;
     }
     // The batch as the loader makes it, and its copy on the device.
-    let input = 2 * 3 * (size * size) as u64 * 4;
-    // Attention's relative-position bias is expanded once per step, as large as one image's
-    // attention scores: counted as one more image.
-    let images = batch as u64 + u64::from(probes.iter().any(|p| p.attention));
-    let needed = |per_image: u64| parameters + images * (per_image + input);
-    // Most runs fit even if every image's share grew with the square of the pixels
-    // (attention's rate): then one probe was enough.
-    let worst: u64 = probes.iter().map(Probe::upper).sum();
-    if needed(worst) <= available {
+    let per_image = per_image + 2 * 3 * (size * size) as u64 * 4;
+    let needed = fixed.saturating_add((batch as u64).saturating_mul(per_image));
+    if needed <= available {
         return Ok(());
     }
-    let mut per_image = 0u64;
-    for probe in &probes {
-        per_image += probe.fitted(classes, precision, device)?;
-    }
-    if needed(per_image) <= available {
-        return Ok(());
-    }
-    let fits = available.saturating_sub(parameters) / (per_image + input).max(1);
+    let fits = (available - fixed) / per_image.max(1);
     let lower = if fits >= 1 {
         format!("lower --batch-size (about {fits} fits), --image-size or --width")
     } else {
         "lower --image-size or --width (not even one image fits)".to_string()
     };
     bail!(
-        "a step of {} at {size}x{size}, batch {batch}, needs about {} ({} for the weights and their optimizer state, {} per image); {} is available: {lower}",
+        "a step of {} at {size}x{size}, batch {batch}, needs about {} ({} for the weights, their optimizer state and tables, {} per image); {} is available: {lower}",
         names.join(" and "),
-        bytes(needed(per_image)),
-        bytes(parameters),
-        bytes(per_image + input),
+        bytes(needed),
+        bytes(fixed),
+        bytes(per_image),
         bytes(available)
     )
 }
@@ -104,73 +100,68 @@ fn bytes(b: u64) -> String {
     }
 }
 
-/// One network's share of a step per image: measured at the size itself where that is small,
-/// otherwise at a small size and extrapolated.
-struct Probe<'a> {
-    role: Role<'a>,
-    /// The size measured.
-    small: usize,
-    /// The size asked for.
-    size: usize,
-    /// One image's share at `small`.
-    share: u64,
-    /// Whether the family has attention over all of a stage's pixels (its share may grow
-    /// with their square); convolutional ones grow with the pixels.
-    attention: bool,
+/// The sizes of a network's relative-position attention, from its parameters' shapes.
+#[derive(Default)]
+struct Attention {
+    /// Σ n² over the blocks (entries of their `relative_index`).
+    positions: u64,
+    /// Σ heads · n² over the blocks (entries of one image's attention scores).
+    scores: u64,
+    /// The head count of the last `relative_bias_table` seen.
+    heads: u64,
+    path: Vec<String>,
 }
 
-impl<'a> Probe<'a> {
-    fn new(
-        role: &Role<'a>,
-        classes: usize,
-        size: usize,
-        precision: Precision,
-        device: &Device,
-    ) -> Result<Self> {
-        let small = (2..=8)
-            .map(|k| 32 * k)
-            .find(|&s| role.spec.validate(s).is_ok())
-            .filter(|&s| size > 2 * s)
-            .unwrap_or(size);
-        let share = one_image(role, classes, small, precision, device)?;
-        Ok(Self {
-            role: *role,
-            small,
-            size,
-            share,
-            attention: role.spec.family()?.size_dependent,
-        })
+impl Attention {
+    fn of(net: &Network) -> Self {
+        let mut a = Self::default();
+        net.visit(&mut a);
+        a
+    }
+}
+
+impl ModuleVisitor for Attention {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
     }
 
-    fn ratio(&self) -> f64 {
-        self.size as f64 / self.small as f64
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
     }
 
-    /// The most the share at the size asked for can be: growing with the pixels, or for
-    /// attention with their square.
-    fn upper(&self) -> u64 {
-        let power = if self.attention { 4 } else { 2 };
-        (self.share as f64 * self.ratio().powi(power)) as u64
-    }
-
-    /// The share at the size asked for. With attention, from a second probe at twice
-    /// `small`: a·x² + b·x⁴ through both (x = size / small); a difference within
-    /// measurement noise is read as no attention term, which the x⁴ would magnify.
-    fn fitted(&self, classes: usize, precision: Precision, device: &Device) -> Result<u64> {
-        if self.small == self.size || !self.attention {
-            return Ok(self.upper());
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.path.last().is_some_and(|p| p == "relative_bias_table") {
+            self.heads = param.lazy_shape().dims::<2>()[1] as u64;
         }
-        let s1 = self.share as f64;
-        let s2 = one_image(&self.role, classes, 2 * self.small, precision, device)? as f64;
-        let b = if s2 > 4.5 * s1 {
-            (s2 - 4.0 * s1) / 12.0
-        } else {
-            0.0
-        };
-        let a = (s1 - b).max(s2 / 4.0 - 4.0 * b).max(0.0);
-        let x = self.ratio();
-        Ok((a * x * x + b * x.powi(4)) as u64)
     }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+        if self.path.last().is_some_and(|p| p == "relative_index") {
+            let n2 = param.lazy_shape().num_elements() as u64;
+            self.positions += n2;
+            self.scores += self.heads * n2;
+        }
+    }
+}
+
+/// One image's activations in a step of `role` at `size`: measured at the size itself where
+/// that is small, otherwise at the smallest size the model takes from 64 pixels and scaled
+/// with the pixels.
+fn activations(
+    role: &Role,
+    classes: usize,
+    size: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<u64> {
+    let small = (2..=8)
+        .map(|k| 32 * k)
+        .find(|&s| role.spec.validate(s).is_ok())
+        .filter(|&s| size > s)
+        .unwrap_or(size);
+    let share = one_image(role, classes, small, precision, device)?;
+    let ratio = size as f64 / small as f64;
+    Ok((share as f64 * ratio * ratio) as u64)
 }
 
 /// One image's share of a step of `role` at `size`: what a forward pass keeps for the

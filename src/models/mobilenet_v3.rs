@@ -12,6 +12,7 @@ use super::blocks::{
     Activation, BlockSettings, ConvBnAct, Feature, Gate, InvertedResidual, NormSettings, linear,
     make_divisible,
 };
+use super::onnx::{Graph, Value};
 use super::{Architecture, ModelSpec, Remap};
 use crate::ops::Ctx;
 
@@ -185,5 +186,16 @@ impl Architecture for MobileNetV3 {
 
     fn num_features(&self) -> usize {
         self.classifier_hidden.weight.dims()[0]
+    }
+
+    fn to_onnx(&self, g: &mut Graph, x: Value, _: usize) -> Result<Value> {
+        let mut x = x;
+        for (i, f) in self.features.iter().enumerate() {
+            x = f.to_onnx(g, &format!("features.{i}"), x)?;
+        }
+        let features = g.global_avg_pool(&x);
+        let x = g.linear("classifier.0", &features, &self.classifier_hidden, 2)?;
+        let x = g.hardswish(&x);
+        g.linear("classifier.3", &x, &self.classifier_out, 2)
     }
 }

@@ -1,11 +1,12 @@
 //! Model zoo. Each family is one file implementing [`Architecture`] (the names and sizes it
 //! accepts, building, `forward_features` → pooled features and `forward_head` → logits, the
-//! PyTorch key renames) and one line of the registry below, which declares its module, makes
+//! PyTorch key renames, the ONNX graph) and one line of the registry below, which declares its module, makes
 //! it a variant of [`Network`] and lists it in [`FAMILIES`]. Models compute through
 //! [`crate::ops::Ctx`], so they get kd's CPU kernels and autocast without naming them.
 
 pub mod blocks;
 pub mod memory;
+pub mod onnx;
 mod spec;
 pub mod weights;
 
@@ -14,10 +15,11 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use crate::ops::Ctx;
+use onnx::{Graph, Value};
 
 pub use coatnet::{CoAtNet, CoAtNetConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
-pub use spec::ModelSpec;
+pub use spec::{MAX_CLASSES, MAX_WIDTH, ModelSpec};
 
 /// A key rename for PyTorch state dicts: a regex on the key and its replacement (`${1}` for
 /// capture groups), applied in order, each to the result of the previous ones.
@@ -61,6 +63,11 @@ pub trait Architecture: Module + Sized {
 
     /// The size of the pooled features.
     fn num_features(&self) -> usize;
+
+    /// The network in inference (BatchNorm with its running statistics, no dropout) as ONNX
+    /// nodes added to `g`: the logits of the normalized images `x` of side `image_size`,
+    /// the function `forward_head(forward_features(x))` computes.
+    fn to_onnx(&self, g: &mut Graph, x: Value, image_size: usize) -> Result<Value>;
 }
 
 /// A registered family: its [`Architecture`] items, reachable without knowing its type.
@@ -134,6 +141,13 @@ macro_rules! registry {
             pub fn num_features(&self) -> usize {
                 match self {
                     $(Self::$ty(m) => m.num_features(),)*
+                }
+            }
+
+            /// The network as ONNX nodes (see [`Architecture::to_onnx`]).
+            pub fn to_onnx(&self, g: &mut Graph, x: Value, image_size: usize) -> Result<Value> {
+                match self {
+                    $(Self::$ty(m) => m.to_onnx(g, x, image_size),)*
                 }
             }
 

@@ -10,6 +10,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, Pa
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::onnx::{Graph, Value};
 use super::{Architecture, ModelSpec, Remap};
 use crate::ops::Ctx;
 
@@ -179,6 +180,26 @@ impl Block {
         }
     }
 
+    /// The block as ONNX nodes (`name` is its parameter path).
+    fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
+        let identity = match &self.downsample {
+            Some(d) => g.conv(&format!("{name}.downsample.0"), &x, &d.conv, Some(&d.bn))?,
+            None => x.clone(),
+        };
+        let out = g.conv(&format!("{name}.conv1"), &x, &self.conv1, Some(&self.bn1))?;
+        let mut out = g.relu(&out);
+        let last = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let y = g.conv(&format!("{name}.conv2"), &out, &self.conv2, Some(&self.bn2))?;
+                out = g.relu(&y);
+                g.conv(&format!("{name}.conv3"), &out, conv3, Some(bn3))?
+            }
+            _ => g.conv(&format!("{name}.conv2"), &out, &self.conv2, Some(&self.bn2))?,
+        };
+        let sum = g.add(&last, &identity);
+        Ok(g.relu(&sum))
+    }
+
     fn forward(&self, x: Tensor<4>, cx: &Ctx) -> Tensor<4> {
         let identity = match &self.downsample {
             Some(d) => cx.batch_norm(&d.bn, cx.conv2d(&d.conv, x.clone())),
@@ -280,5 +301,21 @@ impl Architecture for ResNet {
 
     fn num_features(&self) -> usize {
         self.fc.weight.dims()[0]
+    }
+
+    fn to_onnx(&self, g: &mut Graph, x: Value, _: usize) -> Result<Value> {
+        let y = g.conv("conv1", &x, &self.conv1, Some(&self.bn1))?;
+        let mut x = g.relu(&y);
+        if let Some(pool) = &self.maxpool {
+            x = g.max_pool(&x, pool)?;
+        }
+        let stages = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
+        for (s, blocks) in stages.into_iter().enumerate() {
+            for (i, block) in blocks.iter().enumerate() {
+                x = block.to_onnx(g, &format!("layer{}.{i}", s + 1), x)?;
+            }
+        }
+        let features = g.global_avg_pool(&x);
+        g.linear("fc", &features, &self.fc, 2)
     }
 }

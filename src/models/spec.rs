@@ -25,6 +25,12 @@ pub struct ModelSpec {
     pub stem: Option<Stem>,
 }
 
+/// The largest `--width` (base channels; the reference widths are 16 to 192): beyond it
+/// the sizes themselves overflow before any memory check could speak.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// The most classes a classifier may have.
+pub const MAX_CLASSES: usize = 1 << 20;
+
 impl ModelSpec {
     /// A reference architecture by name.
     pub fn named(name: &str) -> Self {
@@ -55,8 +61,12 @@ impl ModelSpec {
     /// Checks the name, the options and the image size without building anything.
     pub fn validate(&self, image_size: usize) -> Result<()> {
         let family = self.family()?;
-        if self.width == Some(0) {
-            bail!("model width must be at least 1");
+        match self.width {
+            Some(0) => bail!("model width must be at least 1"),
+            Some(w) if w > MAX_WIDTH => {
+                bail!("model width {w} is too large: use at most {MAX_WIDTH}")
+            }
+            _ => {}
         }
         crate::data::check_image_size(image_size)?;
         (family.validate)(self, image_size)
@@ -67,6 +77,11 @@ impl ModelSpec {
         self.validate(image_size)?;
         if num_classes < 2 {
             bail!("a classifier needs at least 2 classes, got {num_classes}");
+        }
+        if num_classes > MAX_CLASSES {
+            bail!(
+                "{num_classes} classes are too many: kd builds classifiers of at most {MAX_CLASSES}"
+            );
         }
         let net = (self.family()?.build)(self, num_classes, image_size, device)?;
         Ok(super::weights::stable_ids(net, 0))

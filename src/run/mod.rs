@@ -7,6 +7,7 @@ pub mod export;
 pub mod files;
 pub mod lock;
 pub mod metrics;
+pub mod onnx;
 pub mod patch;
 pub mod resume;
 
