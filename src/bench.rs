@@ -167,6 +167,10 @@ pub fn run(a: &BenchOptions) -> Result<BenchResult> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
+    const MAX_STEPS: usize = 1_000_000;
+    if a.steps > MAX_STEPS || a.warmup > MAX_STEPS {
+        bail!("--steps and --warmup must be at most {MAX_STEPS}");
+    }
     if a.classes < 2 {
         bail!("--classes {} is invalid: use at least 2", a.classes);
     }

@@ -112,6 +112,22 @@ pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
     }
 }
 
+/// Whether another process holds the exclusive lock of the file `path` (a run being
+/// trained). Looks with a shared lock, so that any number of readers may look at once; a
+/// missing file is not held.
+pub fn is_locked(path: &Path) -> Result<bool> {
+    let Ok(file) = File::open(path) else {
+        return Ok(false);
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(fs::TryLockError::WouldBlock) => Ok(true),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// What ends a file guarded by [`with_checksum`]: this tag, then the CRC-32 (little-endian)
 /// of everything before it.
 const CHECKSUM_TAG: &[u8; 8] = b"KDCRC32:";

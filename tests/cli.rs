@@ -208,7 +208,7 @@ fn empty_class_folder_and_single_class_are_reported() {
                 "--out",
                 inner.to_str().unwrap(),
             ],
-            "where the run reads its images",
+            "where images are read from",
         ),
     ];
     for (args, needle) in refused {

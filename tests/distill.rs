@@ -58,6 +58,7 @@ fn kd_config(data: &Path, teacher: &Path, epochs: usize) -> TrainConfig {
         }),
         cache_logits: false,
         feature_weight: 0.0,
+        checkpoint_crc32: None,
     });
     c
 }

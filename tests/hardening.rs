@@ -354,7 +354,7 @@ fn running_out_of_memory_is_a_clear_error() {
 fn steps_too_large_for_memory_are_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let data = mnist();
-    // Weights alone: a width-100000 ResNet-18 needs hundreds of TiB.
+    // Weights alone: a width-60000 ResNet-18 needs hundreds of TiB.
     let out = dir.path().join("wide");
     let err = kd_err(&[
         "train",
@@ -365,7 +365,7 @@ fn steps_too_large_for_memory_are_refused_before_allocating() {
         "--model",
         "resnet18",
         "--width",
-        "100000",
+        "60000",
     ]);
     assert!(
         err.contains("the weights of resnet18") && err.contains("lower --width"),
@@ -397,7 +397,8 @@ fn steps_too_large_for_memory_are_refused_before_allocating() {
         "{err}"
     );
     assert!(!out.exists(), "a refused run left {}", out.display());
-    // Attention: CoAtNet's tables grow with the square of the pixels; not one image fits.
+    // Attention: CoAtNet's tables grow with the square of the pixels (n² per block for
+    // n pixels: 65,536² at its third stage) before any image.
     let err = kd_err(&[
         "bench",
         "--model",
@@ -409,8 +410,122 @@ fn steps_too_large_for_memory_are_refused_before_allocating() {
         "--batch",
         "1",
     ]);
-    assert!(err.contains("not even one image fits"), "{err}");
+    assert!(err.contains("attention tables) need about"), "{err}");
     // Counting parameters at 4096 px builds nothing of that size.
     let listing = kd_ok(&["models", "--image-size", "4096"]);
     assert!(listing.contains("coatnet_0"), "{listing}");
+}
+
+/// Found by the red-team pass beyond the list: outputs over a run's own files or
+/// inside image folders, `kd split --force` over a folder that is not a split, and sizes
+/// that overflowed before any check.
+#[test]
+fn outputs_over_run_files_or_into_images_and_overflowing_sizes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 12);
+    let run = dir.path().join("run");
+    ok(train(&data, &run, &["--epochs", "1"]));
+    let image = std::fs::read_dir(data.join("0"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    // `--csv` over the run's resume state (a file predict does not read).
+    let state = run.join("checkpoints/last.kdc");
+    let before = std::fs::read(&state).unwrap();
+    let err = kd_err(&["predict", "--run", s(&run), s(&image), "--csv", s(&state)]);
+    assert!(err.contains("is a file of the run"), "{err}");
+    assert!(std::fs::read(&state).unwrap() == before);
+    // Evaluation outputs inside a class folder would be read as images of that class.
+    let err = kd_err(&["eval", "--run", s(&run), "--out", s(&data.join("0"))]);
+    assert!(err.contains("where images are read from"), "{err}");
+    // `--force` replaces an earlier split, not a run folder (or anything else).
+    let err = kd_err(&["split", s(&data), s(&run), "--force"]);
+    assert!(err.contains("is not an earlier split"), "{err}");
+    assert!(run.join("config.json").is_file());
+    let split = dir.path().join("split");
+    kd_ok(&["split", s(&data), s(&split)]);
+    kd_ok(&["split", s(&data), s(&split), "--force"]);
+    // Sizes that wrapped around or asked for terabytes before being checked.
+    let huge = u64::MAX.to_string();
+    for args in [
+        vec!["models", "--width", &huge],
+        vec!["models", "--width", "4294967296"],
+        vec!["models", "--classes", &huge],
+        vec![
+            "bench", "--model", "resnet18", "--stem", "small", "--steps", &huge,
+        ],
+    ] {
+        let err = kd_err(&args);
+        assert!(err.contains("at most") || err.contains("too many"), "{err}");
+    }
+    let out = dir.path().join("blur");
+    let err = kd_err(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--blur-kernel",
+        "1000000001",
+    ]);
+    assert!(err.contains("blur_kernel"), "{err}");
+}
+
+/// A student resumed after its teacher was retrained in place would learn from another
+/// teacher half-way: refused, as is distilling from a teacher still training.
+#[test]
+fn a_teacher_retrained_in_place_is_refused_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 12);
+    let teacher = dir.path().join("teacher");
+    ok(train(&data, &teacher, &["--epochs", "1"]));
+    let student = dir.path().join("student");
+    let distill = |extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            s(&teacher),
+            "--data",
+            s(&data),
+            "--out",
+            s(&student),
+        ];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(extra);
+        kd(&args)
+    };
+    ok(distill(&["--epochs", "1"]));
+    // The same teacher: extending the student is fine.
+    ok(distill(&["--epochs", "2", "--resume"]));
+    std::fs::remove_dir_all(&teacher).unwrap();
+    // Another seed, the same split: only the weights differ.
+    ok(train(
+        &data,
+        &teacher,
+        &["--epochs", "1", "--seed", "7", "--split-seed", "42"],
+    ));
+    let out = distill(&["--epochs", "3", "--resume"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("changed since this run began"), "{stderr}");
+    // A teacher whose folder is locked by a training process.
+    let lock = std::fs::File::open(teacher.join(".kd-lock")).unwrap();
+    lock.lock().unwrap();
+    let other = dir.path().join("other");
+    let mut args = vec![
+        "distill",
+        "--teacher",
+        s(&teacher),
+        "--data",
+        s(&data),
+        "--out",
+        s(&other),
+    ];
+    args.extend_from_slice(TINY);
+    let err = kd_err(&args);
+    assert!(err.contains("is still training"), "{err}");
 }

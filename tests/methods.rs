@@ -586,6 +586,7 @@ fn kd_config(method: Value, feature_weight: f64, epochs: usize) -> TrainConfig {
         kd: Method::from_table(&method).unwrap(),
         cache_logits: false,
         feature_weight,
+        checkpoint_crc32: None,
     });
     c
 }

@@ -162,6 +162,32 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
     // that would share a CSV name are refused.
     let one = preds[0]["path"].as_str().unwrap();
     let val = data.join("val");
+    // Any batch size streams the same predictions, and a throughput line ends the run.
+    let out = kd(&[
+        "predict",
+        "--run",
+        r,
+        val.to_str().unwrap(),
+        "--json",
+        "--batch-size",
+        "7",
+    ]);
+    let batched: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(batched.len(), preds.len());
+    for (a, b) in batched.iter().zip(&preds) {
+        assert_eq!(a["path"], b["path"]);
+        assert_eq!(a["top"][0]["class"], b["top"][0]["class"]);
+        let (pa, pb) = (
+            a["top"][0]["probability"].as_f64(),
+            b["top"][0]["probability"].as_f64(),
+        );
+        assert!((pa.unwrap() - pb.unwrap()).abs() < 1e-5);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("predicted 300 images") && stderr.contains("images/s"),
+        "{stderr}"
+    );
     let twice = kd_ok(&["predict", "--run", r, val.to_str().unwrap(), one]);
     assert_eq!(twice.lines().count(), 300);
     let copy = dir
@@ -258,4 +284,67 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
         vec![10, 128],
         "PyTorch [out, in] layout"
     );
+
+    // kd export --format onnx (picked by the extension): the graph tract runs gives kd's
+    // logits on the real batch, the metadata carries the classes, and the bytes repeat.
+    let onnx = dir.path().join("deploy/student.onnx");
+    kd_ok(&["export", "--run", r, "--out", onnx.to_str().unwrap()]);
+    let bytes = std::fs::read(&onnx).unwrap();
+    let images = kd::data::tensors::images_tensor(&batch, &device);
+    let logits = kd::run::onnx::run_onnx(&bytes, &images).unwrap();
+    let expected: Vec<f32> = a.iter().flatten().copied().collect();
+    let diff = kd::run::onnx::max_difference(&expected, &logits);
+    assert!(diff < 1e-4, "ONNX logits differ by {diff}");
+    let model = <tract_onnx::pb::ModelProto as prost::Message>::decode(&bytes[..]).unwrap();
+    let meta: std::collections::HashMap<_, _> = model
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_str()))
+        .collect();
+    let classes: Vec<String> = serde_json::from_str(meta["kd.classes"]).unwrap();
+    assert_eq!(classes, run.classes);
+    assert_eq!(meta["kd.image_size"], "32");
+    kd_ok(&["export", "--run", r, "--out", onnx.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&onnx).unwrap() == bytes,
+        "same checkpoint, same bytes"
+    );
+    // A file named otherwise needs --format; an unknown format is refused.
+    let other = dir.path().join("deploy/student.bin");
+    let err = kd_err(&["export", "--run", r, "--out", other.to_str().unwrap()]);
+    assert!(err.contains("--format"), "{err}");
+    kd_ok(&[
+        "export",
+        "--run",
+        r,
+        "--out",
+        other.to_str().unwrap(),
+        "--format",
+        "onnx",
+    ]);
+    let err = kd_err(&[
+        "export",
+        "--run",
+        r,
+        "--out",
+        onnx.to_str().unwrap(),
+        "--format",
+        "tflite",
+    ]);
+    assert!(err.contains("tflite"), "{err}");
+    // An output that cannot be written (its folder is a file) and a run without the
+    // checkpoint asked for: one line, nothing written.
+    let blocked = onnx.join("x.onnx");
+    kd_err(&["export", "--run", r, "--out", blocked.to_str().unwrap()]);
+    let bare = dir.path().join("bare");
+    copy_dir(&run.dir, &bare);
+    std::fs::remove_file(bare.join("checkpoints/best.bpk")).unwrap();
+    let err = kd_err(&[
+        "export",
+        "--run",
+        bare.to_str().unwrap(),
+        "--out",
+        dir.path().join("none.onnx").to_str().unwrap(),
+    ]);
+    assert!(!dir.path().join("none.onnx").exists(), "{err}");
 }

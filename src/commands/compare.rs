@@ -30,8 +30,13 @@ pub fn run(a: CompareArgs) -> Result<()> {
     };
     let comparison = compare(&a.runs, &a.out, speed)?;
     print!("{}", results_table(&comparison));
+    let parts = if a.out.join("loss_parts.png").is_file() {
+        ", loss_parts.png"
+    } else {
+        ""
+    };
     println!(
-        "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png, loss_parts.png)",
+        "wrote {} (results.md, results.json, accuracy.png, loss.png, train_loss.png{parts})",
         a.out.display()
     );
     Ok(())

@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::models::{FAMILIES, ModelSpec, param_count};
+use crate::models::{FAMILIES, MAX_CLASSES, MAX_WIDTH, ModelSpec, param_count};
 
 /// Options of `kd models`.
 #[derive(Debug, Args)]
@@ -27,6 +27,15 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     let device = burn::tensor::Device::flex();
     if a.width == Some(0) {
         bail!("--width 0 is invalid: use at least 1");
+    }
+    if let Some(w) = a.width.filter(|&w| w > MAX_WIDTH) {
+        bail!("--width {w} is too large: use at most {MAX_WIDTH}");
+    }
+    if a.classes > MAX_CLASSES {
+        bail!(
+            "--classes {} is too many: use at most {MAX_CLASSES}",
+            a.classes
+        );
     }
     let width = a.width.map(|w| format!(", width {w}")).unwrap_or_default();
     println!(

@@ -29,6 +29,13 @@ pub struct PredictArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Images per batch (decoded in parallel ahead of the model; memory stays bounded by
+    /// the batch, whatever the number of images).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// No throughput line at the end.
+    #[arg(long)]
+    quiet: bool,
     /// Also write each image's top class to this CSV file: file,class,probability (file
     /// relative to the folder given, or the file's name).
     #[arg(long, value_parser = crate::io::parse_path)]
@@ -41,6 +48,10 @@ pub fn run(a: PredictArgs) -> Result<()> {
     if a.top_k == 0 {
         bail!("--top-k 0 is invalid: show at least 1 class per image");
     }
+    if a.batch_size == 0 {
+        bail!("--batch-size 0 is invalid: use at least 1");
+    }
+    let started = std::time::Instant::now();
     let run = Run::open(&a.run)?;
     let images = Images::collect(&a.paths, a.csv.is_some())?;
     if let Some(csv) = &a.csv {
@@ -53,10 +64,24 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 .join(a.checkpoint.file_name()),
         );
         images.check_csv_path(csv, &inputs)?;
+        // Nor any file the run already holds (checkpoints, resume state, metrics, reports).
+        if csv.is_file() && crate::io::resolved(csv).starts_with(crate::io::resolved(&run.dir)) {
+            bail!(
+                "--csv {} is a file of the run {}: give a file outside it or a new name",
+                csv.display(),
+                run.dir.display()
+            );
+        }
     }
     let (device, precision) = a.compute.open_for(&run)?;
     let net = run.load_network(a.checkpoint, &device)?;
-    let loader = Loader::new(images.samples.clone(), run.eval_transform(), 32, false, 0);
+    let loader = Loader::new(
+        images.samples.clone(),
+        run.eval_transform(),
+        a.batch_size,
+        false,
+        0,
+    );
     let preds = predict(
         &net,
         &loader,
@@ -79,6 +104,15 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 .collect();
             println!("{}\t{}", p.path, top.join("  "));
         }
+    }
+    if !a.quiet {
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "predicted {} images in {seconds:.2} s: {:.1} images/s (decoding, resizing and loading the model included), batch {}",
+            preds.len(),
+            preds.len() as f64 / seconds.max(1e-9),
+            a.batch_size
+        );
     }
     Ok(())
 }

@@ -156,6 +156,14 @@ impl AugmentConfig {
                 self.blur_kernel
             );
         }
+        // torchvision's reflect padding needs kernel/2 < the image side.
+        let largest = 2 * super::MAX_IMAGE_SIZE - 1;
+        if self.blur_kernel > largest {
+            bail!(
+                "blur_kernel {} is larger than any image kd handles: use at most {largest} (the recipe uses 5)",
+                self.blur_kernel
+            );
+        }
         let [lo, hi] = self.blur_sigma;
         if self.blur_kernel > 0 && !(lo > 0.0 && hi >= lo && hi.is_finite()) {
             bail!(

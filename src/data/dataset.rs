@@ -158,6 +158,29 @@ pub fn balanced_subset(samples: &[Sample], classes: usize, limit: usize, seed: u
     out
 }
 
+/// Refuses an output folder (a run, an evaluation, a comparison) inside the folders images
+/// are read from (`data`, or its `train/` and `val/`): what it writes would be read as a
+/// class, or as images of one.
+pub fn check_out_is_not_read(out: &Path, data: &Path) -> Result<()> {
+    let read = if is_split(data) {
+        vec![data.join("train"), data.join("val")]
+    } else {
+        vec![data.to_path_buf()]
+    };
+    let out_resolved = crate::io::resolved(out);
+    if let Some(dir) = read
+        .iter()
+        .find(|d| out_resolved.starts_with(crate::io::resolved(d)))
+    {
+        bail!(
+            "--out {} is inside {}, where images are read from: choose an --out outside it",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

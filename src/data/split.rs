@@ -144,6 +144,25 @@ pub enum LinkMode {
     HardLink,
 }
 
+/// The first entry of `dst` that an earlier split would not have made (anything but its
+/// `train/` and `val/` folders and its `split.json`), if any.
+fn not_of_a_split(dst: &Path) -> Result<Option<String>> {
+    for entry in fs::read_dir(dst).with_context(|| format!("cannot read {}", dst.display()))? {
+        let entry = entry.with_context(|| format!("cannot read {}", dst.display()))?;
+        let name = entry.file_name();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let made = if is_dir {
+            name == "train" || name == "val"
+        } else {
+            name == SPLIT_RECORD
+        };
+        if !made {
+            return Ok(Some(name.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(None)
+}
+
 /// Writes `dst/train/<class>/…`, `dst/val/<class>/…` and the [`SplitRecord`]
 /// `dst/split.json`. Builds into a temporary sibling folder and renames it into place, so an
 /// interrupted split leaves no partial `dst`.
@@ -181,6 +200,20 @@ pub fn write_split(
         if non_empty && !force {
             bail!(
                 "destination {} is not empty: choose another folder or pass --force to replace it",
+                dst.display()
+            );
+        }
+        // --force replaces an earlier split, nothing else: only `train/` and `val/`.
+        if non_empty && let Some(other) = not_of_a_split(dst)? {
+            bail!(
+                "destination {} is not an earlier split (it holds {}): --force replaces only a folder of train/, val/ and split.json; remove it yourself or choose another",
+                dst.display(),
+                other
+            );
+        }
+        if resolved(Path::new(".")).starts_with(&out) {
+            bail!(
+                "the working folder is inside the destination {}, which the split replaces: run kd split from elsewhere",
                 dst.display()
             );
         }

@@ -136,6 +136,9 @@ pub fn eval_target(
             )
         }
     };
+    if let Some(out) = out {
+        crate::data::dataset::check_out_is_not_read(out, &folder)?;
+    }
     let out = out.map_or_else(|| run.dir.join(files::EVAL), Path::to_path_buf);
     let target = EvalTarget {
         samples,

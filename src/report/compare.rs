@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -184,6 +184,11 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comp
             );
         }
     }
+    for run in &opened {
+        if run.config.data.is_dir() {
+            crate::data::dataset::check_out_is_not_read(out, &run.config.data)?;
+        }
+    }
     // Accuracies over other classes are not comparable.
     if let Some(other) = opened[1..].iter().find(|r| r.classes != opened[0].classes) {
         let first = &opened[0];
@@ -314,6 +319,14 @@ pub fn compare(runs: &[PathBuf], out: &Path, speed: SpeedOptions) -> Result<Comp
             &parts,
             true,
         )?;
+    } else if out.join("loss_parts.png").is_file() {
+        // An earlier comparison's, which this one would seem to have written.
+        std::fs::remove_file(out.join("loss_parts.png")).with_context(|| {
+            format!(
+                "cannot remove the stale {}",
+                out.join("loss_parts.png").display()
+            )
+        })?;
     }
     let comparison = Comparison {
         methods: method_rows,

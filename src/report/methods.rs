@@ -46,16 +46,25 @@ fn key(run: &Run) -> String {
     let mut config = run.config.clone();
     config.split_seed = Some(run.config.data_seed());
     config.seed = 0;
+    // Each seed's teacher may be another checkpoint of the same teacher config.
+    if let Some(t) = &mut config.teacher {
+        t.checkpoint_crc32 = None;
+    }
     serde_json::to_string(&config).unwrap_or_default()
 }
 
 /// The runs grouped by [`key`], each group's indices in the order given, groups in the order
-/// of their first run.
+/// of their first run. A group holds each seed once: two runs of the same config and seed
+/// (a teacher and a student of the same network, say) are two groups, not two seeds.
 pub fn groups(runs: &[Run]) -> Vec<Vec<usize>> {
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, run) in runs.iter().enumerate() {
         let k = key(run);
-        match groups.iter_mut().find(|(g, _)| *g == k) {
+        let seed = run.config.seed;
+        let fits = |(g, members): &&mut (String, Vec<usize>)| {
+            *g == k && members.iter().all(|&m| runs[m].config.seed != seed)
+        };
+        match groups.iter_mut().find(fits) {
             Some((_, members)) => members.push(i),
             None => groups.push((k, vec![i])),
         }
@@ -278,4 +287,30 @@ pub fn parts_series(label: &str, histories: &[&[EpochMetrics]]) -> Vec<Series> {
             band: None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::TrainConfig;
+
+    fn run(name: &str, seed: u64) -> Run {
+        Run {
+            dir: name.into(),
+            config: TrainConfig {
+                seed,
+                split_seed: Some(42),
+                ..TrainConfig::default()
+            },
+            classes: vec!["a".into(), "b".into()],
+        }
+    }
+
+    /// Runs of one config group over their seeds; two of the same seed (a teacher and a
+    /// student of the same network, say) are two groups, not "2 seeds".
+    #[test]
+    fn a_group_holds_each_seed_once() {
+        let runs = [run("t", 42), run("s", 42), run("s2", 43)];
+        assert_eq!(groups(&runs), vec![vec![0, 2], vec![1]]);
+    }
 }

@@ -44,6 +44,10 @@ pub struct TeacherConfig {
     /// Weight of timm's feature term added to a logit method (0: none).
     #[serde(default)]
     pub feature_weight: f64,
+    /// The CRC-32 of the teacher's checkpoint file this run learns from: filled in when the
+    /// run starts, checked when it resumes (a teacher retrained in place is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_crc32: Option<u32>,
 }
 
 impl TeacherConfig {
@@ -240,7 +244,7 @@ impl TrainConfig {
 
     /// Keys (as JSON paths) whose values differ between two configs, leaving out settings
     /// that cannot change results: the cache budget, `decoded` vs no cache (same pixels),
-    /// and a `split_seed` equal to `seed`.
+    /// a `split_seed` equal to `seed`, and kd's record of the teacher checkpoint's CRC.
     pub fn differing_keys(&self, other: &Self) -> Vec<String> {
         let comparable = |c: &Self| {
             let mut c = c.clone();
@@ -250,6 +254,10 @@ impl TrainConfig {
             }
             if c.cache_images == CacheMode::Decoded {
                 c.cache_images = CacheMode::Off;
+            }
+            // kd's record of the teacher's checkpoint, not a setting (checked on resume).
+            if let Some(t) = &mut c.teacher {
+                t.checkpoint_crc32 = None;
             }
             serde_json::to_value(c).unwrap_or_default()
         };

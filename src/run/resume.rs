@@ -75,6 +75,13 @@ pub fn check_resume(
     if config.std.is_none() {
         config.std = previous.config.std;
     }
+    // The teacher checkpoint's checksum is kd's record, not a setting: checked by
+    // `train::prepare` once the teacher is open.
+    if let (Some(t), Some(before)) = (&mut config.teacher, &previous.config.teacher)
+        && t.checkpoint_crc32.is_none()
+    {
+        t.checkpoint_crc32 = before.checkpoint_crc32;
+    }
     let mut wanted = config.clone();
     wanted.epochs = previous.config.epochs; // extending a run is allowed
     let diff = wanted.differing_keys(&previous.config);

@@ -67,7 +67,7 @@ pub fn prepare(
 ) -> Result<(Prepared, Trainee)> {
     config.validate()?;
     let mut config = config.clone();
-    check_out_is_not_read(out, &config.data)?;
+    crate::data::dataset::check_out_is_not_read(out, &config.data)?;
     let data = config.images()?;
     crate::data::report_skipped(&data.skipped, Some(config.strict))?;
 
@@ -104,7 +104,24 @@ pub fn prepare(
 
     let device = crate::device::open(options.device, config.precision)?;
     let teacher_run = match config.teacher.clone() {
-        Some(tc) => Some((teacher::open(&config, &tc, &data)?, tc)),
+        Some(tc) => {
+            let run = teacher::open(&config, &tc, &data)?;
+            let crc = teacher::checkpoint_crc32(&run, &tc)?;
+            if let Some(saved) = tc.checkpoint_crc32
+                && saved != crc
+            {
+                bail!(
+                    "cannot resume {}: the {} checkpoint of teacher {} changed since this run began (retrained in place?); distill into a new --out",
+                    out.display(),
+                    tc.checkpoint,
+                    tc.run.display()
+                );
+            }
+            if let Some(t) = &mut config.teacher {
+                t.checkpoint_crc32 = Some(crc);
+            }
+            Some((run, tc))
+        }
         None => None,
     };
     // Refused before anything of the size asked for is allocated.
@@ -278,26 +295,4 @@ fn verify_images(samples: &[crate::data::Sample]) -> Result<()> {
     samples
         .par_iter()
         .try_for_each(|s| crate::data::load_image(&s.path).map(|_| ()))
-}
-
-/// Refuses a run folder inside the folders the run reads its images from (`data`, or its
-/// `train/` and `val/`): it would be read as a class.
-fn check_out_is_not_read(out: &Path, data: &Path) -> Result<()> {
-    let read = if crate::data::dataset::is_split(data) {
-        vec![data.join("train"), data.join("val")]
-    } else {
-        vec![data.to_path_buf()]
-    };
-    let out_resolved = crate::io::resolved(out);
-    if let Some(dir) = read
-        .iter()
-        .find(|d| out_resolved.starts_with(crate::io::resolved(d)))
-    {
-        bail!(
-            "--out {} is inside {}, where the run reads its images: choose an --out outside it",
-            out.display(),
-            dir.display()
-        );
-    }
-    Ok(())
 }

@@ -15,7 +15,7 @@ use crate::io::resolved;
 use crate::losses::Distiller;
 use crate::models::{Network, Outputs};
 use crate::ops::Ctx;
-use crate::run::{Run, TeacherConfig, TrainConfig};
+use crate::run::{Run, TeacherConfig, TrainConfig, files};
 
 /// A trained network in inference mode (BatchNorm running statistics, no autodiff graph,
 /// never updated) and the distillation method that reads its outputs.
@@ -26,6 +26,20 @@ pub struct Teacher {
     pub method: Box<dyn Distiller>,
     device: Device,
     cx: Ctx,
+}
+
+/// The CRC-32 of the teacher's checkpoint file. Refuses a teacher still training (its
+/// checkpoints are still changing).
+pub fn checkpoint_crc32(run: &Run, tc: &TeacherConfig) -> Result<u32> {
+    if crate::io::is_locked(&run.dir.join(files::LOCK))? {
+        bail!(
+            "teacher {} is still training (its folder is locked): wait until it has finished",
+            tc.run.display()
+        );
+    }
+    let path = run.checkpoint_path(tc.checkpoint)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(crc32fast::hash(&bytes))
 }
 
 /// Opens the teacher run of a distillation config and checks that it fits the student: the
@@ -144,8 +158,9 @@ impl OutputsCache {
 
 /// Refuses a student whose validation images include the teacher's training images (the
 /// teacher's folder split with another seed or fraction, say): the teacher would have seen
-/// the answers, and the comparison would flatter distillation. Skipped when the teacher's
-/// data folder can no longer be read.
+/// the answers, and the comparison would flatter distillation. Where the teacher's data
+/// folder cannot be read (moved, or a relative path from another working folder), the check
+/// cannot be made, and a warning says so.
 fn check_no_leak(
     run_dir: &Path,
     teacher: &TrainConfig,
@@ -153,6 +168,11 @@ fn check_no_leak(
     student_val: &[Sample],
 ) -> Result<()> {
     let Ok(teacher_data) = teacher.images() else {
+        eprintln!(
+            "warning: cannot read teacher {}'s data ({}) from here, so whether it trained on the student's validation images is not checked: run from the folder the teacher was trained in",
+            run_dir.display(),
+            teacher.data.display()
+        );
         return Ok(());
     };
     let seen: HashSet<PathBuf> = teacher_data
