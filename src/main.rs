@@ -86,7 +86,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // First Ctrl-C: finish the current batch, save a resumable state, exit. Second: exit now.
+    // First Ctrl-C (or SIGTERM, SIGHUP): finish the current batch, save a resumable state,
+    // exit. Second: exit now.
     let handler = ctrlc::set_handler(|| {
         static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst) {

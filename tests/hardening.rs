@@ -44,6 +44,16 @@ fn ok(out: std::process::Output) -> String {
     stderr
 }
 
+/// A temporary folder with two digit classes (`d`) and a tiny one-epoch run on them (`run`).
+fn trained_run() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    mnist_subset(&data, 2, 12);
+    let run = dir.path().join("run");
+    ok(train(&data, &run, &["--epochs", "1"]));
+    (dir, data, run)
+}
+
 /// A process that has ended: its id names nothing alive.
 fn dead_pid() -> u32 {
     let mut child = Command::new("true").spawn().unwrap();
@@ -116,11 +126,7 @@ fn checkpoints_are_reproducible_and_damage_is_named() {
 
 #[test]
 fn leftovers_of_killed_writers_go_when_the_run_is_next_locked() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    mnist_subset(&data, 2, 12);
-    let run = dir.path().join("run");
-    ok(train(&data, &run, &["--epochs", "1"]));
+    let (_dir, data, run) = trained_run();
     let stale = run
         .join("checkpoints")
         .join(format!(".best.bpk.tmp-{}", dead_pid()));
@@ -163,31 +169,45 @@ fn split_refuses_tiny_classes_races_and_stops_on_ctrl_c() {
 
     // Two splits into one destination: the second stops at once.
     let dst3 = dir.path().join("split3");
-    let slow = Command::new(env!("CARGO_BIN_EXE_kd"))
-        .args(["split", s(&data), s(&dst3), "--keep-tiny-classes"])
-        .env("KD_FAULT_SLOW_SPLIT_MS", "300")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let staging = format!(".split3.partial-{}", slow.id());
-    while !dir.path().join(&staging).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // A slowed split into `dst3`, once its staging folder exists, and that folder's name.
+    let slow_split = || {
+        let child = Command::new(env!("CARGO_BIN_EXE_kd"))
+            .args(["split", s(&data), s(&dst3), "--keep-tiny-classes"])
+            .env("KD_FAULT_SLOW_SPLIT_MS", "300")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let staging = dir.path().join(format!(".split3.partial-{}", child.id()));
+        while !staging.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (child, staging)
+    };
+    // Stopped by `signal`: promptly, removing what it wrote; exit 130.
+    let stop = |child: std::process::Child, signal: &str| {
+        Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        stderr
+    };
+    let (slow, staging) = slow_split();
     let err = kd_err(&["split", s(&data), s(&dst3), "--keep-tiny-classes"]);
     assert!(
         err.contains("is being written by another kd split"),
         "{err}"
     );
-    // Ctrl-C stops the first promptly, removing what it wrote; exit 130.
-    Command::new("kill")
-        .args(["-INT", &slow.id().to_string()])
-        .status()
-        .unwrap();
-    let out = slow.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    // Ctrl-C stops the first.
+    let stderr = stop(slow, "-INT");
     assert!(stderr.contains("interrupted"), "{stderr}");
-    assert!(!dst3.exists() && !dir.path().join(&staging).exists());
+    assert!(!dst3.exists() && !staging.exists());
+    // SIGTERM (a service manager, `timeout`) stops it the same way.
+    let (slow, staging) = slow_split();
+    stop(slow, "-TERM");
+    assert!(!dst3.exists() && !staging.exists());
 }
 
 #[test]
@@ -212,11 +232,7 @@ fn a_first_epoch_killed_while_saving_starts_again() {
 
 #[test]
 fn outputs_never_overwrite_inputs_and_paths_are_not_empty() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    mnist_subset(&data, 2, 12);
-    let run = dir.path().join("run");
-    ok(train(&data, &run, &["--epochs", "1"]));
+    let (dir, data, run) = trained_run();
     let images: Vec<_> = std::fs::read_dir(data.join("0"))
         .unwrap()
         .flatten()
@@ -302,11 +318,7 @@ fn runs_of_other_classes_and_damaged_metrics_are_refused() {
 #[cfg(unix)]
 #[test]
 fn files_that_are_not_regular_are_named_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    mnist_subset(&data, 2, 12);
-    let run = dir.path().join("run");
-    ok(train(&data, &run, &["--epochs", "1"]));
+    let (dir, data, run) = trained_run();
     let err = kd_err(&["predict", "--run", s(&run), "/dev/null"]);
     assert!(err.contains("is not a regular file"), "{err}");
     std::os::unix::fs::symlink("/dev/zero", data.join("0").join("zero.png")).unwrap();
@@ -354,19 +366,16 @@ fn running_out_of_memory_is_a_clear_error() {
 fn steps_too_large_for_memory_are_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let data = mnist();
+    // `kd train` of a ResNet-18 into `out` with `extra` flags, refused.
+    let refused = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--data", s(&data), "--out", s(out)];
+        args.extend_from_slice(&["--model", "resnet18"]);
+        args.extend_from_slice(extra);
+        kd_err(&args)
+    };
     // Weights alone: a width-60000 ResNet-18 needs hundreds of TiB.
     let out = dir.path().join("wide");
-    let err = kd_err(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--model",
-        "resnet18",
-        "--width",
-        "60000",
-    ]);
+    let err = refused(&out, &["--width", "60000"]);
     assert!(
         err.contains("the weights of resnet18") && err.contains("lower --width"),
         "{err}"
@@ -375,21 +384,17 @@ fn steps_too_large_for_memory_are_refused_before_allocating() {
     // The batch: clamped to the digits' training images, at 4096 px it still needs far more
     // than any machine of this suite has; the line says how many images would fit.
     let out = dir.path().join("batch");
-    let err = kd_err(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--model",
-        "resnet18",
-        "--width",
-        "8",
-        "--image-size",
-        "4096",
-        "--batch-size",
-        "1000000000",
-    ]);
+    let err = refused(
+        &out,
+        &[
+            "--width",
+            "8",
+            "--image-size",
+            "4096",
+            "--batch-size",
+            "1000000000",
+        ],
+    );
     assert!(
         err.contains("needs about")
             && !err.contains("batch 1000000000")
@@ -421,11 +426,7 @@ fn steps_too_large_for_memory_are_refused_before_allocating() {
 /// that overflowed before any check.
 #[test]
 fn outputs_over_run_files_or_into_images_and_overflowing_sizes_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    mnist_subset(&data, 2, 12);
-    let run = dir.path().join("run");
-    ok(train(&data, &run, &["--epochs", "1"]));
+    let (dir, data, run) = trained_run();
     let image = std::fs::read_dir(data.join("0"))
         .unwrap()
         .flatten()
@@ -478,26 +479,17 @@ fn outputs_over_run_files_or_into_images_and_overflowing_sizes_are_refused() {
 /// teacher half-way: refused, as is distilling from a teacher still training.
 #[test]
 fn a_teacher_retrained_in_place_is_refused_on_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    mnist_subset(&data, 2, 12);
-    let teacher = dir.path().join("teacher");
-    ok(train(&data, &teacher, &["--epochs", "1"]));
+    let (dir, data, teacher) = trained_run();
     let student = dir.path().join("student");
-    let distill = |extra: &[&str]| {
-        let mut args = vec![
-            "distill",
-            "--teacher",
-            s(&teacher),
-            "--data",
-            s(&data),
-            "--out",
-            s(&student),
-        ];
+    // `kd distill` of the tiny student into `out` with `extra` flags.
+    let distill_into = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["distill", "--teacher", s(&teacher)];
+        args.extend_from_slice(&["--data", s(&data), "--out", s(out)]);
         args.extend_from_slice(TINY);
         args.extend_from_slice(extra);
         kd(&args)
     };
+    let distill = |extra: &[&str]| distill_into(&student, extra);
     ok(distill(&["--epochs", "1"]));
     // The same teacher: extending the student is fine.
     ok(distill(&["--epochs", "2", "--resume"]));
@@ -515,17 +507,44 @@ fn a_teacher_retrained_in_place_is_refused_on_resume() {
     // A teacher whose folder is locked by a training process.
     let lock = std::fs::File::open(teacher.join(".kd-lock")).unwrap();
     lock.lock().unwrap();
-    let other = dir.path().join("other");
-    let mut args = vec![
-        "distill",
-        "--teacher",
-        s(&teacher),
-        "--data",
-        s(&data),
-        "--out",
-        s(&other),
-    ];
-    args.extend_from_slice(TINY);
-    let err = kd_err(&args);
-    assert!(err.contains("is still training"), "{err}");
+    let out = distill_into(&dir.path().join("other"), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is still training"), "{stderr}");
+}
+
+/// A long class list (a few hundred classes) trains and evaluates; the confusion matrix of
+/// more than 200 classes is written to the JSON only, not as a picture too large to read
+/// or to hold (2,000 classes made a 24,200-pixel PNG and 1.8 GB of memory).
+#[test]
+fn long_class_lists_evaluate_without_a_giant_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let digits = dir.path().join("digits");
+    mnist_subset(&digits, 1, 4);
+    let images: Vec<_> = std::fs::read_dir(digits.join("0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let data = dir.path().join("many");
+    for c in 0..201 {
+        let class = data.join(format!("c{c:03}"));
+        std::fs::create_dir_all(&class).unwrap();
+        for (i, image) in images.iter().take(2).enumerate() {
+            std::fs::copy(image, class.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let run = dir.path().join("run");
+    ok(train(
+        &data,
+        &run,
+        &["--epochs", "1", "--val-fraction", "0.5"],
+    ));
+    let out = kd(&["eval", "--run", s(&run)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("201 classes"), "{stderr}");
+    let eval = run.join("eval");
+    assert!(eval.join("eval-best.json").is_file());
+    assert!(!eval.join("confusion-best.png").exists());
 }

@@ -60,7 +60,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         evaluation: &eval,
     };
     write_json(&target.json, &report)?;
-    crate::report::confusion_png(&eval, &target.png)?;
+    // Beyond a few hundred classes a picture of the matrix is too large to read (and to
+    // hold in memory): the JSON has it.
+    let picture = eval.classes.len() <= crate::report::CONFUSION_PNG_MAX_CLASSES;
+    if picture {
+        crate::report::confusion_png(&eval, &target.png)?;
+    } else {
+        eprintln!(
+            "note: {} classes: the confusion matrix is written to the JSON only (a picture is drawn up to {} classes)",
+            eval.classes.len(),
+            crate::report::CONFUSION_PNG_MAX_CLASSES
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -80,11 +91,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
             target.data.display()
         );
         print!("{}", eval.to_text());
-        println!(
-            "\nwrote {} and {}",
-            target.json.display(),
-            target.png.display()
-        );
+        if picture {
+            println!(
+                "\nwrote {} and {}",
+                target.json.display(),
+                target.png.display()
+            );
+        } else {
+            println!("\nwrote {}", target.json.display());
+        }
     }
     Ok(())
 }

@@ -437,6 +437,17 @@ impl Attention {
         }
     }
 
+    /// The relative-position bias of every query-key pair of `n` positions,
+    /// `[heads, n, n]`.
+    fn bias(&self, n: usize) -> Tensor<3> {
+        let index = self.relative_index.val().reshape([n * n]);
+        self.relative_bias_table
+            .val()
+            .select(0, index)
+            .reshape([n, n, self.heads])
+            .permute([2, 0, 1])
+    }
+
     /// `[b, n, cin]` -> `[b, n, cout]` as ONNX nodes; the relative-position bias, which
     /// depends on the weights only, is one constant `[1, heads, n, n]`.
     fn to_onnx(&self, g: &mut Graph, name: &str, x: Value) -> Result<Value> {
@@ -451,17 +462,10 @@ impl Attention {
         let dots = g.matmul(&q, &kt);
         let scale = g.scalar((d as f64).powf(-0.5) as f32);
         let dots = g.mul(&dots, &scale);
-        let index = self.relative_index.val().reshape([n * n]);
-        let bias = self
-            .relative_bias_table
-            .val()
-            .select(0, index)
-            .reshape([n, n, heads])
-            .permute([2, 0, 1]);
         let bias = g.constant(
             &format!("{name}.relative_bias"),
             &[1, heads, n, n],
-            &floats(bias)?,
+            &floats(self.bias(n))?,
         );
         let dots = g.add(&dots, &bias);
         let attn = g.softmax(&dots, -1);
@@ -487,14 +491,7 @@ impl Attention {
             qkv.next().expect("v"),
         );
         let dots = cx.matmul(q, k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
-        let index = self.relative_index.val().reshape([n * n]);
-        let bias = self
-            .relative_bias_table
-            .val()
-            .select(0, index)
-            .reshape([n, n, heads])
-            .permute([2, 0, 1])
-            .unsqueeze_dim::<4>(0);
+        let bias = self.bias(n).unsqueeze_dim::<4>(0);
         let attn = softmax(dots + bias, 3);
         let out = cx
             .matmul(attn, v)
@@ -568,24 +565,17 @@ impl TransformerBlock {
             let t = g.transpose(t, &[0, 2, 1]);
             g.reshape(&t, &[0, 0, side as i64, side as i64])
         };
-        let epsilon = |norm: &LayerNorm| LayerNormConfig::new(norm.gamma.dims()[0]).epsilon;
-        let t = tokens(g, &x);
-        let t = g.layer_norm(
-            &format!("{name}.attn.1.norm"),
-            &t,
-            &self.attn_norm,
-            epsilon(&self.attn_norm),
-        )?;
+        // The map's tokens, layer-normed by `norm` (built with LayerNormConfig's epsilon).
+        let normed = |g: &mut Graph, x: &str, part: &str, norm: &LayerNorm| {
+            let t = tokens(g, x);
+            let epsilon = LayerNormConfig::new(norm.gamma.dims()[0]).epsilon;
+            g.layer_norm(&format!("{name}.{part}.1.norm"), &t, norm, epsilon)
+        };
+        let t = normed(g, &x, "attn", &self.attn_norm)?;
         let attn = self.attn.to_onnx(g, &format!("{name}.attn.1.fn"), t)?;
         let attn = map(g, &attn);
         let x = g.add(&shortcut, &attn);
-        let t = tokens(g, &x);
-        let t = g.layer_norm(
-            &format!("{name}.ff.1.norm"),
-            &t,
-            &self.ff_norm,
-            epsilon(&self.ff_norm),
-        )?;
+        let t = normed(g, &x, "ff", &self.ff_norm)?;
         let t = g.linear(&format!("{name}.ff.1.fn.net.0"), &t, &self.ff.fc1, 3)?;
         let t = g.gelu(&t);
         let t = g.linear(&format!("{name}.ff.1.fn.net.3"), &t, &self.ff.fc2, 3)?;

@@ -146,7 +146,11 @@ impl ModuleVisitor for Attention {
 
 /// One image's activations in a step of `role` at `size`: measured at the size itself where
 /// that is small, otherwise at the smallest size the model takes from 64 pixels and scaled
-/// with the pixels.
+/// with the pixels. What a forward pass keeps for the backward pass (every activation the
+/// graph saved) grows exactly with the batch, unlike the kernels' scratch buffers, so it is
+/// measured at batch 1 and 5. Training needs it twice (the activations' gradients come on
+/// top, at most as large); inference is counted at it too, an overestimate that keeps the
+/// check on the safe side.
 fn activations(
     role: &Role,
     classes: usize,
@@ -159,28 +163,11 @@ fn activations(
         .find(|&s| role.spec.validate(s).is_ok())
         .filter(|&s| size > s)
         .unwrap_or(size);
-    let share = one_image(role, classes, small, precision, device)?;
-    let ratio = size as f64 / small as f64;
-    Ok((share as f64 * ratio * ratio) as u64)
-}
-
-/// One image's share of a step of `role` at `size`: what a forward pass keeps for the
-/// backward pass (every activation the graph saved) grows exactly with the batch, unlike the
-/// kernels' scratch buffers, so it is measured at batch 1 and 5. Training needs it twice (the
-/// activations' gradients come on top, at most as large); inference is counted at it too, an
-/// overestimate that keeps the check on the safe side.
-fn one_image(
-    role: &Role,
-    classes: usize,
-    size: usize,
-    precision: Precision,
-    device: &Device,
-) -> Result<u64> {
     let saved = |batch: usize| -> Result<u64> {
         let base = crate::mem::in_use().unwrap_or(0);
         let device = device.clone().autodiff();
-        let net = role.spec.build(classes, size, &device)?;
-        let x = Tensor::<4>::zeros([batch, 3, size, size], &device);
+        let net = role.spec.build(classes, small, &device)?;
+        let x = Tensor::<4>::zeros([batch, 3, small, small], &device);
         let logits = net.forward(x, &Ctx::new(precision));
         let after = crate::mem::in_use().unwrap_or(0);
         drop((logits, net));
@@ -191,5 +178,7 @@ fn one_image(
     saved(5)?;
     let (one, five) = (saved(1)?, saved(5)?);
     let share = five.saturating_sub(one) / 4;
-    Ok(if role.train { 2 * share } else { share })
+    let share = if role.train { 2 * share } else { share };
+    let ratio = size as f64 / small as f64;
+    Ok((share as f64 * ratio * ratio) as u64)
 }

@@ -41,6 +41,9 @@ fn render_png(
     write_atomic(path, &png)
 }
 
+/// The most classes [`confusion_png`] is drawn for (12-pixel cells: 2,400 pixels wide).
+pub const CONFUSION_PNG_MAX_CLASSES: usize = 200;
+
 /// Confusion-matrix heat map with counts.
 pub fn confusion_png(eval: &Evaluation, path: &Path) -> Result<()> {
     let n = eval.classes.len();
