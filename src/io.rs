@@ -145,6 +145,26 @@ pub fn with_checksum(parts: &[&[u8]]) -> [u8; 12] {
     trailer
 }
 
+/// A file's CRC-32 without reading it whole: the one its checksum trailer holds (the contents
+/// are checked against it whenever the file is loaded), or for a file written before kd kept
+/// checksums, computed.
+pub fn file_checksum(path: &Path) -> Result<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let context = || format!("cannot read {}", path.display());
+    let mut file = File::open(path).with_context(context)?;
+    if file.metadata().with_context(context)?.len() >= 12 {
+        let mut trailer = [0u8; 12];
+        file.seek(SeekFrom::End(-12)).with_context(context)?;
+        file.read_exact(&mut trailer).with_context(context)?;
+        if &trailer[..8] == CHECKSUM_TAG {
+            return Ok(u32::from_le_bytes(
+                trailer[8..].try_into().expect("4 bytes"),
+            ));
+        }
+    }
+    Ok(crc32fast::hash(&fs::read(path).with_context(context)?))
+}
+
 /// The contents of a file read as `bytes`, its checksum trailer checked and removed; a file
 /// without one (written before kd kept checksums) is taken as it is. A mismatch names the
 /// file: it was damaged after it was written.

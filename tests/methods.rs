@@ -40,6 +40,18 @@ fn tensor2(v: &Value, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), device)
 }
 
+/// A JSON list of class indices as labels on `device`.
+fn targets(v: &Value, device: &Device) -> Tensor<1, Int> {
+    let labels: Vec<i64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let n = labels.len();
+    Tensor::from_data(TensorData::new(labels, [n]), device)
+}
+
 fn flat64(v: &Value) -> Vec<f64> {
     array(v).0.into_iter().map(f64::from).collect()
 }
@@ -73,14 +85,8 @@ fn check_logit_method(name: &str, c: &Case) {
     let method = Method::from_table(&table).unwrap();
     method.validate().unwrap();
     let distiller = method.build(0.0);
-    let targets: Vec<i64> = case["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    let n = targets.len();
-    let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &ad);
+    let y = targets(&case["targets"], &ad);
+    let n = y.dims()[0];
     let names = distiller.parts();
     // Burn keeps no graph after a backward pass: each gradient gets its own forward.
     let run = || {
@@ -383,14 +389,8 @@ fn feature_kd_matches_timm() {
             d_s != d_t,
             "{label}: a projection only between sizes"
         );
-        let targets: Vec<i64> = case["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
-        let n = targets.len();
-        let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &ad);
+        let y = targets(&case["targets"], &ad);
+        let n = y.dims()[0];
         let student = Outputs {
             logits: logits.clone(),
             features: Some(features.clone()),

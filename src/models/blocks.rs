@@ -383,6 +383,16 @@ impl Feature {
     }
 }
 
+/// A torchvision `features` Sequential and the global average pool after it as ONNX nodes:
+/// the pooled features `[batch, channels]` of `x`.
+pub fn pooled_features_to_onnx(features: &[Feature], g: &mut Graph, x: Value) -> Result<Value> {
+    let x = features
+        .iter()
+        .enumerate()
+        .try_fold(x, |x, (i, f)| f.to_onnx(g, &format!("features.{i}"), x))?;
+    Ok(g.global_avg_pool(&x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

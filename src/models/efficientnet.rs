@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::blocks::{
     Activation, BlockSettings, ConvBnAct, Feature, Gate, InvertedResidual, NormSettings, linear,
-    make_divisible,
+    make_divisible, pooled_features_to_onnx,
 };
 use super::onnx::{Graph, Value};
 use super::{Architecture, ModelSpec, Remap};
@@ -170,11 +170,7 @@ impl Architecture for EfficientNet {
     }
 
     fn to_onnx(&self, g: &mut Graph, x: Value, _: usize) -> Result<Value> {
-        let mut x = x;
-        for (i, f) in self.features.iter().enumerate() {
-            x = f.to_onnx(g, &format!("features.{i}"), x)?;
-        }
-        let features = g.global_avg_pool(&x);
+        let features = pooled_features_to_onnx(&self.features, g, x)?;
         g.linear("classifier.1", &features, &self.classifier, 2)
     }
 }

@@ -12,6 +12,8 @@ use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{AttributeProto, NodeProto, TensorProto};
 
+use crate::ops::norm::inference_scale_shift;
+
 /// The name of a value in the graph.
 pub type Value = String;
 
@@ -125,7 +127,8 @@ impl Graph {
             None => vec![0.0; cout],
         };
         if let Some(bn) = bn {
-            let (scale, shift) = bn_scale_shift(bn)?;
+            let (scale, shift) = inference_scale_shift(bn, &conv.weight.device());
+            let (scale, shift) = (floats(scale)?, floats(shift)?);
             let per_out = w.len() / cout;
             for o in 0..cout {
                 w[o * per_out..(o + 1) * per_out]
@@ -331,20 +334,4 @@ impl Graph {
     pub fn softmax(&mut self, x: &str, axis: i64) -> Value {
         self.node("Softmax", &[x], vec![int_attr("axis", axis)])
     }
-}
-
-/// BatchNorm in inference as a per-channel `scale · x + shift`.
-pub fn bn_scale_shift(bn: &BatchNorm) -> Result<(Vec<f32>, Vec<f32>)> {
-    let gamma = floats(bn.gamma.val())?;
-    let beta = floats(bn.beta.val())?;
-    let mean = floats(bn.running_mean.value_sync())?;
-    let var = floats(bn.running_var.value_sync())?;
-    let mut scale = Vec::with_capacity(gamma.len());
-    let mut shift = Vec::with_capacity(gamma.len());
-    for c in 0..gamma.len() {
-        let s = (f64::from(gamma[c]) / (f64::from(var[c]) + bn.epsilon).sqrt()) as f32;
-        scale.push(s);
-        shift.push(beta[c] - mean[c] * s);
-    }
-    Ok((scale, shift))
 }

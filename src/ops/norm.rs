@@ -2,8 +2,8 @@
 //! device: kd's fused kernels on the CPU in f32, Burn's operations elsewhere (the GPU path).
 
 use burn::nn::BatchNorm;
-use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
 
 use super::flex::{self, norm::Epilogue};
 
@@ -119,19 +119,26 @@ fn update_running_stats(bn: &BatchNorm, mean: Tensor<1>, variance: Tensor<1>, co
     bn.running_var.update(running_var.detach());
 }
 
-/// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics of an f32 `x` on the CPU, as
-/// `x · scale + shift` (one pass without autodiff, else Burn's operations), then `epilogue`.
-fn inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>, epilogue: Epilogue<D>) -> Tensor<D> {
-    let device = x.device();
+/// BatchNorm in inference as one `scale` and `shift` per channel, on `device`:
+/// `scale = γ / √(σ² + ε)`, `shift = β − μ · scale` (also what folds it into a convolution).
+pub fn inference_scale_shift(bn: &BatchNorm, device: &Device) -> (Tensor<1>, Tensor<1>) {
     let inv_std = bn
         .running_var
         .value()
-        .to_device(&device)
+        .to_device(device)
         .add_scalar(bn.epsilon)
         .sqrt()
         .recip();
     let scale = bn.gamma.val() * inv_std;
-    let shift = bn.beta.val() - bn.running_mean.value().to_device(&device) * scale.clone();
+    let shift = bn.beta.val() - bn.running_mean.value().to_device(device) * scale.clone();
+    (scale, shift)
+}
+
+/// `γ · (x − μ) / √(σ² + ε) + β` with the running statistics of an f32 `x` on the CPU, as
+/// `x · scale + shift` (one pass without autodiff, else Burn's operations), then `epilogue`.
+fn inference<const D: usize>(bn: &BatchNorm, x: Tensor<D>, epilogue: Epilogue<D>) -> Tensor<D> {
+    let device = x.device();
+    let (scale, shift) = inference_scale_shift(bn, &device);
     if !device.is_autodiff() && kernel_takes(&epilogue, &x) {
         return flex::norm::scale_shift(x, scale, shift, epilogue);
     }

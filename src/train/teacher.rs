@@ -28,7 +28,7 @@ pub struct Teacher {
     cx: Ctx,
 }
 
-/// The CRC-32 of the teacher's checkpoint file. Refuses a teacher still training (its
+/// The CRC-32 of the teacher's checkpoint file (its checksum trailer). Refuses a teacher still training (its
 /// checkpoints are still changing).
 pub fn checkpoint_crc32(run: &Run, tc: &TeacherConfig) -> Result<u32> {
     if crate::io::is_locked(&run.dir.join(files::LOCK))? {
@@ -37,9 +37,7 @@ pub fn checkpoint_crc32(run: &Run, tc: &TeacherConfig) -> Result<u32> {
             tc.run.display()
         );
     }
-    let path = run.checkpoint_path(tc.checkpoint)?;
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(crc32fast::hash(&bytes))
+    crate::io::file_checksum(&run.checkpoint_path(tc.checkpoint)?)
 }
 
 /// Opens the teacher run of a distillation config and checks that it fits the student: the
