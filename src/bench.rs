@@ -31,6 +31,18 @@ pub enum BenchMode {
     Distill,
 }
 
+/// Which forward `--mode eval` times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// kd's inference plan (BatchNorm folded, fused NHWC kernels) where it applies (f32 on
+    /// the CPU, a network it covers), else the network's forward.
+    #[default]
+    Auto,
+    /// The network's forward, as training evaluates it.
+    Forward,
+}
+
 /// What `kd bench` measures, and how.
 #[derive(Debug, Args)]
 pub struct BenchOptions {
@@ -88,6 +100,9 @@ pub struct BenchOptions {
     /// Precision of convolutions and linear layers.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// Forward that --mode eval times.
+    #[arg(long, value_enum, default_value_t)]
+    pub engine: Engine,
 }
 
 /// One benchmark result.
@@ -144,6 +159,26 @@ pub fn inference_times(
         memory.sample(&device);
     }
     times
+}
+
+/// Seconds of each of `steps` timed runs of `plan` on `x` (after `warmup` untimed ones).
+pub fn plan_times(
+    plan: &mut crate::infer::Plan,
+    x: Tensor<4>,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let batch = x.dims()[0];
+    let images = crate::models::onnx::floats(x)?;
+    let mut times = Vec::new();
+    for step in 0..warmup + steps {
+        let t0 = Instant::now();
+        std::hint::black_box(plan.run(&images, batch));
+        if step >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
 }
 
 /// The median of `v` (the upper one of an even count).
@@ -204,6 +239,7 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
     let labels: Vec<i64> = (0..b).map(|i| (i % a.classes) as i64).collect();
     let mut times = Vec::new();
     let mut memory = PeakDeviceMemory::default();
+    let mut plan = None;
     let teacher_spec = ModelSpec {
         name: teacher_name(a).to_string(),
         width: a.teacher_width,
@@ -303,14 +339,24 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
         BenchMode::Eval => {
             let model = spec.build(a.classes, s, &device)?.valid();
             let x = Tensor::<4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
-            times = inference_times(&model, x, &cx, a.warmup, a.steps, &mut memory);
+            plan = match a.engine {
+                Engine::Auto if crate::infer::applies(&device, precision) => {
+                    crate::infer::Plan::new(&model, s).ok()
+                }
+                _ => None,
+            };
+            times = match plan.as_mut() {
+                Some(plan) => plan_times(plan, x, a.warmup, a.steps)?,
+                None => inference_times(&model, x, &cx, a.warmup, a.steps, &mut memory),
+            };
         }
     }
     let sps = median(times);
     Ok(BenchResult {
         what: match a.mode {
             BenchMode::Train => format!("{} train step", a.model),
-            BenchMode::Eval => format!("{} inference", a.model),
+            BenchMode::Eval if plan.is_some() => format!("{} inference (kd's plan)", a.model),
+            BenchMode::Eval => format!("{} inference (forward)", a.model),
             BenchMode::Distill => format!(
                 "{} -> {} distillation step ({}{})",
                 teacher_name(a),

@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod experiment;
+pub mod infer;
 pub mod interrupt;
 pub mod io;
 pub mod losses;

@@ -541,4 +541,18 @@ fn bench_reports_speed_and_memory_for_every_mode() {
         // flex has no pool allocator to report; GPU backends fill this in.
         assert!(r["peak_device_mib"].is_null(), "{r}");
     }
+    // --mode eval times kd's inference plan on the CPU, --engine forward the network's.
+    for (engine, what) in [
+        ("auto", "inference (kd's plan)"),
+        ("forward", "inference (forward)"),
+    ] {
+        let args: Vec<&str> = ["bench"]
+            .iter()
+            .chain(&tiny)
+            .chain(&["--mode", "eval", "--engine", engine])
+            .copied()
+            .collect();
+        let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
+        assert!(r["what"].as_str().unwrap().ends_with(what), "{r}");
+    }
 }

@@ -321,3 +321,13 @@ fn coatnet_tiny_exports_to_onnx() {
         "one per MBConv block"
     );
 }
+
+/// CoAtNet's attention is outside what the inference plan covers: it says which layer, and
+/// `kd predict` keeps Burn's forward for it (tested through the CLI in `real_data.rs`).
+#[test]
+fn inference_plan_names_what_it_does_not_cover() {
+    let err = kd::infer::Plan::new(&tiny_coatnet(&Device::flex()), 64)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not supported"), "{err}");
+}

@@ -2,7 +2,8 @@
 
 mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use common::*;
 use kd::losses::{Method, Step};
 use kd::models::{ModelSpec, Network, Outputs, param_count, weights};
@@ -318,4 +319,25 @@ fn rewrite(from: &std::path::Path, key: &str, zeros_shape: Option<&[usize]>, to:
 fn resnet_tiny_exports_to_onnx() {
     let net = tiny_resnet(&Device::flex());
     assert_eq!(check_onnx_round_trip(&net, 12, 64), 0, "all folded");
+}
+
+/// kd's inference plan (BatchNorm folded, convolutions fused with their residual and ReLU,
+/// NHWC) computes the tiny ResNet's logits, and a narrow ResNet-50's (bottlenecks, 1x1
+/// downsampling with stride 2) with non-trivial BatchNorm statistics.
+#[test]
+fn inference_plan_matches_resnets() {
+    let device = Device::flex();
+    check_inference_plan(&tiny_resnet(&device), 64);
+    let spec = ModelSpec {
+        name: "resnet50".into(),
+        width: Some(8),
+        stem: None,
+    };
+    // A few training-mode forwards move the running statistics away from (0, 1).
+    let net = spec.build(12, 64, &device.clone().autodiff()).unwrap();
+    for _ in 0..3 {
+        let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+        let _ = net.forward(x.autodiff(), &cx());
+    }
+    check_inference_plan(&net.valid(), 64);
 }

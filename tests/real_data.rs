@@ -188,6 +188,9 @@ fn small_resnet_learns_mnist_and_eval_predict_agree() {
         stderr.contains("predicted 300 images") && stderr.contains("images/s"),
         "{stderr}"
     );
+    // On the CPU in f32, the ResNet goes through kd's inference plan (BatchNorm folded);
+    // the accuracy check below compares it with `kd eval`'s forward.
+    assert!(stderr.contains("kd's inference plan"), "{stderr}");
     let twice = kd_ok(&["predict", "--run", r, val.to_str().unwrap(), one]);
     assert_eq!(twice.lines().count(), 300);
     let copy = dir

@@ -392,3 +392,12 @@ fn students_export_to_onnx() {
         0
     );
 }
+
+/// kd's inference plan computes the tiny students' logits: depthwise convolutions, squeeze
+/// and excitation, hardswish and SiLU fused into the convolutions.
+#[test]
+fn students_inference_plan_matches() {
+    let device = Device::flex();
+    check_inference_plan(&tiny_mobilenet(&device), 64);
+    check_inference_plan(&tiny_efficientnet(&device), 64);
+}

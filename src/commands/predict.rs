@@ -8,7 +8,7 @@ use clap::Args;
 use super::ComputeArgs;
 use crate::data::Loader;
 use crate::eval::{Images, predict};
-use crate::ops::Ctx;
+use crate::infer::Inference;
 use crate::run::{Checkpoint, Run, files};
 
 /// Options of `kd predict`.
@@ -82,14 +82,8 @@ pub fn run(a: PredictArgs) -> Result<()> {
         false,
         0,
     );
-    let preds = predict(
-        &net,
-        &loader,
-        &run.classes,
-        a.top_k,
-        &device,
-        &Ctx::new(precision),
-    )?;
+    let mut model = Inference::new(net, run.config.image_size, &device, precision);
+    let preds = predict(&mut model, &loader, &run.classes, a.top_k, &device)?;
     if let Some(csv) = &a.csv {
         images.write_csv(&preds, csv)?;
     }
@@ -108,10 +102,15 @@ pub fn run(a: PredictArgs) -> Result<()> {
     if !a.quiet {
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "predicted {} images in {seconds:.2} s: {:.1} images/s (decoding, resizing and loading the model included), batch {}",
+            "predicted {} images in {seconds:.2} s: {:.1} images/s (decoding, resizing and loading the model included), batch {}, {}",
             preds.len(),
             preds.len() as f64 / seconds.max(1e-9),
-            a.batch_size
+            a.batch_size,
+            if model.uses_plan() {
+                "kd's inference plan"
+            } else {
+                "the network's forward"
+            }
         );
     }
     Ok(())

@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::tensors::{rows, take_images_tensor};
 use crate::data::{Loader, Sample};
+use crate::infer::Inference;
 use crate::io::ensure_dir;
-use crate::models::Network;
-use crate::ops::Ctx;
 
 /// One class and its probability.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,17 +34,16 @@ pub struct Prediction {
 
 /// Top-k predictions for every sample of a (non-shuffled) loader.
 pub fn predict(
-    net: &Network,
+    model: &mut Inference,
     loader: &Loader,
     classes: &[String],
     k: usize,
     device: &Device,
-    cx: &Ctx,
 ) -> Result<Vec<Prediction>> {
     let mut out = Vec::with_capacity(loader.len());
     for batch in loader.epoch(0, 0) {
         let mut batch = batch?;
-        let probs = softmax(net.forward(take_images_tensor(&mut batch, device), cx), 1);
+        let probs = softmax(model.logits(take_images_tensor(&mut batch, device))?, 1);
         for (row, &i) in rows(probs)?.iter().zip(&batch.indices) {
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));

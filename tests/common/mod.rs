@@ -366,3 +366,31 @@ pub fn check_onnx_round_trip(net: &kd::models::Network, classes: usize, size: us
         .filter(|n| n.op_type == "BatchNormalization")
         .count()
 }
+
+/// kd's inference plan of `net` (BatchNorm folded into the convolutions, fused NHWC kernels,
+/// reused buffers) at batch 1, 5 and 1 again: its logits equal the module's forward within
+/// 1e-5 relative to the largest (at least 1).
+pub fn check_inference_plan(net: &kd::models::Network, size: usize) {
+    use burn::tensor::Distribution;
+    let device = burn::tensor::Device::flex();
+    let mut plan = kd::infer::Plan::new(net, size).unwrap();
+    for (i, batch) in [1, 5, 1].into_iter().enumerate() {
+        let x = Tensor::<4>::random(
+            [batch, 3, size, size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let expected: Vec<f32> = values(net.forward(x.clone(), &cx()))
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let actual = values(plan.forward(x).unwrap());
+        assert_eq!(actual.len(), batch * plan.classes());
+        let actual: Vec<f32> = actual.into_iter().map(|v| v as f32).collect();
+        let diff = kd::run::onnx::max_difference(&expected, &actual);
+        assert!(
+            diff < 1e-5,
+            "run {i} (batch {batch}): the plan's logits differ by {diff} (relative)"
+        );
+    }
+}

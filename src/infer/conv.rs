@@ -1,0 +1,289 @@
+//! Convolution and linear layers of the inference plan, in NHWC: the output pixels are the
+//! rows of one GEMM, `out [pixels, O] = col [pixels, kh·kw·C] · W [kh·kw·C, O]`, where `col`
+//! is the im2col of a tile of rows (a 1x1 convolution with stride 1 reads its input as it
+//! is). Each tile's output is started from the (BatchNorm-folded) bias, plus the residual
+//! when one is fused, the product is accumulated onto it and the activation applied while
+//! the tile is still in cache: one pass over the output where training makes four.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::pointwise::Act;
+use super::winograd::Winograd;
+
+/// Target size of one tile's im2col, in floats (a few hundred KiB: it stays in cache).
+const COL_TILE: usize = 1 << 16;
+/// Fewest rows of a tile, so that packing the weights (once per tile) stays cheap.
+const MIN_ROWS: usize = 96;
+/// Output channels per column block are a multiple of this (the GEMM's register tile).
+const COL_ALIGN: usize = 16;
+/// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform (below,
+/// the GEMMs are too short for its 16 products to pay).
+const WINOGRAD_MIN_TILES: usize = 8;
+
+thread_local! {
+    /// Each worker's im2col tile, kept between calls.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A convolution (groups 1, no dilation) or linear layer with its BatchNorm folded in.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    /// `[kh·kw·C, O]`, rows in (ky, kx, c) order.
+    weight: Vec<f32>,
+    /// `[O]`.
+    bias: Vec<f32>,
+    /// Applied to the output (after the residual).
+    pub act: Act,
+    /// Winograd's transform of the weights (3x3, stride 1, padding 1).
+    winograd: Option<Winograd>,
+}
+
+/// Shared output pointer for tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+pub(super) struct Out(*mut f32);
+// SAFETY: every task writes its own rows × columns of the output (see `Conv::run`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Shares `out` for disjoint writes.
+    pub(super) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// The element at `offset`.
+    ///
+    /// # Safety
+    /// `offset` lies inside the output.
+    pub(super) unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl Conv {
+    /// From ONNX's `[O, C, kh, kw]` weights.
+    pub fn from_oihw(
+        w: &[f32],
+        [cout, cin, kh, kw]: [usize; 4],
+        bias: Option<&[f32]>,
+        stride: [usize; 2],
+        pads: [usize; 4],
+    ) -> Self {
+        let k = kh * kw * cin;
+        let mut weight = vec![0.0; k * cout];
+        for o in 0..cout {
+            for c in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        weight[((ky * kw + kx) * cin + c) * cout + o] =
+                            w[((o * cin + c) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        let winograd = ([kh, kw] == [3, 3] && stride == [1, 1] && pads == [1; 4])
+            .then(|| Winograd::new(w, cout, cin));
+        Self {
+            cin,
+            cout,
+            kernel: [kh, kw],
+            stride,
+            pads,
+            weight,
+            bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
+            act: Act::Identity,
+            winograd,
+        }
+    }
+
+    /// A linear layer `y = x · W + b` with `W [inputs, outputs]` (Burn's layout).
+    pub fn linear(w: &[f32], [inputs, outputs]: [usize; 2], bias: Option<&[f32]>) -> Self {
+        Self {
+            cin: inputs,
+            cout: outputs,
+            kernel: [1, 1],
+            stride: [1, 1],
+            pads: [0; 4],
+            weight: w.to_vec(),
+            bias: bias.map_or_else(|| vec![0.0; outputs], <[f32]>::to_vec),
+            act: Act::Identity,
+            winograd: None,
+        }
+    }
+
+    /// Output height and width for an input of `h` × `w`.
+    pub fn out_size(&self, h: usize, w: usize) -> [usize; 2] {
+        let [kh, kw] = self.kernel;
+        let [t, l, b, r] = self.pads;
+        [
+            (h + t + b - kh) / self.stride[0] + 1,
+            (w + l + r - kw) / self.stride[1] + 1,
+        ]
+    }
+
+    /// The GEMM's summed dimension, `kh·kw·C`.
+    fn depth(&self) -> usize {
+        self.kernel[0] * self.kernel[1] * self.cin
+    }
+
+    /// Whether the input already is the GEMM's left operand (1x1, stride 1, no padding).
+    fn reads_input_directly(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.pads == [0; 4]
+    }
+
+    /// `out = act(conv(x) + bias (+ residual))` for `x [b, h, w, C]` (NHWC), `out` and
+    /// `residual` `[b, ho, wo, O]`.
+    pub fn run(&self, x: &[f32], [b, h, w]: [usize; 3], residual: Option<&[f32]>, out: &mut [f32]) {
+        if let Some(winograd) = &self.winograd
+            && Winograd::tiles([b, h, w]) >= WINOGRAD_MIN_TILES
+        {
+            return winograd.run(x, [b, h, w], &self.bias, residual, self.act, out);
+        }
+        let [ho, wo] = self.out_size(h, w);
+        let (m, k, n) = (b * ho * wo, self.depth(), self.cout);
+        debug_assert_eq!(x.len(), b * h * w * self.cin);
+        debug_assert_eq!(out.len(), m * n);
+        let threads = rayon::current_num_threads();
+        // Row tiles: about COL_TILE floats of im2col each, at least MIN_ROWS rows (fewer
+        // only when the whole product has fewer), a multiple of the threads.
+        let mut tiles = (m * k).div_ceil(COL_TILE).min(m.div_ceil(MIN_ROWS)).max(1);
+        if tiles > 1 {
+            tiles = tiles.next_multiple_of(threads);
+        }
+        let rows = m.div_ceil(tiles);
+        let tiles = m.div_ceil(rows);
+        // Too few row tiles for the threads (one image, small feature maps): split the
+        // output channels too.
+        let blocks = if tiles < threads {
+            (threads / tiles).min(n.div_ceil(COL_ALIGN)).max(1)
+        } else {
+            1
+        };
+        let cols = n.div_ceil(blocks).next_multiple_of(COL_ALIGN).min(n);
+        let blocks = n.div_ceil(cols);
+        let dst = Out::new(out);
+        (0..tiles * blocks).into_par_iter().for_each(|task| {
+            let (tile, block) = (task / blocks, task % blocks);
+            let r0 = tile * rows;
+            let r1 = (r0 + rows).min(m);
+            let c0 = block * cols;
+            let c1 = (c0 + cols).min(n);
+            COL.with_borrow_mut(|col| {
+                let lhs: &[f32] = if self.reads_input_directly() {
+                    &x[r0 * k..r1 * k]
+                } else {
+                    col.resize(col.len().max((r1 - r0) * k), 0.0);
+                    self.im2col(x, [h, w], [ho, wo], r0..r1, &mut col[..(r1 - r0) * k]);
+                    &col[..(r1 - r0) * k]
+                };
+                // SAFETY: this task alone writes rows r0..r1 × columns c0..c1 of `out`,
+                // which has m × n elements; the pointer outlives the parallel loop.
+                let tile_out = |r: usize| unsafe {
+                    std::slice::from_raw_parts_mut(dst.at(r * n + c0), c1 - c0)
+                };
+                for r in r0..r1 {
+                    let row = tile_out(r);
+                    row.copy_from_slice(&self.bias[c0..c1]);
+                    if let Some(res) = residual {
+                        row.iter_mut()
+                            .zip(&res[r * n + c0..r * n + c1])
+                            .for_each(|(o, r)| *o += r);
+                    }
+                }
+                // SAFETY: lhs is (r1−r0) × k row-major, the weights k × n row-major (read
+                // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
+                // (row stride n), written by this task only.
+                unsafe {
+                    gemm::gemm(
+                        r1 - r0,
+                        c1 - c0,
+                        k,
+                        dst.at(r0 * n + c0),
+                        1,
+                        n as isize,
+                        true,
+                        lhs.as_ptr(),
+                        1,
+                        k as isize,
+                        self.weight.as_ptr().add(c0),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        if tiles * blocks == 1 && m * n * k >= 1 << 18 {
+                            gemm::Parallelism::Rayon(0)
+                        } else {
+                            gemm::Parallelism::None
+                        },
+                    );
+                }
+                if self.act != Act::Identity {
+                    for r in r0..r1 {
+                        self.act.apply(tile_out(r));
+                    }
+                }
+            });
+        });
+    }
+
+    /// Rows `rows` of the im2col of `x [b, h, w, C]`: `col[r, (ky·kw + kx)·C + c]`, zero
+    /// where the kernel reaches into the padding.
+    fn im2col(
+        &self,
+        x: &[f32],
+        [h, w]: [usize; 2],
+        [ho, wo]: [usize; 2],
+        rows: std::ops::Range<usize>,
+        col: &mut [f32],
+    ) {
+        let c = self.cin;
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [pt, pl, _, _] = self.pads;
+        let k = self.depth();
+        for (r, col) in rows.zip(col.chunks_exact_mut(k)) {
+            let (image, pixel) = (r / (ho * wo), r % (ho * wo));
+            let (oy, ox) = (pixel / wo, pixel % wo);
+            let image = &x[image * h * w * c..][..h * w * c];
+            for ky in 0..kh {
+                let iy = (oy * sh + ky).wrapping_sub(pt);
+                let taps = &mut col[ky * kw * c..][..kw * c];
+                if iy >= h {
+                    taps.fill(0.0);
+                    continue;
+                }
+                let line = &image[iy * w * c..][..w * c];
+                let ix0 = (ox * sw) as isize - pl as isize;
+                if ix0 >= 0 && ix0 as usize + kw <= w {
+                    // The whole kernel row is inside: one copy of kw·C floats.
+                    taps.copy_from_slice(&line[ix0 as usize * c..][..kw * c]);
+                    continue;
+                }
+                for (kx, tap) in taps.chunks_exact_mut(c).enumerate() {
+                    let ix = (ix0 + kx as isize) as usize;
+                    if ix < w {
+                        tap.copy_from_slice(&line[ix * c..][..c]);
+                    } else {
+                        tap.fill(0.0);
+                    }
+                }
+            }
+        }
+    }
+}

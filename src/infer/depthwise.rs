@@ -1,0 +1,133 @@
+//! Depthwise convolution of the inference plan in NHWC (one filter per channel: the
+//! MobileNetV3 and EfficientNet blocks): each output pixel sums its taps across a contiguous
+//! run of channels, which vectorises, then adds the folded bias and applies the activation.
+
+use rayon::prelude::*;
+
+use super::pointwise::Act;
+use crate::ops::flex::dispatch_simd;
+
+/// A depthwise convolution with its BatchNorm folded in.
+#[derive(Debug, Clone)]
+pub struct Depthwise {
+    /// Channels (in and out).
+    pub channels: usize,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    /// `[kh·kw, C]`.
+    weight: Vec<f32>,
+    /// `[C]`.
+    bias: Vec<f32>,
+    /// Applied to the output.
+    pub act: Act,
+}
+
+/// One output row: `out[ox, c]` for every `ox`, from the input lines the kernel rows reach.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row(
+    lines: &[Option<&[f32]>],
+    weight: &[f32],
+    bias: &[f32],
+    (w, c, kw, sw, pl): (usize, usize, usize, usize, usize),
+    act: Act,
+    out: &mut [f32],
+) {
+    for (ox, out) in out.chunks_exact_mut(c).enumerate() {
+        out.copy_from_slice(bias);
+        for (ky, line) in lines.iter().enumerate() {
+            let Some(line) = line else { continue };
+            for kx in 0..kw {
+                let ix = (ox * sw + kx).wrapping_sub(pl);
+                if ix >= w {
+                    continue;
+                }
+                let taps = &weight[(ky * kw + kx) * c..][..c];
+                let input = &line[ix * c..][..c];
+                out.iter_mut()
+                    .zip(input.iter().zip(taps))
+                    .for_each(|(o, (x, t))| *o += x * t);
+            }
+        }
+        act.apply(out);
+    }
+}
+
+dispatch_simd!(row_simd(
+    lines: &[Option<&[f32]>],
+    weight: &[f32],
+    bias: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+    act: Act,
+    out: &mut [f32]
+) => row(lines, weight, bias, dims, act, out));
+
+impl Depthwise {
+    /// From ONNX's `[C, 1, kh, kw]` weights.
+    pub fn from_oihw(
+        w: &[f32],
+        [channels, _, kh, kw]: [usize; 4],
+        bias: Option<&[f32]>,
+        stride: [usize; 2],
+        pads: [usize; 4],
+    ) -> Self {
+        let mut weight = vec![0.0; kh * kw * channels];
+        for c in 0..channels {
+            for tap in 0..kh * kw {
+                weight[tap * channels + c] = w[c * kh * kw + tap];
+            }
+        }
+        Self {
+            channels,
+            kernel: [kh, kw],
+            stride,
+            pads,
+            weight,
+            bias: bias.map_or_else(|| vec![0.0; channels], <[f32]>::to_vec),
+            act: Act::Identity,
+        }
+    }
+
+    /// Output height and width for an input of `h` × `w`.
+    pub fn out_size(&self, h: usize, w: usize) -> [usize; 2] {
+        let [kh, kw] = self.kernel;
+        let [t, l, b, r] = self.pads;
+        [
+            (h + t + b - kh) / self.stride[0] + 1,
+            (w + l + r - kw) / self.stride[1] + 1,
+        ]
+    }
+
+    /// `out [b, ho, wo, C] = act(depthwise(x) + bias)` for `x [b, h, w, C]`.
+    pub fn run(&self, x: &[f32], [_, h, w]: [usize; 3], out: &mut [f32]) {
+        let c = self.channels;
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [pt, pl, _, _] = self.pads;
+        let [ho, wo] = self.out_size(h, w);
+        out.par_chunks_mut(wo * c)
+            .enumerate()
+            .for_each(|(index, out)| {
+                let (image, oy) = (index / ho, index % ho);
+                let image = &x[image * h * w * c..][..h * w * c];
+                let lines: Vec<Option<&[f32]>> = (0..kh)
+                    .map(|ky| {
+                        let iy = (oy * sh + ky).wrapping_sub(pt);
+                        (iy < h).then(|| &image[iy * w * c..][..w * c])
+                    })
+                    .collect();
+                row_simd(
+                    &lines,
+                    &self.weight,
+                    &self.bias,
+                    (w, c, kw, sw, pl),
+                    self.act,
+                    out,
+                );
+            });
+    }
+}

@@ -1,0 +1,174 @@
+//! The inference path of a finished network on the CPU: the graph `kd export` writes (BatchNorm
+//! folded into the convolutions) compiled into NHWC kernels, each convolution fused with its
+//! bias, residual addition and activation, no autodiff bookkeeping, and buffers that live
+//! from one batch to the next. `kd predict` and `kd bench --mode eval` use it for f32 on the
+//! CPU; a network with a layer it does not cover (CoAtNet's attention) keeps Burn's forward.
+//!
+//! The kernels work on plain slices rather than as Burn operations so that a value can be
+//! written into a buffer that a dead one left (a Burn operation allocates its output); their
+//! parity with the training path is tested on every family (`tests/inference.rs`).
+
+mod compile;
+mod conv;
+mod depthwise;
+mod pointwise;
+mod pool;
+mod winograd;
+
+use anyhow::{Result, ensure};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::models::Network;
+use crate::models::onnx::Graph;
+use crate::ops::{Ctx, Precision};
+use compile::{Op, Program};
+
+/// A network compiled for inference, with its buffers.
+pub struct Plan {
+    program: Program,
+    buffers: Vec<Vec<f32>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plan({} steps)", self.program.steps.len())
+    }
+}
+
+/// Whether [`Plan`] serves `device` in `precision` (f32 on the CPU backend).
+pub fn applies(device: &Device, precision: Precision) -> bool {
+    precision == Precision::F32 && crate::ops::flex::is_flex_device(device)
+}
+
+impl Plan {
+    /// `net` for images of side `size`; an error names the layer the plan does not cover.
+    pub fn new(net: &Network, size: usize) -> Result<Self> {
+        let mut g = Graph::default();
+        let logits = net.to_onnx(&mut g, "images".into(), size)?;
+        let program = compile::compile(&g, "images", &logits, size)?;
+        Ok(Self {
+            buffers: vec![Vec::new(); program.buffers],
+            program,
+        })
+    }
+
+    /// The logits per image.
+    pub fn classes(&self) -> usize {
+        self.program.classes
+    }
+
+    /// Logits `[batch, classes]` (row-major) of `images [batch, 3, size, size]` (NCHW,
+    /// normalized).
+    pub fn run(&mut self, images: &[f32], batch: usize) -> &[f32] {
+        let [h, w, c] = self.program.input_shape;
+        assert_eq!(
+            images.len(),
+            batch * c * h * w,
+            "images of the planned size"
+        );
+        let input = &mut self.buffers[self.program.input];
+        input.resize(images.len(), 0.0);
+        to_nhwc(images, [c, h * w], input);
+        for step in &self.program.steps {
+            let [oh, ow, oc] = step.output_shape;
+            let [ih, iw, ic] = step.input_shape;
+            let mut out = std::mem::take(&mut self.buffers[step.output]);
+            out.resize(batch * oh * ow * oc, 0.0);
+            let input = |i: usize| -> &[f32] {
+                let [h, w, c] = if i == 0 {
+                    step.input_shape
+                } else {
+                    step.output_shape
+                };
+                &self.buffers[step.inputs[i]][..batch * h * w * c]
+            };
+            match &step.op {
+                Op::Conv(conv) => {
+                    let residual = (step.inputs.len() > 1).then(|| input(1));
+                    conv.run(input(0), [batch, ih, iw], residual, &mut out);
+                }
+                Op::Depthwise(conv) => conv.run(input(0), [batch, ih, iw], &mut out),
+                Op::MaxPool(pool) => pool.run(input(0), [batch, ih, iw, ic], &mut out),
+                Op::GlobalAvgPool => pool::global_avg_pool(input(0), [ih * iw, ic], &mut out),
+                Op::Act(act) => {
+                    out.copy_from_slice(input(0));
+                    act.apply_par(&mut out);
+                }
+                Op::Add(act) => pointwise::add(input(0), input(1), *act, &mut out),
+                Op::ScaleChannels => {
+                    let scale = &self.buffers[step.inputs[1]][..batch * oc];
+                    pointwise::scale_channels(input(0), scale, (ih * iw, ic), &mut out);
+                }
+            }
+            self.buffers[step.output] = out;
+        }
+        &self.buffers[self.program.output][..batch * self.program.classes]
+    }
+
+    /// [`Plan::run`] on a tensor: logits `[batch, classes]` on the tensor's device.
+    pub fn forward(&mut self, x: Tensor<4>) -> Result<Tensor<2>> {
+        let [b, c, h, w] = x.dims();
+        let [ph, pw, pc] = self.program.input_shape;
+        ensure!(
+            [c, h, w] == [pc, ph, pw],
+            "the plan takes [N, {pc}, {ph}, {pw}] images, not {:?}",
+            x.dims()
+        );
+        let device = x.device();
+        let data = crate::models::onnx::floats(x)?;
+        let logits = self.run(&data, b).to_vec();
+        Ok(Tensor::from_data(
+            TensorData::new(logits, [b, self.program.classes]),
+            &device,
+        ))
+    }
+}
+
+/// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC).
+fn to_nhwc(x: &[f32], [c, pixels]: [usize; 2], out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(c * pixels)
+        .zip(x.par_chunks(c * pixels))
+        .for_each(|(out, x)| {
+            for (p, out) in out.chunks_exact_mut(c).enumerate() {
+                for (ch, o) in out.iter_mut().enumerate() {
+                    *o = x[ch * pixels + p];
+                }
+            }
+        });
+}
+
+/// A finished network's logits: through its [`Plan`] where one applies (f32 on the CPU, a
+/// network it covers), else through the network's forward.
+pub struct Inference {
+    net: Network,
+    plan: Option<Plan>,
+    cx: Ctx,
+}
+
+impl Inference {
+    /// `net` for images of side `size` on `device` in `precision`.
+    pub fn new(net: Network, size: usize, device: &Device, precision: Precision) -> Self {
+        let plan = applies(device, precision)
+            .then(|| Plan::new(&net, size).ok())
+            .flatten();
+        Self {
+            net,
+            plan,
+            cx: Ctx::new(precision),
+        }
+    }
+
+    /// Whether the logits come from kd's plan.
+    pub fn uses_plan(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Logits `[batch, classes]` of normalized images `[batch, 3, size, size]`.
+    pub fn logits(&mut self, x: Tensor<4>) -> Result<Tensor<2>> {
+        match self.plan.as_mut() {
+            Some(plan) => plan.forward(x),
+            None => Ok(self.net.forward(x, &self.cx)),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Element-wise work of the inference plan: the activations fused into a convolution's or a
+//! linear layer's output pass, and the few element-wise steps left on their own (a residual
+//! addition that follows no convolution, squeeze-and-excitation's channel scaling).
+
+use rayon::prelude::*;
+
+use crate::ops::flex::{dispatch_simd, exp};
+
+/// An activation applied where a value is written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Act {
+    /// None.
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `x · clamp(x + 3, 0, 6) / 6`.
+    Hardswish,
+    /// `clamp(alpha · x + beta, 0, 1)` (ONNX's `HardSigmoid`).
+    Hardsigmoid { alpha: f32, beta: f32 },
+    /// `1 / (1 + e^−x)`.
+    Sigmoid,
+    /// `x · sigmoid(x)`.
+    Silu,
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+#[inline(always)]
+fn apply_slice(act: Act, x: &mut [f32]) {
+    match act {
+        Act::Identity => {}
+        Act::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+        // As PyTorch evaluates it (and kd's training kernel): `(x · clamp) / 6`.
+        Act::Hardswish => x
+            .iter_mut()
+            .for_each(|v| *v = *v * (*v + 3.0).clamp(0.0, 6.0) / 6.0),
+        Act::Hardsigmoid { alpha, beta } => x
+            .iter_mut()
+            .for_each(|v| *v = (alpha * *v + beta).clamp(0.0, 1.0)),
+        Act::Sigmoid => x.iter_mut().for_each(|v| *v = sigmoid(*v)),
+        Act::Silu => x.iter_mut().for_each(|v| *v *= sigmoid(*v)),
+    }
+}
+
+dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
+
+/// Elements per rayon task of the stand-alone passes.
+const TASK: usize = 1 << 14;
+
+impl Act {
+    /// `x ← act(x)`, on the calling thread (a tile that is still in cache).
+    pub fn apply(self, x: &mut [f32]) {
+        if self != Act::Identity {
+            apply_simd(self, x);
+        }
+    }
+
+    /// `x ← act(x)`, in parallel.
+    pub fn apply_par(self, x: &mut [f32]) {
+        if self != Act::Identity {
+            x.par_chunks_mut(TASK).for_each(|x| apply_simd(self, x));
+        }
+    }
+}
+
+/// `out = act(a + b)`.
+pub fn add(a: &[f32], b: &[f32], act: Act, out: &mut [f32]) {
+    out.par_chunks_mut(TASK)
+        .zip(a.par_chunks(TASK).zip(b.par_chunks(TASK)))
+        .for_each(|(out, (a, b))| {
+            out.iter_mut()
+                .zip(a.iter().zip(b))
+                .for_each(|(o, (a, b))| *o = a + b);
+            act.apply(out);
+        });
+}
+
+/// `out[i, c] = x[i, c] · scale[image of i, c]` for `x` of `images` images of `pixels`
+/// pixels with `channels` channels each (NHWC), `scale [images, channels]`.
+pub fn scale_channels(
+    x: &[f32],
+    scale: &[f32],
+    (pixels, channels): (usize, usize),
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(pixels * channels)
+        .zip(x.par_chunks(pixels * channels))
+        .zip(scale.par_chunks(channels))
+        .for_each(|((out, x), scale)| {
+            for (out, x) in out.chunks_mut(channels).zip(x.chunks(channels)) {
+                out.iter_mut()
+                    .zip(x.iter().zip(scale))
+                    .for_each(|(o, (x, s))| *o = x * s);
+            }
+        });
+}
