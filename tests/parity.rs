@@ -322,8 +322,9 @@ fn resnet_tiny_exports_to_onnx() {
 }
 
 /// kd's inference plan (BatchNorm folded, convolutions fused with their residual and ReLU,
-/// NHWC) computes the tiny ResNet's logits, and a narrow ResNet-50's (bottlenecks, 1x1
-/// downsampling with stride 2) with non-trivial BatchNorm statistics.
+/// NHWC, Winograd) computes the tiny ResNet's logits, and a narrow ResNet-50's (bottlenecks,
+/// 1x1 downsampling with stride 2, odd feature maps at 96 px) with non-trivial BatchNorm
+/// statistics.
 #[test]
 fn inference_plan_matches_resnets() {
     let device = Device::flex();
@@ -334,10 +335,10 @@ fn inference_plan_matches_resnets() {
         stem: None,
     };
     // A few training-mode forwards move the running statistics away from (0, 1).
-    let net = spec.build(12, 64, &device.clone().autodiff()).unwrap();
+    let net = spec.build(12, 96, &device.clone().autodiff()).unwrap();
     for _ in 0..3 {
-        let x = Tensor::<4>::random([4, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<4>::random([4, 3, 96, 96], Distribution::Normal(0.0, 1.0), &device);
         let _ = net.forward(x.autodiff(), &cx());
     }
-    check_inference_plan(&net.valid(), 64);
+    check_inference_plan(&net.valid(), 96);
 }

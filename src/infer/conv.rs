@@ -18,6 +18,10 @@ const COL_TILE: usize = 1 << 16;
 const MIN_ROWS: usize = 96;
 /// Output channels per column block are a multiple of this (the GEMM's register tile).
 const COL_ALIGN: usize = 16;
+/// At most this many output rows go through the unpacked product of few rows (`rows.rs`).
+const FEW_ROWS: usize = 64;
+/// Its column blocks are a multiple of its register tile.
+const FEW_ROWS_COLS: usize = 64;
 /// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform (below,
 /// the GEMMs are too short for its 16 products to pay).
 const WINOGRAD_MIN_TILES: usize = 8;
@@ -167,12 +171,14 @@ impl Conv {
         let tiles = m.div_ceil(rows);
         // Too few row tiles for the threads (one image, small feature maps): split the
         // output channels too.
+        let few = m <= FEW_ROWS;
+        let align = if few { FEW_ROWS_COLS } else { COL_ALIGN };
         let blocks = if tiles < threads {
-            (threads / tiles).min(n.div_ceil(COL_ALIGN)).max(1)
+            (threads / tiles).min(n.div_ceil(align)).max(1)
         } else {
             1
         };
-        let cols = n.div_ceil(blocks).next_multiple_of(COL_ALIGN).min(n);
+        let cols = n.div_ceil(blocks).next_multiple_of(align).min(n);
         let blocks = n.div_ceil(cols);
         let dst = Out::new(out);
         (0..tiles * blocks).into_par_iter().for_each(|task| {
@@ -203,35 +209,50 @@ impl Conv {
                             .for_each(|(o, r)| *o += r);
                     }
                 }
-                // SAFETY: lhs is (r1−r0) × k row-major, the weights k × n row-major (read
-                // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
-                // (row stride n), written by this task only.
-                unsafe {
-                    gemm::gemm(
-                        r1 - r0,
-                        c1 - c0,
-                        k,
-                        dst.at(r0 * n + c0),
-                        1,
-                        n as isize,
-                        true,
-                        lhs.as_ptr(),
-                        1,
-                        k as isize,
-                        self.weight.as_ptr().add(c0),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        if tiles * blocks == 1 && m * n * k >= 1 << 18 {
-                            gemm::Parallelism::Rayon(0)
-                        } else {
-                            gemm::Parallelism::None
-                        },
-                    );
+                if few {
+                    // SAFETY: as below.
+                    unsafe {
+                        super::rows::gemm_rows(
+                            (r1 - r0, c1 - c0, k),
+                            lhs,
+                            k,
+                            &self.weight[c0..],
+                            n,
+                            dst.at(r0 * n + c0),
+                            n,
+                        );
+                    }
+                } else {
+                    // SAFETY: lhs is (r1−r0) × k row-major, the weights k × n row-major (read
+                    // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
+                    // (row stride n), written by this task only.
+                    unsafe {
+                        gemm::gemm(
+                            r1 - r0,
+                            c1 - c0,
+                            k,
+                            dst.at(r0 * n + c0),
+                            1,
+                            n as isize,
+                            true,
+                            lhs.as_ptr(),
+                            1,
+                            k as isize,
+                            self.weight.as_ptr().add(c0),
+                            1,
+                            n as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            if tiles * blocks == 1 && m * n * k >= 1 << 18 {
+                                gemm::Parallelism::Rayon(0)
+                            } else {
+                                gemm::Parallelism::None
+                            },
+                        );
+                    }
                 }
                 if self.act != Act::Identity {
                     for r in r0..r1 {

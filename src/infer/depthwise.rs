@@ -26,7 +26,9 @@ pub struct Depthwise {
     pub act: Act,
 }
 
-/// One output row: `out[ox, c]` for every `ox`, from the input lines the kernel rows reach.
+/// One output row: `out[ox, c]` for every `ox`, from the input lines the kernel rows reach
+/// (`None` above or below the image). Tap by tap, over the range of output pixels whose
+/// input is inside the line, so the inner loop has no bounds to check.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn row(
@@ -37,24 +39,28 @@ fn row(
     act: Act,
     out: &mut [f32],
 ) {
-    for (ox, out) in out.chunks_exact_mut(c).enumerate() {
+    let wo = out.len() / c;
+    for out in out.chunks_exact_mut(c) {
         out.copy_from_slice(bias);
-        for (ky, line) in lines.iter().enumerate() {
-            let Some(line) = line else { continue };
-            for kx in 0..kw {
-                let ix = (ox * sw + kx).wrapping_sub(pl);
-                if ix >= w {
-                    continue;
-                }
-                let taps = &weight[(ky * kw + kx) * c..][..c];
+    }
+    for (ky, line) in lines.iter().enumerate() {
+        let Some(line) = line else { continue };
+        for kx in 0..kw {
+            // Output pixels whose input column ox·sw + kx − pl lies in 0..w.
+            let lo = pl.saturating_sub(kx).div_ceil(sw);
+            let hi = ((w + pl).saturating_sub(kx)).div_ceil(sw).min(wo);
+            let taps = &weight[(ky * kw + kx) * c..][..c];
+            for ox in lo..hi {
+                let ix = ox * sw + kx - pl;
                 let input = &line[ix * c..][..c];
-                out.iter_mut()
+                out[ox * c..][..c]
+                    .iter_mut()
                     .zip(input.iter().zip(taps))
                     .for_each(|(o, (x, t))| *o += x * t);
             }
         }
-        act.apply(out);
     }
+    act.apply(out);
 }
 
 dispatch_simd!(row_simd(

@@ -13,6 +13,7 @@ mod conv;
 mod depthwise;
 mod pointwise;
 mod pool;
+mod rows;
 mod winograd;
 
 use anyhow::{Result, ensure};
@@ -60,19 +61,25 @@ impl Plan {
     /// Logits `[batch, classes]` (row-major) of `images [batch, 3, size, size]` (NCHW,
     /// normalized).
     pub fn run(&mut self, images: &[f32], batch: usize) -> &[f32] {
-        let [h, w, c] = self.program.input_shape;
+        Self::execute(&self.program, &mut self.buffers, images, batch);
+        &self.buffers[self.program.output][..batch * self.program.classes]
+    }
+
+    /// The steps of `program` on `images`, into `buffers`.
+    fn execute(program: &Program, buffers: &mut [Vec<f32>], images: &[f32], batch: usize) {
+        let [h, w, c] = program.input_shape;
         assert_eq!(
             images.len(),
             batch * c * h * w,
             "images of the planned size"
         );
-        let input = &mut self.buffers[self.program.input];
+        let input = &mut buffers[program.input];
         input.resize(images.len(), 0.0);
         to_nhwc(images, [c, h * w], input);
-        for step in &self.program.steps {
+        for step in &program.steps {
             let [oh, ow, oc] = step.output_shape;
             let [ih, iw, ic] = step.input_shape;
-            let mut out = std::mem::take(&mut self.buffers[step.output]);
+            let mut out = std::mem::take(&mut buffers[step.output]);
             out.resize(batch * oh * ow * oc, 0.0);
             let input = |i: usize| -> &[f32] {
                 let [h, w, c] = if i == 0 {
@@ -80,7 +87,7 @@ impl Plan {
                 } else {
                     step.output_shape
                 };
-                &self.buffers[step.inputs[i]][..batch * h * w * c]
+                &buffers[step.inputs[i]][..batch * h * w * c]
             };
             match &step.op {
                 Op::Conv(conv) => {
@@ -96,13 +103,12 @@ impl Plan {
                 }
                 Op::Add(act) => pointwise::add(input(0), input(1), *act, &mut out),
                 Op::ScaleChannels => {
-                    let scale = &self.buffers[step.inputs[1]][..batch * oc];
+                    let scale = &buffers[step.inputs[1]][..batch * oc];
                     pointwise::scale_channels(input(0), scale, (ih * iw, ic), &mut out);
                 }
             }
-            self.buffers[step.output] = out;
+            buffers[step.output] = out;
         }
-        &self.buffers[self.program.output][..batch * self.program.classes]
     }
 
     /// [`Plan::run`] on a tensor: logits `[batch, classes]` on the tensor's device.
@@ -172,3 +178,6 @@ impl Inference {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

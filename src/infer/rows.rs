@@ -1,0 +1,198 @@
+//! The product of few rows (squeeze-and-excitation, classifiers, one image's last feature
+//! maps) without packing: `dst [m, n] += a [m, k] · w [k, n]` with `w` read in place, a
+//! register tile of 4 rows × 64 columns at a time (AVX-512; a portable loop elsewhere). A
+//! packing GEMM copies all of `w` for every call, which for a handful of rows costs more
+//! than the product itself.
+
+/// Rows of the register tile.
+const R: usize = 4;
+/// Columns of the register tile.
+const C: usize = 64;
+
+/// The operands of one call: `a [m × k]` (row stride `lda`), `w [k × n]` (row stride
+/// `ldw`), `dst` (row stride `ldd`).
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    a: &'a [f32],
+    lda: usize,
+    w: &'a [f32],
+    ldw: usize,
+    dst: *mut f32,
+    ldd: usize,
+}
+
+/// The portable product.
+fn portable((m, n, k): (usize, usize, usize), o: Operands) {
+    for r in 0..m {
+        for j0 in (0..n).step_by(C) {
+            let cols = C.min(n - j0);
+            let mut acc = [0f32; C];
+            let acc = &mut acc[..cols];
+            for kk in 0..k {
+                let s = o.a[r * o.lda + kk];
+                let wrow = &o.w[kk * o.ldw + j0..][..cols];
+                acc.iter_mut().zip(wrow).for_each(|(a, w)| *a += s * w);
+            }
+            // SAFETY: the contract of `gemm_rows`.
+            let d = unsafe { std::slice::from_raw_parts_mut(o.dst.add(r * o.ldd + j0), cols) };
+            d.iter_mut().zip(acc.iter()).for_each(|(d, a)| *d += a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{C, Operands, R};
+
+    /// One tile: rows `r0..r0 + rows` (≤ 4), columns `j0..j0 + 16·Q` with `masks` for the
+    /// lanes of each 16-wide vector. (No closures: they would not inherit the target
+    /// feature, and each intrinsic would become a call.)
+    #[allow(clippy::needless_range_loop)] // index loops over the register tile, unrolled
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const Q: usize>(
+        k: usize,
+        o: Operands,
+        (r0, rows): (usize, usize),
+        j0: usize,
+        masks: [u16; Q],
+    ) {
+        // SAFETY (the whole body): rows r0..r0 + rows of `a` hold k values, rows 0..k of
+        // `w` hold columns j0..j0 + 16·Q where the masks are set (checked by `gemm_rows`),
+        // and the destination rows are the caller's.
+        unsafe {
+            // Rows past the end repeat the first (computed, never stored).
+            let mut a = [o.a.as_ptr(); R];
+            for (r, a) in a.iter_mut().enumerate().take(rows) {
+                *a = o.a.as_ptr().add((r0 + r) * o.lda);
+            }
+            let w = o.w.as_ptr().add(j0);
+            let mut acc = [[_mm512_setzero_ps(); Q]; R];
+            let mut wv = [_mm512_setzero_ps(); Q];
+            for kk in 0..k {
+                let row = w.add(kk * o.ldw);
+                for q in 0..Q {
+                    wv[q] = _mm512_maskz_loadu_ps(masks[q], row.add(16 * q));
+                }
+                for r in 0..R {
+                    let s = _mm512_set1_ps(*a[r].add(kk));
+                    for q in 0..Q {
+                        acc[r][q] = _mm512_fmadd_ps(s, wv[q], acc[r][q]);
+                    }
+                }
+            }
+            for r in 0..rows {
+                for q in 0..Q {
+                    let d = o.dst.add((r0 + r) * o.ldd + j0 + 16 * q);
+                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[q], d), acc[r][q]);
+                    _mm512_mask_storeu_ps(d, masks[q], sum);
+                }
+            }
+        }
+    }
+
+    /// The product, tile by tile.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product((m, n, k): (usize, usize, usize), o: Operands) {
+        for r0 in (0..m).step_by(R) {
+            let rows = R.min(m - r0);
+            for j0 in (0..n).step_by(C) {
+                let cols = C.min(n - j0);
+                let vectors = cols.div_ceil(16);
+                let last = cols - 16 * (vectors - 1);
+                let mask = |q: usize| {
+                    if q + 1 < vectors || last == 16 {
+                        u16::MAX
+                    } else {
+                        (1u16 << last) - 1
+                    }
+                };
+                let at = (r0, rows);
+                // SAFETY: the contract of `gemm_rows`.
+                unsafe {
+                    match vectors {
+                        1 => tile::<1>(k, o, at, j0, [mask(0)]),
+                        2 => tile::<2>(k, o, at, j0, [mask(0), mask(1)]),
+                        3 => tile::<3>(k, o, at, j0, [mask(0), mask(1), mask(2)]),
+                        _ => tile::<4>(k, o, at, j0, [mask(0), mask(1), mask(2), mask(3)]),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst [m × n] (row stride ldd) += a [m × k] (row stride lda) · w [k × n] (row stride ldw)`.
+///
+/// # Safety
+/// For each `r < m`, the `n` elements at `dst + r·ldd` are valid and no one else accesses
+/// them during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    w: &[f32],
+    ldw: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k && w.len() >= (k.max(1) - 1) * ldw + n);
+    let o = Operands {
+        a,
+        lda,
+        w,
+        ldw,
+        dst,
+        ldd,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the operands' extents are checked above and the
+        // destination is the caller's.
+        return unsafe { avx512::product((m, n, k), o) };
+    }
+    portable((m, n, k), o);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tile shape (full, partial rows, partial and masked columns), on this CPU's
+    /// path and the portable one, against a plain triple loop.
+    #[test]
+    fn matches_the_definition() {
+        let (m, n, k) = (7, 150, 33);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5)
+            .collect();
+        let start: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+        let mut expected = start.clone();
+        for r in 0..m {
+            for j in 0..n {
+                expected[r * n + j] += (0..k).map(|kk| a[r * k + kk] * w[kk * n + j]).sum::<f32>();
+            }
+        }
+        let mut dst = start.clone();
+        // SAFETY: dst holds m rows of n.
+        unsafe { gemm_rows((m, n, k), &a, k, &w, n, dst.as_mut_ptr(), n) };
+        assert_eq!(dst, expected);
+        let mut dst = start;
+        let o = Operands {
+            a: &a,
+            lda: k,
+            w: &w,
+            ldw: n,
+            dst: dst.as_mut_ptr(),
+            ldd: n,
+        };
+        portable((m, n, k), o);
+        assert_eq!(dst, expected);
+    }
+}
