@@ -20,6 +20,8 @@ const MIN_ROWS: usize = 96;
 const COL_ALIGN: usize = 16;
 /// At most this many output rows go through the unpacked product of few rows (`rows.rs`).
 const FEW_ROWS: usize = 64;
+/// ... and a depth at most this (its column panel of the weights then stays in cache).
+const FEW_ROWS_DEPTH: usize = 1024;
 /// Its column blocks are a multiple of its register tile.
 const FEW_ROWS_COLS: usize = 64;
 /// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform (below,
@@ -171,7 +173,7 @@ impl Conv {
         let tiles = m.div_ceil(rows);
         // Too few row tiles for the threads (one image, small feature maps): split the
         // output channels too.
-        let few = m <= FEW_ROWS;
+        let few = m <= FEW_ROWS && k <= FEW_ROWS_DEPTH;
         let align = if few { FEW_ROWS_COLS } else { COL_ALIGN };
         let blocks = if tiles < threads {
             (threads / tiles).min(n.div_ceil(align)).max(1)

@@ -243,10 +243,14 @@ impl Winograd {
         let (c, o) = (self.cin, self.cout);
         let tiles = Self::tiles([b, h, w]);
         let threads = rayon::current_num_threads();
-        let per_block = (BLOCK_FLOATS / (c + o))
-            .max(MIN_TILES)
-            .min(tiles.div_ceil(threads))
-            .max(1);
+        // Enough tiles per block to keep a ξ's operands in cache, but when the transformed
+        // weights (16·C·O, read once per block) outweigh a block's operands several times,
+        // one block per thread, so that they are read as few times as possible.
+        let mut per_block = (BLOCK_FLOATS / (c + o)).max(MIN_TILES);
+        if c * o > 4 * per_block * (c + o) {
+            per_block = tiles;
+        }
+        let per_block = per_block.min(tiles.div_ceil(threads)).max(1);
         let blocks = tiles.div_ceil(per_block);
         let finish = Finish {
             bias,
