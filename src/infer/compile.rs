@@ -247,6 +247,7 @@ impl<'g> Lowering<'g> {
                     let mut conv =
                         Depthwise::from_oihw(&weight, dims, bias.as_deref(), stride, pads);
                     let [ho, wo] = conv.out_size(h, w);
+                    conv.lay_out_along(wo);
                     let (n, act, fused) = self.fused_activation(i + 1, y);
                     conv.act = act;
                     (taken, out) = (1 + n, fused);

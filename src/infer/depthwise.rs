@@ -1,11 +1,17 @@
 //! Depthwise convolution of the inference plan in NHWC (one filter per channel: the
 //! MobileNetV3 and EfficientNet blocks): each output pixel sums its taps across a contiguous
-//! run of channels, which vectorises, then adds the folded bias and applies the activation.
+//! run of channels, then the folded bias and the activation. With stride 1 a tap reads a
+//! contiguous run of a whole input line, so each tap's weights are laid out once along an
+//! output row (`[kh·kw, wo·C]`): the tap becomes one multiply-add over the row, full
+//! vectors whatever the number of channels.
 
 use rayon::prelude::*;
 
 use super::pointwise::Act;
 use crate::ops::flex::dispatch_simd;
+
+/// Most channels for which the weights are laid out along the rows.
+const ALONG_ROW_MAX_CHANNELS: usize = 32;
 
 /// A depthwise convolution with its BatchNorm folded in.
 #[derive(Debug, Clone)]
@@ -22,6 +28,9 @@ pub struct Depthwise {
     weight: Vec<f32>,
     /// `[C]`.
     bias: Vec<f32>,
+    /// With stride 1, each tap's weights repeated along an output row of `width` pixels:
+    /// `[kh·kw, width·C]`.
+    along_row: Option<(usize, Vec<f32>)>,
     /// Applied to the output.
     pub act: Act,
 }
@@ -63,6 +72,49 @@ fn row(
     act.apply(out);
 }
 
+/// [`row`] for stride 1 with the weights laid out along the row (`along [kh·kw, wo·C]`).
+#[inline(always)]
+fn row_along(
+    lines: &[Option<&[f32]>],
+    along: &[f32],
+    bias: &[f32],
+    (w, c, kw, pl): (usize, usize, usize, usize),
+    act: Act,
+    out: &mut [f32],
+) {
+    let wo = out.len() / c;
+    for out in out.chunks_exact_mut(c) {
+        out.copy_from_slice(bias);
+    }
+    for (ky, line) in lines.iter().enumerate() {
+        let Some(line) = line else { continue };
+        for kx in 0..kw {
+            // Output pixels whose input column ox + kx − pl lies in 0..w.
+            let lo = pl.saturating_sub(kx);
+            let hi = (w + pl).saturating_sub(kx).min(wo);
+            if lo >= hi {
+                continue;
+            }
+            let taps = &along[(ky * kw + kx) * wo * c..][lo * c..hi * c];
+            let input = &line[(lo + kx - pl) * c..(hi + kx - pl) * c];
+            out[lo * c..hi * c]
+                .iter_mut()
+                .zip(input.iter().zip(taps))
+                .for_each(|(o, (x, t))| *o += x * t);
+        }
+    }
+    act.apply(out);
+}
+
+dispatch_simd!(row_along_simd(
+    lines: &[Option<&[f32]>],
+    along: &[f32],
+    bias: &[f32],
+    dims: (usize, usize, usize, usize),
+    act: Act,
+    out: &mut [f32]
+) => row_along(lines, along, bias, dims, act, out));
+
 dispatch_simd!(row_simd(
     lines: &[Option<&[f32]>],
     weight: &[f32],
@@ -94,8 +146,21 @@ impl Depthwise {
             pads,
             weight,
             bias: bias.map_or_else(|| vec![0.0; channels], <[f32]>::to_vec),
+            along_row: None,
             act: Act::Identity,
         }
+    }
+
+    /// Lays the weights out along output rows of `width` pixels (stride 1, few channels:
+    /// with more, a pixel's taps are already whole vectors, and the laid-out weights
+    /// would only leave the L1 cache).
+    pub fn lay_out_along(&mut self, width: usize) {
+        if self.stride[1] != 1 || self.channels > ALONG_ROW_MAX_CHANNELS {
+            return;
+        }
+        let taps = self.weight.chunks_exact(self.channels);
+        let rows = taps.flat_map(|tap| tap.iter().cycle().take(width * self.channels));
+        self.along_row = Some((width, rows.copied().collect()));
     }
 
     /// Output height and width for an input of `h` × `w`.
@@ -126,14 +191,13 @@ impl Depthwise {
                         (iy < h).then(|| &image[iy * w * c..][..w * c])
                     })
                     .collect();
-                row_simd(
-                    &lines,
-                    &self.weight,
-                    &self.bias,
-                    (w, c, kw, sw, pl),
-                    self.act,
-                    out,
-                );
+                let dims = (w, c, kw, sw, pl);
+                match &self.along_row {
+                    Some((width, along)) if *width == wo => {
+                        row_along_simd(&lines, along, &self.bias, (w, c, kw, pl), self.act, out)
+                    }
+                    _ => row_simd(&lines, &self.weight, &self.bias, dims, self.act, out),
+                }
             });
     }
 }

@@ -102,20 +102,22 @@ fn depthwise_convolutions_match_burn() {
             Some(bias.clone()),
             options,
         ));
-        let conv = Depthwise::from_oihw(
+        let mut conv = Depthwise::from_oihw(
             &floats(&weight),
             [c, 1, k, k],
             Some(&floats(&bias)),
             [s, s],
             [p; 4],
         );
+        let what = format!("depthwise {b}x{c}x{h}x{w} k{k} s{s}");
         let mut out = vec![f32::NAN; expected.len()];
         conv.run(&nhwc(&x), [b, h, w], &mut out);
-        assert_close(
-            &expected,
-            &out,
-            &format!("depthwise {b}x{c}x{h}x{w} k{k} s{s}"),
-        );
+        assert_close(&expected, &out, &what);
+        // With the weights laid out along the rows (stride 1).
+        conv.lay_out_along(conv.out_size(h, w)[1]);
+        let mut out = vec![f32::NAN; expected.len()];
+        conv.run(&nhwc(&x), [b, h, w], &mut out);
+        assert_close(&expected, &out, &format!("{what}, along rows"));
     }
 }
 
