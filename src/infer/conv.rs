@@ -24,9 +24,10 @@ const FEW_ROWS: usize = 64;
 const FEW_ROWS_DEPTH: usize = 1024;
 /// Its column blocks are a multiple of its register tile.
 const FEW_ROWS_COLS: usize = 64;
-/// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform (below,
-/// the GEMMs are too short for its 16 products to pay).
-const WINOGRAD_MIN_TILES: usize = 8;
+/// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform. Its
+/// weights are 16/9 the size of the direct ones and each is used once per tile: with fewer
+/// tiles (one image's 7x7 maps have 16) reading them costs more than the products saved.
+const WINOGRAD_MIN_TILES: usize = 32;
 
 thread_local! {
     /// Each worker's im2col tile, kept between calls.
