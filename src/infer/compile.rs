@@ -13,6 +13,7 @@ use super::conv::Conv;
 use super::depthwise::Depthwise;
 use super::pointwise::Act;
 use super::pool::MaxPool;
+use super::window::Window;
 use crate::models::onnx::Graph;
 
 /// What a step computes.
@@ -291,9 +292,11 @@ impl<'g> Lowering<'g> {
                     bail!("{name}: dilated pooling is not supported");
                 }
                 let pool = MaxPool {
-                    kernel: pair(node, "kernel_shape", 1)?,
-                    stride: pair(node, "strides", 1)?,
-                    pads: pads(node)?,
+                    window: Window {
+                        kernel: pair(node, "kernel_shape", 1)?,
+                        stride: pair(node, "strides", 1)?,
+                        pads: pads(node)?,
+                    },
                     ceil: attr(node, "ceil_mode").is_some_and(|a| a.i != 0),
                 };
                 let [ho, wo] = pool.out_size(h, w);

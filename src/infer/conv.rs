@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::pointwise::Act;
+use super::window::Window;
 use super::winograd::Winograd;
 
 /// Target size of one tile's im2col, in floats (a few hundred KiB: it stays in cache).
@@ -41,12 +42,8 @@ pub struct Conv {
     pub cin: usize,
     /// Output channels.
     pub cout: usize,
-    /// `[kh, kw]`.
-    pub kernel: [usize; 2],
-    /// `[sh, sw]`.
-    pub stride: [usize; 2],
-    /// `[top, left, bottom, right]`.
-    pub pads: [usize; 4],
+    /// Kernel, stride, padding.
+    pub window: Window,
     /// `[kh·kw·C, O]`, rows in (ky, kx, c) order.
     weight: Vec<f32>,
     /// `[O]`.
@@ -106,9 +103,11 @@ impl Conv {
         Self {
             cin,
             cout,
-            kernel: [kh, kw],
-            stride,
-            pads,
+            window: Window {
+                kernel: [kh, kw],
+                stride,
+                pads,
+            },
             weight,
             bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
             act: Act::Identity,
@@ -121,9 +120,11 @@ impl Conv {
         Self {
             cin: inputs,
             cout: outputs,
-            kernel: [1, 1],
-            stride: [1, 1],
-            pads: [0; 4],
+            window: Window {
+                kernel: [1, 1],
+                stride: [1, 1],
+                pads: [0; 4],
+            },
             weight: w.to_vec(),
             bias: bias.map_or_else(|| vec![0.0; outputs], <[f32]>::to_vec),
             act: Act::Identity,
@@ -133,22 +134,22 @@ impl Conv {
 
     /// Output height and width for an input of `h` × `w`.
     pub fn out_size(&self, h: usize, w: usize) -> [usize; 2] {
-        let [kh, kw] = self.kernel;
-        let [t, l, b, r] = self.pads;
-        [
-            (h + t + b - kh) / self.stride[0] + 1,
-            (w + l + r - kw) / self.stride[1] + 1,
-        ]
+        self.window.out_size(h, w, false)
     }
 
     /// The GEMM's summed dimension, `kh·kw·C`.
     fn depth(&self) -> usize {
-        self.kernel[0] * self.kernel[1] * self.cin
+        self.window.kernel[0] * self.window.kernel[1] * self.cin
     }
 
     /// Whether the input already is the GEMM's left operand (1x1, stride 1, no padding).
     fn reads_input_directly(&self) -> bool {
-        self.kernel == [1, 1] && self.stride == [1, 1] && self.pads == [0; 4]
+        let Window {
+            kernel,
+            stride,
+            pads,
+        } = self.window;
+        kernel == [1, 1] && stride == [1, 1] && pads == [0; 4]
     }
 
     /// `out = act(conv(x) + bias (+ residual))` for `x [b, h, w, C]` (NHWC), `out` and
@@ -277,9 +278,11 @@ impl Conv {
         col: &mut [f32],
     ) {
         let c = self.cin;
-        let [kh, kw] = self.kernel;
-        let [sh, sw] = self.stride;
-        let [pt, pl, _, _] = self.pads;
+        let Window {
+            kernel: [kh, kw],
+            stride: [sh, sw],
+            pads: [pt, pl, _, _],
+        } = self.window;
         let k = self.depth();
         for (r, col) in rows.zip(col.chunks_exact_mut(k)) {
             let (image, pixel) = (r / (ho * wo), r % (ho * wo));

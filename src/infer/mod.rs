@@ -14,6 +14,7 @@ mod depthwise;
 mod pointwise;
 mod pool;
 mod rows;
+mod window;
 mod winograd;
 
 use anyhow::{Result, ensure};

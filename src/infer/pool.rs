@@ -3,15 +3,13 @@
 
 use rayon::prelude::*;
 
+use super::window::Window;
+
 /// Max pooling (padding never wins: it is skipped, as ONNX and PyTorch pad with −∞).
 #[derive(Debug, Clone)]
 pub struct MaxPool {
-    /// `[kh, kw]`.
-    pub kernel: [usize; 2],
-    /// `[sh, sw]`.
-    pub stride: [usize; 2],
-    /// `[top, left, bottom, right]`.
-    pub pads: [usize; 4],
+    /// Kernel, stride, padding.
+    pub window: Window,
     /// Output size rounded up rather than down.
     pub ceil: bool,
 }
@@ -19,52 +17,28 @@ pub struct MaxPool {
 impl MaxPool {
     /// Output height and width for an input of `h` × `w`.
     pub fn out_size(&self, h: usize, w: usize) -> [usize; 2] {
-        let [kh, kw] = self.kernel;
-        let [t, l, b, r] = self.pads;
-        let size = |n: usize, k: usize, s: usize, p0: usize, p1: usize| {
-            let span = n + p0 + p1 - k;
-            let mut out = if self.ceil {
-                span.div_ceil(s)
-            } else {
-                span / s
-            } + 1;
-            // As PyTorch: with ceil, the last window must start inside the input or the
-            // leading padding.
-            if self.ceil && (out - 1) * s >= n + p0 {
-                out -= 1;
-            }
-            out
-        };
-        [
-            size(h, kh, self.stride[0], t, b),
-            size(w, kw, self.stride[1], l, r),
-        ]
+        self.window.out_size(h, w, self.ceil)
     }
 
     /// `out [b, ho, wo, C]` from `x [b, h, w, C]`.
     pub fn run(&self, x: &[f32], [_, h, w, c]: [usize; 4], out: &mut [f32]) {
-        let [kh, kw] = self.kernel;
-        let [sh, sw] = self.stride;
-        let [pt, pl, _, _] = self.pads;
         let [ho, wo] = self.out_size(h, w);
-        out.par_chunks_mut(wo * c)
-            .enumerate()
-            .for_each(|(index, out)| {
-                let (image, oy) = (index / ho, index % ho);
-                let image = &x[image * h * w * c..][..h * w * c];
+        let (kw, sw, pl) = (
+            self.window.kernel[1],
+            self.window.stride[1],
+            self.window.pads[1],
+        );
+        self.window
+            .rows(x, [h, w, c], [ho, wo * c], out, |lines, out| {
                 for (ox, out) in out.chunks_exact_mut(c).enumerate() {
                     out.fill(f32::NEG_INFINITY);
-                    for ky in 0..kh {
-                        let iy = (oy * sh + ky).wrapping_sub(pt);
-                        if iy >= h {
-                            continue;
-                        }
+                    for line in lines.iter().flatten() {
                         for kx in 0..kw {
                             let ix = (ox * sw + kx).wrapping_sub(pl);
                             if ix >= w {
                                 continue;
                             }
-                            let input = &image[(iy * w + ix) * c..][..c];
+                            let input = &line[ix * c..][..c];
                             out.iter_mut().zip(input).for_each(|(o, &v)| *o = o.max(v));
                         }
                     }

@@ -10,6 +10,7 @@ use super::conv::Conv;
 use super::depthwise::Depthwise;
 use super::pointwise::Act;
 use super::pool::MaxPool;
+use super::window::Window;
 
 fn random<const D: usize>(dims: [usize; D]) -> Tensor<D> {
     Tensor::random(dims, Distribution::Normal(0.0, 1.0), &Device::flex())
@@ -137,9 +138,11 @@ fn max_pooling_matches_burn() {
             .with_ceil_mode(ceil);
         let expected = nhwc(&max_pool2d(x.clone(), options));
         let pool = MaxPool {
-            kernel: [k, k],
-            stride: [s, s],
-            pads: [p; 4],
+            window: Window {
+                kernel: [k, k],
+                stride: [s, s],
+                pads: [p; 4],
+            },
             ceil,
         };
         let mut out = vec![f32::NAN; expected.len()];

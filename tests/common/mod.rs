@@ -330,29 +330,37 @@ pub fn quiet() -> kd::train::TrainOptions {
     }
 }
 
+/// `batch` random normal images of side `size` on the CPU, and `net`'s logits for them.
+pub fn random_images_and_logits(
+    net: &kd::models::Network,
+    batch: usize,
+    size: usize,
+) -> (Tensor<4>, Vec<f32>) {
+    let x = Tensor::<4>::random(
+        [batch, 3, size, size],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &burn::tensor::Device::flex(),
+    );
+    let logits = values(net.forward(x.clone(), &cx()))
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    (x, logits)
+}
+
 /// Exports `net` (for `classes` classes, images of side `size`) to ONNX and runs the graph
 /// in tract at batch 1 and 5: its logits equal kd's within 1e-4 (relative to the largest);
 /// exporting again gives the same bytes. Returns how many `BatchNormalization` nodes the
 /// graph kept (the ones that follow no convolution).
 pub fn check_onnx_round_trip(net: &kd::models::Network, classes: usize, size: usize) -> usize {
-    use burn::tensor::Distribution;
     use prost::Message;
     let bytes = kd::run::onnx::to_onnx(net, classes, size, &[]).unwrap();
     assert!(
         kd::run::onnx::to_onnx(net, classes, size, &[]).unwrap() == bytes,
         "the same network gives the same ONNX bytes"
     );
-    let device = burn::tensor::Device::flex();
     for batch in [1, 5] {
-        let x = Tensor::<4>::random(
-            [batch, 3, size, size],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
-        let expected: Vec<f32> = values(net.forward(x.clone(), &cx()))
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
+        let (x, expected) = random_images_and_logits(net, batch, size);
         let actual = kd::run::onnx::run_onnx(&bytes, &x).unwrap();
         assert_eq!(actual.len(), batch * classes);
         let diff = kd::run::onnx::max_difference(&expected, &actual);
@@ -371,19 +379,9 @@ pub fn check_onnx_round_trip(net: &kd::models::Network, classes: usize, size: us
 /// reused buffers) at batch 1, 5 and 1 again: its logits equal the module's forward within
 /// 1e-5 relative to the largest (at least 1).
 pub fn check_inference_plan(net: &kd::models::Network, size: usize) {
-    use burn::tensor::Distribution;
-    let device = burn::tensor::Device::flex();
     let mut plan = kd::infer::Plan::new(net, size).unwrap();
     for (i, batch) in [1, 5, 1].into_iter().enumerate() {
-        let x = Tensor::<4>::random(
-            [batch, 3, size, size],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
-        let expected: Vec<f32> = values(net.forward(x.clone(), &cx()))
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
+        let (x, expected) = random_images_and_logits(net, batch, size);
         let actual = values(plan.forward(x).unwrap());
         assert_eq!(actual.len(), batch * plan.classes());
         let actual: Vec<f32> = actual.into_iter().map(|v| v as f32).collect();

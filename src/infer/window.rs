@@ -1,0 +1,66 @@
+//! The geometry of a sliding window in the inference plan (convolutions, pooling): kernel,
+//! stride and padding, the output size, and the input lines each output row reads.
+
+use rayon::prelude::*;
+
+/// Kernel, stride and padding of a 2-D window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+}
+
+impl Window {
+    /// Output height and width for an input of `h` × `w`, rounded down (or up, as
+    /// PyTorch's `ceil_mode`: the last window then still starts inside the input or the
+    /// leading padding).
+    pub fn out_size(&self, h: usize, w: usize, ceil: bool) -> [usize; 2] {
+        let [kh, kw] = self.kernel;
+        let [t, l, b, r] = self.pads;
+        let size = |n: usize, k: usize, s: usize, p0: usize, p1: usize| {
+            let span = n + p0 + p1 - k;
+            let out = if ceil { span.div_ceil(s) } else { span / s } + 1;
+            if ceil && (out - 1) * s >= n + p0 {
+                out - 1
+            } else {
+                out
+            }
+        };
+        [
+            size(h, kh, self.stride[0], t, b),
+            size(w, kw, self.stride[1], l, r),
+        ]
+    }
+
+    /// `f(lines, out_row)` for every output row of `out` (`ho` rows of `row_len` floats
+    /// per image), in parallel: `lines[ky]` is the input line of `x [b, h, w, C]` that
+    /// kernel row `ky` reads, `None` in the padding.
+    pub fn rows<F>(
+        &self,
+        x: &[f32],
+        [h, w, c]: [usize; 3],
+        [ho, row_len]: [usize; 2],
+        out: &mut [f32],
+        f: F,
+    ) where
+        F: Fn(&[Option<&[f32]>], &mut [f32]) + Sync,
+    {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(index, out)| {
+                let (image, oy) = (index / ho, index % ho);
+                let image = &x[image * h * w * c..][..h * w * c];
+                let lines: Vec<Option<&[f32]>> = (0..self.kernel[0])
+                    .map(|ky| {
+                        let iy = (oy * self.stride[0] + ky).wrapping_sub(self.pads[0]);
+                        (iy < h).then(|| &image[iy * w * c..][..w * c])
+                    })
+                    .collect();
+                f(&lines, out);
+            });
+    }
+}
