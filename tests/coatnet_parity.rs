@@ -323,11 +323,21 @@ fn coatnet_tiny_exports_to_onnx() {
 }
 
 /// CoAtNet's attention is outside what the inference plan covers: it says which layer, and
-/// `kd predict` keeps Burn's forward for it (tested through the CLI in `real_data.rs`).
+/// `kd predict`'s inference keeps the network's forward for it.
 #[test]
 fn inference_plan_names_what_it_does_not_cover() {
-    let err = kd::infer::Plan::new(&tiny_coatnet(&Device::flex()), 64)
+    let device = Device::flex();
+    let err = kd::infer::Plan::new(&tiny_coatnet(&device), 64)
         .unwrap_err()
         .to_string();
     assert!(err.contains("is not supported"), "{err}");
+    let net = tiny_coatnet(&device);
+    let (x, expected) = random_images_and_logits(&net, 2, 64);
+    let mut inference = kd::infer::Inference::new(net, 64, &device, kd::ops::Precision::F32);
+    assert!(!inference.uses_plan());
+    let logits: Vec<f32> = values(inference.logits(x).unwrap())
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    assert_eq!(logits, expected, "the forward, unchanged");
 }
