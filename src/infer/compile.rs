@@ -78,30 +78,59 @@ fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
 }
 
-fn ints(node: &NodeProto, name: &str) -> Option<Vec<usize>> {
-    attr(node, name).map(|a| a.ints.iter().map(|&v| v as usize).collect())
+fn ints(node: &NodeProto, name: &str) -> Result<Option<Vec<usize>>> {
+    let Some(a) = attr(node, name) else {
+        return Ok(None);
+    };
+    a.ints
+        .iter()
+        .map(|&v| usize::try_from(v).map_err(|_| anyhow::anyhow!("{name} {:?}", a.ints)))
+        .collect::<Result<_>>()
+        .map(Some)
 }
 
 fn pair(node: &NodeProto, name: &str, default: usize) -> Result<[usize; 2]> {
-    match ints(node, name) {
+    match ints(node, name)? {
         None => Ok([default; 2]),
-        Some(v) if v.len() == 2 => Ok([v[0], v[1]]),
-        Some(v) => bail!("{}: {name} {v:?} is not 2-D", node.name),
+        Some(v) if v.len() == 2 && v.iter().all(|&d| d > 0) => Ok([v[0], v[1]]),
+        Some(v) => bail!("{name} {v:?} is not 2-D and positive"),
     }
 }
 
 fn pads(node: &NodeProto) -> Result<[usize; 4]> {
-    match ints(node, "pads") {
+    if attr(node, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
+        bail!("auto_pad is not supported");
+    }
+    match ints(node, "pads")? {
         None => Ok([0; 4]),
         Some(v) if v.len() == 4 => Ok([v[0], v[1], v[2], v[3]]),
-        Some(v) => bail!("{}: pads {v:?} are not 2-D", node.name),
+        Some(v) => bail!("pads {v:?} are not 2-D"),
     }
+}
+
+/// A window over an input of `h` × `w`, checked to fit it.
+fn window(
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+    [h, w]: [usize; 2],
+) -> Result<Window> {
+    let [t, l, b, r] = pads;
+    if kernel[0] > h + t + b || kernel[1] > w + l + r {
+        bail!("a {kernel:?} kernel does not fit a {h}x{w} input padded by {pads:?}");
+    }
+    Ok(Window {
+        kernel,
+        stride,
+        pads,
+    })
 }
 
 /// The float values and dimensions of an initializer.
 fn floats(t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>)> {
-    if t.data_type != DataType::Float as i32 {
-        bail!("{} is not a float tensor", t.name);
+    if t.data_type != DataType::Float as i32 || (t.raw_data.is_empty() && !t.float_data.is_empty())
+    {
+        bail!("{} is not a float tensor in raw data", t.name);
     }
     let values = t
         .raw_data
@@ -217,7 +246,13 @@ impl<'g> Lowering<'g> {
                     bail!("{name}: dilated convolutions are not supported");
                 }
                 let (stride, pads) = (pair(node, "strides", 1)?, pads(node)?);
-                let group = attr(node, "group").map_or(1, |a| a.i as usize);
+                window([dims[2], dims[3]], stride, pads, [h, w])?;
+                if weight.len() != dims.iter().product::<usize>()
+                    || bias.as_ref().is_some_and(|b| b.len() != dims[0])
+                {
+                    bail!("weights or bias do not match the shape {dims:?}");
+                }
+                let group = attr(node, "group").map_or(1, |a| a.i.max(0) as usize);
                 let mut taken = 1;
                 let mut out = y;
                 let (op, shape, inputs) = if group == 1 && dims[1] == c {
@@ -272,13 +307,16 @@ impl<'g> Lowering<'g> {
                     bail!("{name}: only Gemm with alpha = beta = 1 is supported");
                 }
                 let (dims, weight) = self.weight(&node.input[1])?;
-                if dims.len() != 2 || dims[0] != c {
+                if dims.len() != 2 || dims[0] != c || weight.len() != c * dims[1] {
                     bail!("{name}: weights {dims:?} do not take {c} features");
                 }
                 let bias = match node.input.get(2) {
                     Some(b) => Some(self.weight(b)?.1),
                     None => None,
                 };
+                if bias.as_ref().is_some_and(|b| b.len() != dims[1]) {
+                    bail!("{name}: the bias does not match {dims:?}");
+                }
                 let mut layer = Conv::linear(&weight, [dims[0], dims[1]], bias.as_deref());
                 let (n, act, out) = self.fused_activation(i + 1, y);
                 layer.act = act;
@@ -292,11 +330,13 @@ impl<'g> Lowering<'g> {
                     bail!("{name}: dilated pooling is not supported");
                 }
                 let pool = MaxPool {
-                    window: Window {
-                        kernel: pair(node, "kernel_shape", 1)?,
-                        stride: pair(node, "strides", 1)?,
-                        pads: pads(node)?,
-                    },
+                    // kernel_shape is required (0: no default).
+                    window: window(
+                        pair(node, "kernel_shape", 0)?,
+                        pair(node, "strides", 1)?,
+                        pads(node)?,
+                        [h, w],
+                    )?,
                     ceil: attr(node, "ceil_mode").is_some_and(|a| a.i != 0),
                 };
                 let [ho, wo] = pool.out_size(h, w);

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::pointwise::Act;
+use super::pointwise::{Act, finish, start};
 use super::window::Window;
 use super::winograd::Winograd;
 
@@ -162,8 +162,10 @@ impl Conv {
         }
         let [ho, wo] = self.out_size(h, w);
         let (m, k, n) = (b * ho * wo, self.depth(), self.cout);
-        debug_assert_eq!(x.len(), b * h * w * self.cin);
-        debug_assert_eq!(out.len(), m * n);
+        // The tasks below write through raw pointers: the sizes are checked in every build.
+        assert_eq!(x.len(), b * h * w * self.cin, "convolution input size");
+        assert_eq!(out.len(), m * n, "convolution output size");
+        assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
         let threads = rayon::current_num_threads();
         // Row tiles: about COL_TILE floats of im2col each, at least MIN_ROWS rows (fewer
         // only when the whole product has fewer), a multiple of the threads.
@@ -204,16 +206,13 @@ impl Conv {
                 let tile_out = |r: usize| unsafe {
                     std::slice::from_raw_parts_mut(dst.at(r * n + c0), c1 - c0)
                 };
-                for r in r0..r1 {
-                    let row = tile_out(r);
-                    row.copy_from_slice(&self.bias[c0..c1]);
-                    if let Some(res) = residual {
-                        row.iter_mut()
-                            .zip(&res[r * n + c0..r * n + c1])
-                            .for_each(|(o, r)| *o += r);
-                    }
-                }
+                let residual_row = |r: usize| residual.map(|res| &res[r * n + c0..r * n + c1]);
+                let bias = &self.bias[c0..c1];
                 if few {
+                    // The product of few rows accumulates: start from the bias and residual.
+                    for r in r0..r1 {
+                        start(tile_out(r), bias, residual_row(r));
+                    }
                     // SAFETY: as below.
                     unsafe {
                         super::rows::gemm_rows(
@@ -238,30 +237,31 @@ impl Conv {
                             dst.at(r0 * n + c0),
                             1,
                             n as isize,
-                            true,
+                            false,
                             lhs.as_ptr(),
                             1,
                             k as isize,
                             self.weight.as_ptr().add(c0),
                             1,
                             n as isize,
+                            0.0,
                             1.0,
-                            1.0,
                             false,
                             false,
                             false,
-                            if tiles * blocks == 1 && m * n * k >= 1 << 18 {
-                                gemm::Parallelism::Rayon(0)
-                            } else {
-                                gemm::Parallelism::None
-                            },
+                            // Never gemm's own threads: this worker holds its im2col
+                            // tile, which a task stolen while it waited would borrow again.
+                            gemm::Parallelism::None,
                         );
                     }
-                }
-                if self.act != Act::Identity {
+                    // Bias, residual and activation in one pass over the tile, in cache.
                     for r in r0..r1 {
-                        self.act.apply(tile_out(r));
+                        finish(tile_out(r), bias, residual_row(r), self.act);
                     }
+                    return;
+                }
+                for r in r0..r1 {
+                    self.act.apply(tile_out(r));
                 }
             });
         });

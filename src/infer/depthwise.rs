@@ -47,7 +47,8 @@ fn row(
 ) {
     let wo = out.len() / c;
     for out in out.chunks_exact_mut(c) {
-        out.copy_from_slice(bias);
+        // A loop, not copy_from_slice: a call to memmove per pixel costs more than the copy.
+        out.iter_mut().zip(bias).for_each(|(o, &b)| *o = b);
     }
     for (ky, line) in lines.iter().enumerate() {
         let Some(line) = line else { continue };

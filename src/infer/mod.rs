@@ -6,7 +6,8 @@
 //!
 //! The kernels work on plain slices rather than as Burn operations so that a value can be
 //! written into a buffer that a dead one left (a Burn operation allocates its output); their
-//! parity with the training path is tested on every family (`tests/inference.rs`).
+//! parity with Burn's operations is tested in `tests.rs`, and the plan's logits against the
+//! network's forward for every CNN family (`check_inference_plan` in the integration tests).
 
 mod compile;
 mod conv;
@@ -74,14 +75,19 @@ impl Plan {
             batch * c * h * w,
             "images of the planned size"
         );
-        let input = &mut buffers[program.input];
-        input.resize(images.len(), 0.0);
-        to_nhwc(images, [c, h * w], input);
+        if batch == 0 {
+            return;
+        }
+        to_nhwc(
+            images,
+            [c, h * w],
+            grown(&mut buffers[program.input], images.len()),
+        );
         for step in &program.steps {
             let [oh, ow, oc] = step.output_shape;
             let [ih, iw, ic] = step.input_shape;
-            let mut out = std::mem::take(&mut buffers[step.output]);
-            out.resize(batch * oh * ow * oc, 0.0);
+            let mut buffer = std::mem::take(&mut buffers[step.output]);
+            let out = grown(&mut buffer, batch * oh * ow * oc);
             let input = |i: usize| -> &[f32] {
                 let [h, w, c] = if i == 0 {
                     step.input_shape
@@ -93,22 +99,22 @@ impl Plan {
             match &step.op {
                 Op::Conv(conv) => {
                     let residual = (step.inputs.len() > 1).then(|| input(1));
-                    conv.run(input(0), [batch, ih, iw], residual, &mut out);
+                    conv.run(input(0), [batch, ih, iw], residual, out);
                 }
-                Op::Depthwise(conv) => conv.run(input(0), [batch, ih, iw], &mut out),
-                Op::MaxPool(pool) => pool.run(input(0), [batch, ih, iw, ic], &mut out),
-                Op::GlobalAvgPool => pool::global_avg_pool(input(0), [ih * iw, ic], &mut out),
+                Op::Depthwise(conv) => conv.run(input(0), [batch, ih, iw], out),
+                Op::MaxPool(pool) => pool.run(input(0), [batch, ih, iw, ic], out),
+                Op::GlobalAvgPool => pool::global_avg_pool(input(0), [ih * iw, ic], out),
                 Op::Act(act) => {
                     out.copy_from_slice(input(0));
-                    act.apply_par(&mut out);
+                    act.apply_par(out);
                 }
-                Op::Add(act) => pointwise::add(input(0), input(1), *act, &mut out),
+                Op::Add(act) => pointwise::add(input(0), input(1), *act, out),
                 Op::ScaleChannels => {
                     let scale = &buffers[step.inputs[1]][..batch * oc];
-                    pointwise::scale_channels(input(0), scale, (ih * iw, ic), &mut out);
+                    pointwise::scale_channels(input(0), scale, (ih * iw, ic), out);
                 }
             }
-            buffers[step.output] = out;
+            buffers[step.output] = buffer;
         }
     }
 
@@ -129,6 +135,15 @@ impl Plan {
             &device,
         ))
     }
+}
+
+/// The first `len` elements of `buffer`, which grows when it must and never shrinks: the
+/// buffers that values share are sized by the largest once, not cleared at every step.
+fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
 }
 
 /// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC).

@@ -47,6 +47,42 @@ fn apply_slice(act: Act, x: &mut [f32]) {
 
 dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
 
+#[inline(always)]
+fn start_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
+    match residual {
+        Some(r) => out
+            .iter_mut()
+            .zip(bias.iter().zip(r))
+            .for_each(|(o, (b, r))| *o = b + r),
+        None => out.iter_mut().zip(bias).for_each(|(o, &b)| *o = b),
+    }
+}
+
+#[inline(always)]
+fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
+    match residual {
+        Some(r) => out
+            .iter_mut()
+            .zip(bias.iter().zip(r))
+            .for_each(|(o, (b, r))| *o += b + r),
+        None => out.iter_mut().zip(bias).for_each(|(o, b)| *o += b),
+    }
+    apply_slice(act, out);
+}
+
+dispatch_simd!(start_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) => start_slice(out, bias, residual));
+dispatch_simd!(finish_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) => finish_slice(out, bias, residual, act));
+
+/// `out = bias (+ residual)`: a row of output channels before a product accumulates onto it.
+pub fn start(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
+    start_simd(out, bias, residual);
+}
+
+/// `out = act(out + bias (+ residual))`: a row of output channels after its product.
+pub fn finish(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
+    finish_simd(out, bias, residual, act);
+}
+
 /// Elements per rayon task of the stand-alone passes.
 const TASK: usize = 1 << 14;
 

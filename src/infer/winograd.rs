@@ -241,6 +241,13 @@ impl Winograd {
         out: &mut [f32],
     ) {
         let (c, o) = (self.cin, self.cout);
+        // The tasks write through raw pointers: the sizes are checked in every build.
+        assert_eq!(x.len(), b * h * w * c, "convolution input size");
+        assert_eq!(out.len(), b * h * w * o, "convolution output size");
+        assert!(
+            residual.is_none_or(|r| r.len() == out.len()),
+            "residual size"
+        );
         let tiles = Self::tiles([b, h, w]);
         let threads = rayon::current_num_threads();
         // Enough tiles per block to keep a ξ's operands in cache, but when the transformed

@@ -377,7 +377,7 @@ pub fn check_onnx_round_trip(net: &kd::models::Network, classes: usize, size: us
 
 /// kd's inference plan of `net` (BatchNorm folded into the convolutions, fused NHWC kernels,
 /// reused buffers) at batch 1, 5 and 1 again: its logits equal the module's forward within
-/// 1e-5 relative to the largest (at least 1).
+/// 1e-5 relative to the largest (at least 1); an empty batch gives none.
 pub fn check_inference_plan(net: &kd::models::Network, size: usize) {
     let mut plan = kd::infer::Plan::new(net, size).unwrap();
     for (i, batch) in [1, 5, 1].into_iter().enumerate() {
@@ -391,4 +391,5 @@ pub fn check_inference_plan(net: &kd::models::Network, size: usize) {
             "run {i} (batch {batch}): the plan's logits differ by {diff} (relative)"
         );
     }
+    assert!(plan.run(&[], 0).is_empty(), "an empty batch, no logits");
 }
