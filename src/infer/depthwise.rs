@@ -30,10 +30,38 @@ pub struct Depthwise {
     pub act: Act,
 }
 
+/// `dst[l] = bias[ch0 + l] + Σ taps input · weight` over `L` channels from `ch0` of one output
+/// pixel, the sum kept in registers across the taps (kernel columns `kx` of `columns`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pixel_lanes<const L: usize>(
+    lines: &[Option<&[f32]>],
+    weight: &[f32],
+    bias: &[f32],
+    (c, kw, ch0): (usize, usize, usize),
+    x0: isize,
+    columns: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    let mut acc: [f32; L] = bias[ch0..ch0 + L].try_into().unwrap();
+    for (ky, line) in lines.iter().enumerate() {
+        let Some(line) = line else { continue };
+        for kx in columns.clone() {
+            let ix = (x0 + kx as isize) as usize;
+            let input: &[f32; L] = line[ix * c + ch0..][..L].try_into().unwrap();
+            let taps: &[f32; L] = weight[(ky * kw + kx) * c + ch0..][..L].try_into().unwrap();
+            for l in 0..L {
+                acc[l] += input[l] * taps[l];
+            }
+        }
+    }
+    dst[..L].copy_from_slice(&acc);
+}
+
 /// One output row: `out[ox, c]` for every `ox`, from the input lines the kernel rows reach
-/// (`None` above or below the image). Tap by tap, over the range of output pixels whose
-/// input is inside the line, so the inner loop has no bounds to check; with the weights
-/// laid out along the row (`along`, stride 1), each tap is one run over the whole range.
+/// (`None` above or below the image). Pixel by pixel, 16 channels at a time, each sum kept
+/// in registers across the taps; with the weights laid out along the row (`along`, stride
+/// 1, few channels), tap by tap instead, each tap one run over the row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn row(
@@ -46,6 +74,34 @@ fn row(
     out: &mut [f32],
 ) {
     let wo = out.len() / c;
+    let Some(along) = along else {
+        for (ox, pixel) in out.chunks_exact_mut(c).enumerate() {
+            // The kernel columns whose input lies in 0..w.
+            let x0 = (ox * sw) as isize - pl as isize;
+            let columns = (-x0).max(0) as usize..(w as isize - x0).clamp(0, kw as isize) as usize;
+            let mut ch0 = 0;
+            while ch0 < c {
+                let at = (c, kw, ch0);
+                let dst = &mut pixel[ch0..];
+                ch0 += match c - ch0 {
+                    16.. => {
+                        pixel_lanes::<16>(lines, weight, bias, at, x0, columns.clone(), dst);
+                        16
+                    }
+                    8.. => {
+                        pixel_lanes::<8>(lines, weight, bias, at, x0, columns.clone(), dst);
+                        8
+                    }
+                    _ => {
+                        pixel_lanes::<1>(lines, weight, bias, at, x0, columns.clone(), dst);
+                        1
+                    }
+                };
+            }
+        }
+        act.apply(out);
+        return;
+    };
     for out in out.chunks_exact_mut(c) {
         // A loop, not copy_from_slice: a call to memmove per pixel costs more than the copy.
         out.iter_mut().zip(bias).for_each(|(o, &b)| *o = b);
@@ -53,30 +109,18 @@ fn row(
     for (ky, line) in lines.iter().enumerate() {
         let Some(line) = line else { continue };
         for kx in 0..kw {
-            // Output pixels whose input column ox·sw + kx − pl lies in 0..w.
-            let lo = pl.saturating_sub(kx).div_ceil(sw);
-            let hi = ((w + pl).saturating_sub(kx)).div_ceil(sw).min(wo);
+            // Output pixels whose input column ox + kx − pl lies in 0..w.
+            let lo = pl.saturating_sub(kx);
+            let hi = (w + pl).saturating_sub(kx).min(wo);
             if lo >= hi {
                 continue;
             }
-            let tap = ky * kw + kx;
-            if let Some(along) = along {
-                let taps = &along[tap * wo * c..][lo * c..hi * c];
-                let input = &line[(lo + kx - pl) * c..(hi + kx - pl) * c];
-                out[lo * c..hi * c]
-                    .iter_mut()
-                    .zip(input.iter().zip(taps))
-                    .for_each(|(o, (x, t))| *o += x * t);
-                continue;
-            }
-            let taps = &weight[tap * c..][..c];
-            for ox in lo..hi {
-                let input = &line[(ox * sw + kx - pl) * c..][..c];
-                out[ox * c..][..c]
-                    .iter_mut()
-                    .zip(input.iter().zip(taps))
-                    .for_each(|(o, (x, t))| *o += x * t);
-            }
+            let taps = &along[(ky * kw + kx) * wo * c..][lo * c..hi * c];
+            let input = &line[(lo + kx - pl) * c..(hi + kx - pl) * c];
+            out[lo * c..hi * c]
+                .iter_mut()
+                .zip(input.iter().zip(taps))
+                .for_each(|(o, (x, t))| *o += x * t);
         }
     }
     act.apply(out);
