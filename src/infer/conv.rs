@@ -77,6 +77,44 @@ impl Out {
     }
 }
 
+/// `dst [m × n] = a [m × k] · w [k × n]`, each operand row-major with the row stride given
+/// beside it, through the `gemm` crate on this thread. Never with gemm's own threads: a
+/// worker holding its scratch while it waited could be handed a task that borrows it again.
+///
+/// # Safety
+/// The operands hold what their shapes and strides say, and `dst`'s rows are the caller's.
+pub(super) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (*const f32, usize),
+    (w, ldw): (*const f32, usize),
+    (dst, ldd): (*mut f32, usize),
+) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ldd as isize,
+            false,
+            a,
+            1,
+            lda as isize,
+            w,
+            1,
+            ldw as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 impl Conv {
     /// From ONNX's `[O, C, kh, kw]` weights.
     pub fn from_oihw(
@@ -230,28 +268,11 @@ impl Conv {
                     // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
                     // (row stride n), written by this task only.
                     unsafe {
-                        gemm::gemm(
-                            r1 - r0,
-                            c1 - c0,
-                            k,
-                            dst.at(r0 * n + c0),
-                            1,
-                            n as isize,
-                            false,
-                            lhs.as_ptr(),
-                            1,
-                            k as isize,
-                            self.weight.as_ptr().add(c0),
-                            1,
-                            n as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            // Never gemm's own threads: this worker holds its im2col
-                            // tile, which a task stolen while it waited would borrow again.
-                            gemm::Parallelism::None,
+                        product(
+                            (r1 - r0, c1 - c0, k),
+                            (lhs.as_ptr(), k),
+                            (self.weight.as_ptr().add(c0), n),
+                            (dst.at(r0 * n + c0), n),
                         );
                     }
                     // Bias, residual and activation in one pass over the tile, in cache.

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::conv::Out;
+use super::conv::{Out, product};
 use super::pointwise::Act;
 use crate::ops::flex::dispatch_simd;
 
@@ -280,26 +280,11 @@ impl Winograd {
                     // SAFETY: V[ξ] is count × C and U[ξ] C × O row-major, M[ξ] count × O
                     // row-major in this task's own scratch.
                     unsafe {
-                        gemm::gemm(
-                            count,
-                            o,
-                            c,
-                            m.as_mut_ptr().add(xi * count * o),
-                            1,
-                            o as isize,
-                            false,
-                            v.as_ptr().add(xi * count * c),
-                            1,
-                            c as isize,
-                            self.u.as_ptr().add(xi * c * o),
-                            1,
-                            o as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                        product(
+                            (count, o, c),
+                            (v.as_ptr().add(xi * count * c), c),
+                            (self.u.as_ptr().add(xi * c * o), o),
+                            (m.as_mut_ptr().add(xi * count * o), o),
                         );
                     }
                 }
