@@ -452,15 +452,14 @@ pub fn compile(graph: &Graph, input: &str, output: &str, size: usize) -> Result<
             buffers += 1;
             buffers - 1
         });
-        let mut inputs: Vec<usize> = step.inputs.iter().map(|&v| buffer[v]).collect();
-        let mut dead: Vec<usize> = step.inputs.clone();
-        dead.dedup();
-        for v in dead {
-            if last_use[v] == s && v != out {
+        let inputs: Vec<usize> = step.inputs.iter().map(|&v| buffer[v]).collect();
+        // Each value read for the last time frees its buffer once (`Add(x, x)` reads it
+        // twice).
+        for (j, &v) in step.inputs.iter().enumerate() {
+            if last_use[v] == s && v != out && !step.inputs[..j].contains(&v) {
                 free.push(buffer[v]);
             }
         }
-        inputs.shrink_to_fit();
         steps.push(Step {
             input_shape: l.shapes[step.inputs[0]],
             output_shape: l.shapes[step.output],

@@ -1,15 +1,16 @@
 //! Convolution and linear layers of the inference plan, in NHWC: the output pixels are the
 //! rows of one GEMM, `out [pixels, O] = col [pixels, kh·kw·C] · W [kh·kw·C, O]`, where `col`
 //! is the im2col of a tile of rows (a 1x1 convolution with stride 1 reads its input as it
-//! is). Each tile's output is started from the (BatchNorm-folded) bias, plus the residual
-//! when one is fused, the product is accumulated onto it and the activation applied while
-//! the tile is still in cache: one pass over the output where training makes four.
+//! is). The product goes through the `gemm` crate, or for few rows through the unpacked
+//! product of `rows.rs`; then one pass over the tile, still in cache, adds the
+//! (BatchNorm-folded) bias and the fused residual and applies the activation. 3x3 stride-1
+//! convolutions with enough tiles go through Winograd's transform (`winograd.rs`).
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::pointwise::{Act, finish, start};
+use super::pointwise::{Act, finish};
 use super::window::Window;
 use super::winograd::Winograd;
 
@@ -245,16 +246,14 @@ impl Conv {
                     std::slice::from_raw_parts_mut(dst.at(r * n + c0), c1 - c0)
                 };
                 let residual_row = |r: usize| residual.map(|res| &res[r * n + c0..r * n + c1]);
-                let bias = &self.bias[c0..c1];
-                if few {
-                    // The product of few rows accumulates: start from the bias and residual.
-                    for r in r0..r1 {
-                        start(tile_out(r), bias, residual_row(r));
-                    }
-                    // SAFETY: as below.
-                    unsafe {
+                // SAFETY: lhs is (r1−r0) × k row-major, the weights k × n row-major (read
+                // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
+                // (row stride n), written by this task only.
+                unsafe {
+                    let shape = (r1 - r0, c1 - c0, k);
+                    if few {
                         super::rows::gemm_rows(
-                            (r1 - r0, c1 - c0, k),
+                            shape,
                             lhs,
                             k,
                             &self.weight[c0..],
@@ -262,27 +261,18 @@ impl Conv {
                             dst.at(r0 * n + c0),
                             n,
                         );
-                    }
-                } else {
-                    // SAFETY: lhs is (r1−r0) × k row-major, the weights k × n row-major (read
-                    // from column c0), the destination rows r0..r1 × columns c0..c1 of `out`
-                    // (row stride n), written by this task only.
-                    unsafe {
+                    } else {
                         product(
-                            (r1 - r0, c1 - c0, k),
+                            shape,
                             (lhs.as_ptr(), k),
                             (self.weight.as_ptr().add(c0), n),
                             (dst.at(r0 * n + c0), n),
                         );
                     }
-                    // Bias, residual and activation in one pass over the tile, in cache.
-                    for r in r0..r1 {
-                        finish(tile_out(r), bias, residual_row(r), self.act);
-                    }
-                    return;
                 }
+                // Bias, residual and activation in one pass over the tile, in cache.
                 for r in r0..r1 {
-                    self.act.apply(tile_out(r));
+                    finish(tile_out(r), &self.bias[c0..c1], residual_row(r), self.act);
                 }
             });
         });

@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::ops::flex::{dispatch_simd, exp};
+use crate::ops::flex::activation::{relu6_shifted, sigmoid};
+use crate::ops::flex::dispatch_simd;
 
 /// An activation applied where a value is written.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -24,19 +25,12 @@ pub enum Act {
 }
 
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
-}
-
-#[inline(always)]
 fn apply_slice(act: Act, x: &mut [f32]) {
     match act {
         Act::Identity => {}
         Act::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
         // As PyTorch evaluates it (and kd's training kernel): `(x · clamp) / 6`.
-        Act::Hardswish => x
-            .iter_mut()
-            .for_each(|v| *v = *v * (*v + 3.0).clamp(0.0, 6.0) / 6.0),
+        Act::Hardswish => x.iter_mut().for_each(|v| *v = *v * relu6_shifted(*v) / 6.0),
         Act::Hardsigmoid { alpha, beta } => x
             .iter_mut()
             .for_each(|v| *v = (alpha * *v + beta).clamp(0.0, 1.0)),
@@ -47,19 +41,9 @@ fn apply_slice(act: Act, x: &mut [f32]) {
 
 dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
 
+/// [`finish`], inlined into a caller already compiled for the CPU's vectors.
 #[inline(always)]
-fn start_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
-    match residual {
-        Some(r) => out
-            .iter_mut()
-            .zip(bias.iter().zip(r))
-            .for_each(|(o, (b, r))| *o = b + r),
-        None => out.iter_mut().zip(bias).for_each(|(o, &b)| *o = b),
-    }
-}
-
-#[inline(always)]
-fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
+pub(super) fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
     match residual {
         Some(r) => out
             .iter_mut()
@@ -70,13 +54,7 @@ fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Ac
     apply_slice(act, out);
 }
 
-dispatch_simd!(start_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) => start_slice(out, bias, residual));
 dispatch_simd!(finish_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) => finish_slice(out, bias, residual, act));
-
-/// `out = bias (+ residual)`: a row of output channels before a product accumulates onto it.
-pub fn start(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
-    start_simd(out, bias, residual);
-}
 
 /// `out = act(out + bias (+ residual))`: a row of output channels after its product.
 pub fn finish(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {

@@ -1,5 +1,5 @@
 //! The product of few rows (squeeze-and-excitation, classifiers, one image's last feature
-//! maps) without packing: `dst [m, n] += a [m, k] · w [k, n]` with `w` read in place, a
+//! maps) without packing: `dst [m, n] = a [m, k] · w [k, n]` with `w` read in place, a
 //! register tile of 4 rows × 64 columns at a time (AVX-512; a portable loop elsewhere). A
 //! packing GEMM copies all of `w` for every call, which for a handful of rows costs more
 //! than the product itself.
@@ -35,7 +35,7 @@ fn portable((m, n, k): (usize, usize, usize), o: Operands) {
             }
             // SAFETY: the contract of `gemm_rows`.
             let d = unsafe { std::slice::from_raw_parts_mut(o.dst.add(r * o.ldd + j0), cols) };
-            d.iter_mut().zip(acc.iter()).for_each(|(d, a)| *d += a);
+            d.copy_from_slice(acc);
         }
     }
 }
@@ -85,8 +85,7 @@ mod avx512 {
             for r in 0..rows {
                 for q in 0..Q {
                     let d = o.dst.add((r0 + r) * o.ldd + j0 + 16 * q);
-                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[q], d), acc[r][q]);
-                    _mm512_mask_storeu_ps(d, masks[q], sum);
+                    _mm512_mask_storeu_ps(d, masks[q], acc[r][q]);
                 }
             }
         }
@@ -123,7 +122,7 @@ mod avx512 {
     }
 }
 
-/// `dst [m × n] (row stride ldd) += a [m × k] (row stride lda) · w [k × n] (row stride ldw)`.
+/// `dst [m × n] (row stride ldd) = a [m × k] (row stride lda) · w [k × n] (row stride ldw)`.
 ///
 /// # Safety
 /// For each `r < m`, the `n` elements at `dst + r·ldd` are valid and no one else accesses
@@ -172,11 +171,12 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5)
             .collect();
-        let start: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
-        let mut expected = start.clone();
+        // Whatever the destination held is replaced.
+        let start = vec![f32::NAN; m * n];
+        let mut expected = vec![0.0; m * n];
         for r in 0..m {
             for j in 0..n {
-                expected[r * n + j] += (0..k).map(|kk| a[r * k + kk] * w[kk * n + j]).sum::<f32>();
+                expected[r * n + j] = (0..k).map(|kk| a[r * k + kk] * w[kk * n + j]).sum::<f32>();
             }
         }
         let mut dst = start.clone();

@@ -49,18 +49,19 @@ impl Window {
     ) where
         F: Fn(&[Option<&[f32]>], &mut [f32]) + Sync,
     {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(index, out)| {
+        // One vector of lines per rayon job, refilled row by row (not one allocation a row).
+        out.par_chunks_mut(row_len).enumerate().for_each_init(
+            || Vec::with_capacity(self.kernel[0]),
+            |lines, (index, out)| {
                 let (image, oy) = (index / ho, index % ho);
                 let image = &x[image * h * w * c..][..h * w * c];
-                let lines: Vec<Option<&[f32]>> = (0..self.kernel[0])
-                    .map(|ky| {
-                        let iy = (oy * self.stride[0] + ky).wrapping_sub(self.pads[0]);
-                        (iy < h).then(|| &image[iy * w * c..][..w * c])
-                    })
-                    .collect();
-                f(&lines, out);
-            });
+                lines.clear();
+                lines.extend((0..self.kernel[0]).map(|ky| {
+                    let iy = (oy * self.stride[0] + ky).wrapping_sub(self.pads[0]);
+                    (iy < h).then(|| &image[iy * w * c..][..w * c])
+                }));
+                f(lines, out);
+            },
+        );
     }
 }

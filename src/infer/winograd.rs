@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::{Out, product};
-use super::pointwise::Act;
+use super::pointwise::{Act, finish_slice};
 use crate::ops::flex::dispatch_simd;
 
 /// Target floats of one ξ's operands in a block (`tiles · (C + O)`): they stay in cache.
@@ -171,16 +171,9 @@ fn transform_outputs(
             let pixel = (image * h + oy) * w + ox;
             // SAFETY: each pixel belongs to one tile, and each tile to one task.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.at(pixel * o), o) };
-            match finish.residual {
-                Some(res) => {
-                    let res = &res[pixel * o..][..o];
-                    for k in 0..o {
-                        dst[k] = y[k] + finish.bias[k] + res[k];
-                    }
-                }
-                None => zip2(y, finish.bias, dst, |a, b| a + b),
-            }
-            finish.act.apply(dst);
+            dst.iter_mut().zip(y).for_each(|(d, &v)| *d = v);
+            let residual = finish.residual.map(|r| &r[pixel * o..][..o]);
+            finish_slice(dst, finish.bias, residual, finish.act);
         }
     }
 }

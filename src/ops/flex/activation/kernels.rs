@@ -11,13 +11,13 @@ use crate::ops::flex::{dispatch_simd, exp, f32_contiguous, f32_tensor};
 
 /// `1 / (1 + e^−x)`.
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
+pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
 /// `min(max(x + 3, 0), 6)`.
 #[inline(always)]
-fn relu6_shifted(x: f32) -> f32 {
+pub(crate) fn relu6_shifted(x: f32) -> f32 {
     (x + 3.0).clamp(0.0, 6.0)
 }
 

@@ -4,6 +4,8 @@
 
 mod kernels;
 
+pub(crate) use kernels::{relu6_shifted, sigmoid};
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
