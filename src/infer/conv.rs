@@ -10,7 +10,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::pointwise::{Act, finish};
+use super::aligned::Aligned;
+use super::pointwise::{Act, finish, finish_rows};
 use super::window::Window;
 use super::winograd::Winograd;
 
@@ -46,9 +47,9 @@ pub struct Conv {
     /// Kernel, stride, padding.
     pub window: Window,
     /// `[kh·kw·C, O]`, rows in (ky, kx, c) order.
-    weight: Vec<f32>,
+    weight: Aligned,
     /// `[O]`.
-    bias: Vec<f32>,
+    bias: Aligned,
     /// Applied to the output (after the residual).
     pub act: Act,
     /// Winograd's transform of the weights (3x3, stride 1, padding 1).
@@ -147,8 +148,8 @@ impl Conv {
                 stride,
                 pads,
             },
-            weight,
-            bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
+            weight: weight.into(),
+            bias: bias.map_or_else(|| Aligned::zeros(cout), Aligned::from),
             act: Act::Identity,
             winograd,
         }
@@ -164,8 +165,8 @@ impl Conv {
                 stride: [1, 1],
                 pads: [0; 4],
             },
-            weight: w.to_vec(),
-            bias: bias.map_or_else(|| vec![0.0; outputs], <[f32]>::to_vec),
+            weight: w.into(),
+            bias: bias.map_or_else(|| Aligned::zeros(outputs), Aligned::from),
             act: Act::Identity,
             winograd: None,
         }
@@ -271,8 +272,16 @@ impl Conv {
                     }
                 }
                 // Bias, residual and activation in one pass over the tile, in cache.
-                for r in r0..r1 {
-                    finish(tile_out(r), &self.bias[c0..c1], residual_row(r), self.act);
+                if (c0, c1) == (0, n) {
+                    // SAFETY: as `tile_out`, whole rows r0..r1.
+                    let tile =
+                        unsafe { std::slice::from_raw_parts_mut(dst.at(r0 * n), (r1 - r0) * n) };
+                    let residual = residual.map(|res| &res[r0 * n..r1 * n]);
+                    finish_rows(tile, &self.bias, residual, self.act);
+                } else {
+                    for r in r0..r1 {
+                        finish(tile_out(r), &self.bias[c0..c1], residual_row(r), self.act);
+                    }
                 }
             });
         });

@@ -1,15 +1,19 @@
 //! Depthwise convolution of the inference plan in NHWC (one filter per channel: the
-//! MobileNetV3 and EfficientNet blocks): each output pixel sums its taps across a contiguous
-//! run of channels, then the folded bias and the activation. With stride 1 a tap reads a
-//! contiguous run of a whole input line, so each tap's weights are laid out once along an
-//! output row (`[kh·kw, wo·C]`): the tap becomes one multiply-add over the row, full
-//! vectors whatever the number of channels.
+//! MobileNetV3 and EfficientNet blocks), with the folded bias and the activation.
+//!
+//! With AVX-512, eight output pixels at a time: for each block of 16 channels their eight
+//! sums stay in registers across the taps, each tap's weights loaded once for the eight;
+//! the pixels whose window crosses the border skip the columns outside. Elsewhere a
+//! portable path: pixel by pixel, the sums of a run of channels in registers; with stride
+//! 1 and few channels, each tap's weights laid out once along an output row
+//! (`[kh·kw, wo·C]`), so that a tap is one multiply-add over the row.
 
+use super::aligned::Aligned;
 use super::pointwise::Act;
 use super::window::Window;
 use crate::ops::flex::dispatch_simd;
 
-/// Most channels for which the weights are laid out along the rows.
+/// Most channels for which the portable path lays the weights out along the rows.
 const ALONG_ROW_MAX_CHANNELS: usize = 32;
 
 /// A depthwise convolution with its BatchNorm folded in.
@@ -20,9 +24,9 @@ pub struct Depthwise {
     /// Kernel, stride, padding.
     pub window: Window,
     /// `[kh·kw, C]`.
-    weight: Vec<f32>,
+    weight: Aligned,
     /// `[C]`.
-    bias: Vec<f32>,
+    bias: Aligned,
     /// With stride 1, each tap's weights repeated along an output row of `width` pixels:
     /// `[kh·kw, width·C]`.
     along_row: Option<(usize, Vec<f32>)>,
@@ -126,6 +130,136 @@ fn row(
     act.apply(out);
 }
 
+/// Depthwise rows with AVX-512: eight output pixels at a time, channel block by channel
+/// block (16 lanes, the last masked) within them, the eight sums in registers and each
+/// tap's weights loaded once for the eight; the pixels whose window crosses the left or
+/// right border one at a time. The eight pixels' input stays in the L1 cache across the
+/// channel blocks.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Act;
+
+    /// Most kernel rows the vector path takes (taller kernels take the portable one).
+    pub(super) const MAX_ROWS: usize = 8;
+
+    /// One output row's operands: the input lines (`null` in the padding), the weights
+    /// `[kh·kw, C]`, the bias, the output, and `(w, c, kw, sw, pl)`: input width,
+    /// channels, kernel width, horizontal stride, left padding.
+    struct Row {
+        lines: [*const f32; MAX_ROWS],
+        rows: usize,
+        weight: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        dims: (usize, usize, usize, usize, usize),
+    }
+
+    /// Lanes of the channel block from `ch0`.
+    #[inline(always)]
+    fn mask(c: usize, ch0: usize) -> u16 {
+        if c - ch0 >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (c - ch0)) - 1
+        }
+    }
+
+    /// Output pixels `ox..ox + n` (`n ≤ P`); with `CHECKED`, the kernel columns outside the
+    /// input row are skipped, else every column lies inside it.
+    #[inline(always)]
+    unsafe fn pixels<const P: usize, const CHECKED: bool>(r: &Row, ox: usize, n: usize) {
+        let (w, c, kw, sw, pl) = r.dims;
+        // SAFETY (the whole body): unchecked, `row` made sure that columns ox·sw − pl ..
+        // (ox + P − 1)·sw − pl + kw lie in 0..w; checked, only those inside are read.
+        // Each block's mask keeps the lanes inside the channels, and only pixels below
+        // `n` are written.
+        unsafe {
+            for ch0 in (0..c).step_by(16) {
+                let m = mask(c, ch0);
+                let mut acc = [_mm512_maskz_loadu_ps(m, r.bias.add(ch0)); P];
+                for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
+                    if line.is_null() {
+                        continue;
+                    }
+                    for kx in 0..kw {
+                        let wv = _mm512_maskz_loadu_ps(m, r.weight.add((ky * kw + kx) * c + ch0));
+                        for (p, acc) in acc.iter_mut().enumerate() {
+                            let ix = ((ox + p) * sw + kx).wrapping_sub(pl);
+                            if CHECKED && (p >= n || ix >= w) {
+                                continue;
+                            }
+                            let v = _mm512_maskz_loadu_ps(m, line.add(ix * c + ch0));
+                            *acc = _mm512_fmadd_ps(v, wv, *acc);
+                        }
+                    }
+                }
+                for (p, acc) in acc.iter().enumerate().take(n) {
+                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, *acc);
+                }
+            }
+        }
+    }
+
+    /// One output row `out [wo, C]` from the input lines `lines` (`kh ≤ MAX_ROWS` of them,
+    /// `None` in the padding), then the activation.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row(
+        lines: &[Option<&[f32]>],
+        weight: &[f32],
+        bias: &[f32],
+        dims: (usize, usize, usize, usize, usize),
+        act: Act,
+        out: &mut [f32],
+    ) {
+        let (w, c, kw, sw, pl) = dims;
+        let wo = out.len() / c;
+        assert!(
+            lines.len() <= MAX_ROWS
+                && lines.iter().flatten().all(|l| l.len() == w * c)
+                && weight.len() == lines.len() * kw * c
+                && bias.len() == c
+                && out.len() == wo * c
+        );
+        let mut r = Row {
+            lines: [std::ptr::null(); MAX_ROWS],
+            rows: lines.len(),
+            weight: weight.as_ptr(),
+            bias: bias.as_ptr(),
+            out: out.as_mut_ptr(),
+            dims,
+        };
+        for (p, line) in r.lines.iter_mut().zip(lines) {
+            if let Some(line) = line {
+                *p = line.as_ptr();
+            }
+        }
+        // Output pixels whose whole window lies inside 0..w.
+        let lo = pl.div_ceil(sw).min(wo);
+        let hi = if w + pl >= kw {
+            ((w + pl - kw) / sw + 1).min(wo)
+        } else {
+            0
+        }
+        .max(lo);
+        // SAFETY: the bounds of `pixels` (lo..hi above), the sizes asserted.
+        unsafe {
+            let mut ox = 0;
+            while ox < wo {
+                let n = (wo - ox).min(8);
+                if n == 8 && ox >= lo && ox + 8 <= hi {
+                    pixels::<8, false>(&r, ox, n);
+                } else {
+                    pixels::<8, true>(&r, ox, n);
+                }
+                ox += n;
+            }
+        }
+        super::super::pointwise::apply_slice(act, out);
+    }
+}
+
 dispatch_simd!(row_simd(
     lines: &[Option<&[f32]>],
     weight: &[f32],
@@ -158,8 +292,8 @@ impl Depthwise {
                 stride,
                 pads,
             },
-            weight,
-            bias: bias.map_or_else(|| vec![0.0; channels], <[f32]>::to_vec),
+            weight: weight.into(),
+            bias: bias.map_or_else(|| Aligned::zeros(channels), Aligned::from),
             along_row: None,
             act: Act::Identity,
         }
@@ -183,7 +317,33 @@ impl Depthwise {
     }
 
     /// `out [b, ho, wo, C] = act(depthwise(x) + bias)` for `x [b, h, w, C]`.
-    pub fn run(&self, x: &[f32], [_, h, w]: [usize; 3], out: &mut [f32]) {
+    pub fn run(&self, x: &[f32], dims: [usize; 3], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && self.window.kernel[0] <= avx512::MAX_ROWS
+        {
+            let [_, h, w] = dims;
+            let c = self.channels;
+            let [ho, wo] = self.out_size(h, w);
+            let dims = (
+                w,
+                c,
+                self.window.kernel[1],
+                self.window.stride[1],
+                self.window.pads[1],
+            );
+            return self
+                .window
+                .rows(x, [h, w, c], [ho, wo * c], out, |lines, out| {
+                    // SAFETY: the CPU has AVX-512F; `row` checks the sizes it relies on.
+                    unsafe { avx512::row(lines, &self.weight, &self.bias, dims, self.act, out) }
+                });
+        }
+        self.run_portable(x, dims, out);
+    }
+
+    /// [`Depthwise::run`] without the CPU's vector path.
+    pub(super) fn run_portable(&self, x: &[f32], [_, h, w]: [usize; 3], out: &mut [f32]) {
         let c = self.channels;
         let [ho, wo] = self.out_size(h, w);
         let along = match &self.along_row {

@@ -9,6 +9,7 @@
 //! parity with Burn's operations is tested in `tests.rs`, and the plan's logits against the
 //! network's forward for every CNN family (`check_inference_plan` in the integration tests).
 
+mod aligned;
 mod compile;
 mod conv;
 mod depthwise;
@@ -24,12 +25,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::models::Network;
 use crate::models::onnx::Graph;
 use crate::ops::{Ctx, Precision};
+use aligned::Aligned;
 use compile::{Op, Program};
 
 /// A network compiled for inference, with its buffers.
 pub struct Plan {
     program: Program,
-    buffers: Vec<Vec<f32>>,
+    buffers: Vec<Aligned>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -50,7 +52,7 @@ impl Plan {
         let logits = net.to_onnx(&mut g, "images".into(), size)?;
         let program = compile::compile(&g, "images", &logits, size)?;
         Ok(Self {
-            buffers: vec![Vec::new(); program.buffers],
+            buffers: (0..program.buffers).map(|_| Aligned::default()).collect(),
             program,
         })
     }
@@ -68,7 +70,7 @@ impl Plan {
     }
 
     /// The steps of `program` on `images`, into `buffers`.
-    fn execute(program: &Program, buffers: &mut [Vec<f32>], images: &[f32], batch: usize) {
+    fn execute(program: &Program, buffers: &mut [Aligned], images: &[f32], batch: usize) {
         let [h, w, c] = program.input_shape;
         assert_eq!(
             images.len(),
@@ -81,13 +83,13 @@ impl Plan {
         to_nhwc(
             images,
             [c, h * w],
-            grown(&mut buffers[program.input], images.len()),
+            buffers[program.input].grown(images.len()),
         );
         for step in &program.steps {
             let [oh, ow, oc] = step.output_shape;
             let [ih, iw, ic] = step.input_shape;
             let mut buffer = std::mem::take(&mut buffers[step.output]);
-            let out = grown(&mut buffer, batch * oh * ow * oc);
+            let out = buffer.grown(batch * oh * ow * oc);
             let input = |i: usize| -> &[f32] {
                 let [h, w, c] = if i == 0 {
                     step.input_shape
@@ -135,15 +137,6 @@ impl Plan {
             &device,
         ))
     }
-}
-
-/// The first `len` elements of `buffer`, which grows when it must and never shrinks: the
-/// buffers that values share are sized by the largest once, not cleared at every step.
-fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
 }
 
 /// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC).

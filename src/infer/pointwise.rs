@@ -24,8 +24,9 @@ pub enum Act {
     Silu,
 }
 
+/// `act` on `x`, inlined into a caller already compiled for the CPU's vectors.
 #[inline(always)]
-fn apply_slice(act: Act, x: &mut [f32]) {
+pub(super) fn apply_slice(act: Act, x: &mut [f32]) {
     match act {
         Act::Identity => {}
         Act::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
@@ -59,6 +60,30 @@ dispatch_simd!(finish_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32
 /// `out = act(out + bias (+ residual))`: a row of output channels after its product.
 pub fn finish(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
     finish_simd(out, bias, residual, act);
+}
+
+#[inline(always)]
+fn finish_rows_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
+    let n = bias.len();
+    match residual {
+        Some(r) => out
+            .chunks_exact_mut(n)
+            .zip(r.chunks_exact(n))
+            .for_each(|(out, r)| finish_slice(out, bias, Some(r), act)),
+        None => out
+            .chunks_exact_mut(n)
+            .for_each(|out| finish_slice(out, bias, None, act)),
+    }
+}
+
+dispatch_simd!(finish_rows_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) => finish_rows_slice(out, bias, residual, act));
+
+/// [`finish`] on whole rows, `out [rows, bias.len()]` (and the residual alike): one call
+/// for a tile of narrow rows, which one call per row would cost more than the work.
+pub fn finish_rows(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
+    assert!(out.len().is_multiple_of(bias.len().max(1)));
+    assert!(residual.is_none_or(|r| r.len() == out.len()));
+    finish_rows_simd(out, bias, residual, act);
 }
 
 /// Elements per rayon task of the stand-alone passes.

@@ -46,47 +46,67 @@ mod avx512 {
 
     use super::{C, Operands, R};
 
-    /// One tile: rows `r0..r0 + rows` (≤ 4), columns `j0..j0 + 16·Q` with `masks` for the
+    /// One tile: rows `r0..r0 + N` (N ≤ 4), columns `j0..j0 + 16·Q` with `masks` for the
     /// lanes of each 16-wide vector. (No closures: they would not inherit the target
     /// feature, and each intrinsic would become a call.)
     #[allow(clippy::needless_range_loop)] // index loops over the register tile, unrolled
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const Q: usize>(
+    unsafe fn tile<const N: usize, const Q: usize>(
         k: usize,
         o: Operands,
-        (r0, rows): (usize, usize),
+        r0: usize,
         j0: usize,
         masks: [u16; Q],
     ) {
-        // SAFETY (the whole body): rows r0..r0 + rows of `a` hold k values, rows 0..k of
+        // SAFETY (the whole body): rows r0..r0 + N of `a` hold k values, rows 0..k of
         // `w` hold columns j0..j0 + 16·Q where the masks are set (checked by `gemm_rows`),
         // and the destination rows are the caller's.
         unsafe {
-            // Rows past the end repeat the first (computed, never stored).
-            let mut a = [o.a.as_ptr(); R];
-            for (r, a) in a.iter_mut().enumerate().take(rows) {
+            let mut a = [o.a.as_ptr(); N];
+            for (r, a) in a.iter_mut().enumerate() {
                 *a = o.a.as_ptr().add((r0 + r) * o.lda);
             }
             let w = o.w.as_ptr().add(j0);
-            let mut acc = [[_mm512_setzero_ps(); Q]; R];
+            let mut acc = [[_mm512_setzero_ps(); Q]; N];
             let mut wv = [_mm512_setzero_ps(); Q];
             for kk in 0..k {
                 let row = w.add(kk * o.ldw);
                 for q in 0..Q {
                     wv[q] = _mm512_maskz_loadu_ps(masks[q], row.add(16 * q));
                 }
-                for r in 0..R {
+                for r in 0..N {
                     let s = _mm512_set1_ps(*a[r].add(kk));
                     for q in 0..Q {
                         acc[r][q] = _mm512_fmadd_ps(s, wv[q], acc[r][q]);
                     }
                 }
             }
-            for r in 0..rows {
+            for r in 0..N {
                 for q in 0..Q {
                     let d = o.dst.add((r0 + r) * o.ldd + j0 + 16 * q);
                     _mm512_mask_storeu_ps(d, masks[q], acc[r][q]);
                 }
+            }
+        }
+    }
+
+    /// The tile of `N` rows from `r0` and `vectors` vectors of columns from `j0`.
+    #[inline(always)]
+    unsafe fn tiles<const N: usize>(
+        k: usize,
+        o: Operands,
+        r0: usize,
+        j0: usize,
+        vectors: usize,
+        mask: impl Fn(usize) -> u16,
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            match vectors {
+                1 => tile::<N, 1>(k, o, r0, j0, [mask(0)]),
+                2 => tile::<N, 2>(k, o, r0, j0, [mask(0), mask(1)]),
+                3 => tile::<N, 3>(k, o, r0, j0, [mask(0), mask(1), mask(2)]),
+                _ => tile::<N, 4>(k, o, r0, j0, [mask(0), mask(1), mask(2), mask(3)]),
             }
         }
     }
@@ -107,14 +127,13 @@ mod avx512 {
                         (1u16 << last) - 1
                     }
                 };
-                let at = (r0, rows);
                 // SAFETY: the contract of `gemm_rows`.
                 unsafe {
-                    match vectors {
-                        1 => tile::<1>(k, o, at, j0, [mask(0)]),
-                        2 => tile::<2>(k, o, at, j0, [mask(0), mask(1)]),
-                        3 => tile::<3>(k, o, at, j0, [mask(0), mask(1), mask(2)]),
-                        _ => tile::<4>(k, o, at, j0, [mask(0), mask(1), mask(2), mask(3)]),
+                    match rows {
+                        1 => tiles::<1>(k, o, r0, j0, vectors, mask),
+                        2 => tiles::<2>(k, o, r0, j0, vectors, mask),
+                        3 => tiles::<3>(k, o, r0, j0, vectors, mask),
+                        _ => tiles::<4>(k, o, r0, j0, vectors, mask),
                     }
                 }
             }

@@ -93,6 +93,8 @@ fn depthwise_convolutions_match_burn() {
         (3, 24, 12, 12, 5, 2),
         (1, 8, 7, 7, 5, 1),
         (2, 5, 6, 9, 3, 2),
+        (1, 40, 5, 29, 3, 1), // eight pixels at a time, a masked block
+        (2, 72, 9, 30, 5, 2),
     ] {
         let (x, weight, bias) = (random([b, c, h, w]), random([c, 1, k, k]), random([c]));
         let p = k / 2;
@@ -114,10 +116,13 @@ fn depthwise_convolutions_match_burn() {
         let mut out = vec![f32::NAN; expected.len()];
         conv.run(&nhwc(&x), [b, h, w], &mut out);
         assert_close(&expected, &out, &what);
+        let mut out = vec![f32::NAN; expected.len()];
+        conv.run_portable(&nhwc(&x), [b, h, w], &mut out);
+        assert_close(&expected, &out, &format!("{what}, portable"));
         // With the weights laid out along the rows (stride 1).
         conv.lay_out_along(conv.out_size(h, w)[1]);
         let mut out = vec![f32::NAN; expected.len()];
-        conv.run(&nhwc(&x), [b, h, w], &mut out);
+        conv.run_portable(&nhwc(&x), [b, h, w], &mut out);
         assert_close(&expected, &out, &format!("{what}, along rows"));
     }
 }
