@@ -103,6 +103,10 @@ pub struct BenchOptions {
     /// Forward that --mode eval times.
     #[arg(long, value_enum, default_value_t)]
     pub engine: Engine,
+    /// With --mode eval on kd's inference plan: also the time of each step per batch
+    /// (where the time goes).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// One benchmark result.
@@ -128,6 +132,9 @@ pub struct BenchResult {
     pub peak_device_mib: Option<f64>,
     /// Threads in rayon's pool.
     pub threads: usize,
+    /// With --profile: each step of kd's inference plan, its mean time per batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<crate::infer::StepTime>>,
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
@@ -167,11 +174,15 @@ pub fn plan_times(
     x: Tensor<4>,
     warmup: usize,
     steps: usize,
+    profile: bool,
 ) -> Result<Vec<f64>> {
     let batch = x.dims()[0];
     let images = crate::models::onnx::floats(x)?;
     let mut times = Vec::new();
     for step in 0..warmup + steps {
+        if profile && step == warmup {
+            plan.profile_steps();
+        }
         let t0 = Instant::now();
         std::hint::black_box(plan.run(&images, batch));
         if step >= warmup {
@@ -201,6 +212,9 @@ fn method_name(a: &BenchOptions) -> &str {
 pub fn run(a: &BenchOptions) -> Result<BenchResult> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
+    }
+    if a.profile && (a.mode != BenchMode::Eval || a.data.is_some()) {
+        bail!("--profile times the steps of kd's inference plan: it goes with --mode eval");
     }
     const MAX_STEPS: usize = 1_000_000;
     if a.steps > MAX_STEPS || a.warmup > MAX_STEPS {
@@ -345,8 +359,16 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
                 }
                 _ => None,
             };
+            if a.profile {
+                if plan.is_none() {
+                    bail!(
+                        "--profile times the steps of kd's inference plan, which does not run \
+                         here: it takes --engine auto on the CPU in f32 and a CNN (not CoAtNet)"
+                    );
+                }
+            }
             times = match plan.as_mut() {
-                Some(plan) => plan_times(plan, x, a.warmup, a.steps)?,
+                Some(plan) => plan_times(plan, x, a.warmup, a.steps, a.profile)?,
                 None => inference_times(&model, x, &cx, a.warmup, a.steps, &mut memory),
             };
         }
@@ -378,6 +400,7 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: memory.mib(),
         threads: rayon::current_num_threads(),
+        steps: plan.as_ref().and_then(crate::infer::Plan::step_times),
     })
 }
 
@@ -432,5 +455,6 @@ fn bench_pipeline(a: &BenchOptions, dir: &std::path::Path) -> Result<BenchResult
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: None,
         threads: rayon::current_num_threads(),
+        steps: None,
     })
 }

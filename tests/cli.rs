@@ -554,5 +554,49 @@ fn bench_reports_speed_and_memory_for_every_mode() {
             .collect();
         let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
         assert!(r["what"].as_str().unwrap().ends_with(what), "{r}");
+        assert!(r["steps"].is_null(), "no profile unless asked: {r}");
+    }
+    // --profile: each step of the plan, with its time per batch; only where the plan runs.
+    let args: Vec<&str> = ["bench"]
+        .iter()
+        .chain(&tiny)
+        .chain(&["--mode", "eval", "--profile"])
+        .copied()
+        .collect();
+    let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
+    let steps = r["steps"].as_array().unwrap();
+    let described = |s: &serde_json::Value| s["step"].as_str().unwrap().to_string();
+    assert!(
+        described(&steps[0]).starts_with("conv 3x3/1 3->2 32x32->32x32"),
+        "the small stem first: {r}"
+    );
+    assert!(
+        described(steps.last().unwrap()).starts_with("linear"),
+        "{r}"
+    );
+    assert!(steps.iter().all(|s| s["seconds"].as_f64().unwrap() >= 0.0));
+    assert!(
+        steps
+            .iter()
+            .map(|s| s["seconds"].as_f64().unwrap())
+            .sum::<f64>()
+            > 0.0
+    );
+    for (extra, why) in [
+        (
+            vec!["--mode", "eval", "--engine", "forward"],
+            "does not run here",
+        ),
+        (vec!["--mode", "train"], "it goes with --mode eval"),
+    ] {
+        let args: Vec<&str> = ["bench"]
+            .iter()
+            .chain(&tiny)
+            .chain(&extra)
+            .chain(&["--profile"])
+            .copied()
+            .collect();
+        let err = kd_err(&args);
+        assert!(err.contains("--profile") && err.contains(why), "{err}");
     }
 }

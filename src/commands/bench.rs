@@ -40,5 +40,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.device,
         r.precision,
     );
+    if let Some(steps) = &r.steps {
+        let total: f64 = steps.iter().map(|s| s.seconds).sum();
+        println!("{:>4}  {:>9}  {:>6}  step", "#", "ms/batch", "share");
+        for (i, s) in steps.iter().enumerate() {
+            println!(
+                "{i:>4}  {:>9.3}  {:>5.1}%  {}",
+                s.seconds * 1e3,
+                s.seconds / total.max(f64::MIN_POSITIVE) * 100.0,
+                s.step
+            );
+        }
+        println!("{:>4}  {:>9.3}  100.0%  all steps", "", total * 1e3);
+    }
     Ok(())
 }

@@ -50,6 +50,55 @@ pub struct Step {
     pub output_shape: [usize; 3],
 }
 
+impl Step {
+    /// What the step computes, for a profile: e.g. `conv 3x3/2 3->16 224x224->112x112
+    /// hardswish`.
+    pub fn describe(&self) -> String {
+        let [ih, iw, ic] = self.input_shape;
+        let [oh, ow, oc] = self.output_shape;
+        let window = |w: &Window| {
+            let ([kh, kw], [sh, sw]) = (w.kernel, w.stride);
+            let stride = if sh == sw {
+                sh.to_string()
+            } else {
+                format!("{sh}x{sw}")
+            };
+            format!("{kh}x{kw}/{stride}")
+        };
+        let act = |act: &Act| match act {
+            Act::Identity => String::new(),
+            Act::Hardsigmoid { .. } => " hardsigmoid".into(),
+            a => format!(" {a:?}").to_lowercase(),
+        };
+        let sizes = format!("{ih}x{iw}->{oh}x{ow}");
+        match &self.op {
+            Op::Conv(c) => {
+                let residual = if self.inputs.len() > 1 {
+                    " +residual"
+                } else {
+                    ""
+                };
+                let what = if [ih, iw] == [1, 1] && c.window.kernel == [1, 1] {
+                    "linear".to_string()
+                } else {
+                    format!("conv {}", window(&c.window))
+                };
+                format!("{what} {ic}->{oc} {sizes}{residual}{}", act(&c.act))
+            }
+            Op::Depthwise(d) => format!(
+                "depthwise {} {ic} {sizes}{}",
+                window(&d.window),
+                act(&d.act)
+            ),
+            Op::MaxPool(p) => format!("max pool {} {ic} {sizes}", window(&p.window)),
+            Op::GlobalAvgPool => format!("global average pool {ic} {sizes}"),
+            Op::Act(a) => format!("{} {ic} {sizes}", act(a).trim()),
+            Op::Add(a) => format!("add {ic} {sizes}{}", act(a)),
+            Op::ScaleChannels => format!("scale channels {ic} {sizes}"),
+        }
+    }
+}
+
 /// The steps of a network, with the buffers they use.
 #[derive(Debug, Clone)]
 pub struct Program {

@@ -32,6 +32,17 @@ use compile::{Op, Program};
 pub struct Plan {
     program: Program,
     buffers: Vec<Aligned>,
+    /// With profiling on: seconds spent in each step, summed over `runs`.
+    times: Option<(Vec<f64>, usize)>,
+}
+
+/// Mean time of one step of a [`Plan`] per run (`kd bench --profile`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepTime {
+    /// What the step computes: its operation, shapes and fused activation.
+    pub step: String,
+    /// Seconds per run.
+    pub seconds: f64,
 }
 
 impl std::fmt::Debug for Plan {
@@ -54,7 +65,27 @@ impl Plan {
         Ok(Self {
             buffers: (0..program.buffers).map(|_| Aligned::default()).collect(),
             program,
+            times: None,
         })
+    }
+
+    /// Times every step of the runs from now on (a clock read per step).
+    pub fn profile_steps(&mut self) {
+        self.times = Some((vec![0.0; self.program.steps.len()], 0));
+    }
+
+    /// The mean time of each step over the runs since [`Plan::profile_steps`].
+    pub fn step_times(&self) -> Option<Vec<StepTime>> {
+        let (times, runs) = self.times.as_ref()?;
+        let steps = self.program.steps.iter().zip(times);
+        Some(
+            steps
+                .map(|(step, &t)| StepTime {
+                    step: step.describe(),
+                    seconds: t / (*runs).max(1) as f64,
+                })
+                .collect(),
+        )
     }
 
     /// The logits per image.
@@ -65,12 +96,23 @@ impl Plan {
     /// Logits `[batch, classes]` (row-major) of `images [batch, 3, size, size]` (NCHW,
     /// normalized).
     pub fn run(&mut self, images: &[f32], batch: usize) -> &[f32] {
-        Self::execute(&self.program, &mut self.buffers, images, batch);
+        let times = self.times.as_mut().map(|(times, runs)| {
+            *runs += 1;
+            times.as_mut_slice()
+        });
+        Self::execute(&self.program, &mut self.buffers, images, batch, times);
         &self.buffers[self.program.output][..batch * self.program.classes]
     }
 
-    /// The steps of `program` on `images`, into `buffers`.
-    fn execute(program: &Program, buffers: &mut [Aligned], images: &[f32], batch: usize) {
+    /// The steps of `program` on `images`, into `buffers`; each step's seconds added to
+    /// `times` when given.
+    fn execute(
+        program: &Program,
+        buffers: &mut [Aligned],
+        images: &[f32],
+        batch: usize,
+        mut times: Option<&mut [f64]>,
+    ) {
         let [h, w, c] = program.input_shape;
         assert_eq!(
             images.len(),
@@ -85,7 +127,8 @@ impl Plan {
             [c, h * w],
             buffers[program.input].grown(images.len()),
         );
-        for step in &program.steps {
+        for (s, step) in program.steps.iter().enumerate() {
+            let start = times.is_some().then(std::time::Instant::now);
             let [oh, ow, oc] = step.output_shape;
             let [ih, iw, ic] = step.input_shape;
             let mut buffer = std::mem::take(&mut buffers[step.output]);
@@ -117,6 +160,9 @@ impl Plan {
                 }
             }
             buffers[step.output] = buffer;
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                times[s] += start.elapsed().as_secs_f64();
+            }
         }
     }
 
