@@ -359,13 +359,11 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
                 }
                 _ => None,
             };
-            if a.profile {
-                if plan.is_none() {
-                    bail!(
-                        "--profile times the steps of kd's inference plan, which does not run \
-                         here: it takes --engine auto on the CPU in f32 and a CNN (not CoAtNet)"
-                    );
-                }
+            if a.profile && plan.is_none() {
+                bail!(
+                    "--profile times the steps of kd's inference plan, which does not run \
+                     here: it takes --engine auto on the CPU in f32 and a CNN (not CoAtNet)"
+                );
             }
             times = match plan.as_mut() {
                 Some(plan) => plan_times(plan, x, a.warmup, a.steps, a.profile)?,
