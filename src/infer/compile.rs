@@ -114,6 +114,8 @@ pub struct Program {
     pub input_shape: [usize; 3],
     /// Logits per image.
     pub classes: usize,
+    /// Bytes of the weights.
+    pub weight_bytes: usize,
 }
 
 /// A step over values (before buffers are assigned).
@@ -524,5 +526,6 @@ pub fn compile(graph: &Graph, input: &str, output: &str, size: usize) -> Result<
         output: buffer[out],
         input_shape: [size, size, 3],
         classes,
+        weight_bytes: graph.initializers.iter().map(|t| t.raw_data.len()).sum(),
     })
 }

@@ -3,6 +3,8 @@
 //! bias, residual addition and activation, no autodiff bookkeeping, and buffers that live
 //! from one batch to the next. `kd predict` and `kd bench --mode eval` use it for f32 on the
 //! CPU; a network with a layer it does not cover (CoAtNet's attention) keeps Burn's forward.
+//! A batch of one runs each step across the threads; a larger batch runs in chunks of
+//! images, one worker per thread, each with its own buffers (`Plan::chunk`).
 //!
 //! The kernels work on plain slices rather than as Burn operations so that a value can be
 //! written into a buffer that a dead one left (a Burn operation allocates its output); their
@@ -19,8 +21,11 @@ mod rows;
 mod window;
 mod winograd;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use anyhow::{Result, ensure};
 use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::models::Network;
 use crate::models::onnx::Graph;
@@ -28,12 +33,26 @@ use crate::ops::{Ctx, Precision};
 use aligned::Aligned;
 use compile::{Op, Program};
 
+/// Weights up to this size stay in a typical last-level cache, so that images run in
+/// parallel in small chunks (each chunk reads all the weights) cost little: 32 MiB.
+const CACHED_WEIGHTS: usize = 32 << 20;
+
 /// A network compiled for inference, with its buffers.
 pub struct Plan {
     program: Program,
+    /// One per worker of a batch run in chunks of images; the first runs whole batches.
+    workers: Vec<Worker>,
+    /// The logits of a batch run in chunks.
+    logits: Vec<f32>,
+    /// Runs since profiling began; `None` without profiling.
+    runs: Option<usize>,
+}
+
+/// The buffers of one worker, and with profiling the seconds spent in each step.
+#[derive(Default)]
+struct Worker {
     buffers: Vec<Aligned>,
-    /// With profiling on: seconds spent in each step, summed over `runs`.
-    times: Option<(Vec<f64>, usize)>,
+    times: Vec<f64>,
 }
 
 /// Mean time of one step of a [`Plan`] per run (`kd bench --profile`).
@@ -63,29 +82,56 @@ impl Plan {
         let logits = net.to_onnx(&mut g, "images".into(), size)?;
         let program = compile::compile(&g, "images", &logits, size)?;
         Ok(Self {
-            buffers: (0..program.buffers).map(|_| Aligned::default()).collect(),
+            workers: Vec::new(),
+            logits: Vec::new(),
             program,
-            times: None,
+            runs: None,
         })
     }
 
     /// Times every step of the runs from now on (a clock read per step).
     pub fn profile_steps(&mut self) {
-        self.times = Some((vec![0.0; self.program.steps.len()], 0));
+        self.runs = Some(0);
+        for w in &mut self.workers {
+            w.times.fill(0.0);
+        }
     }
 
-    /// The mean time of each step over the runs since [`Plan::profile_steps`].
+    /// The mean time of each step per run since [`Plan::profile_steps`], summed over the
+    /// workers where images run in parallel.
     pub fn step_times(&self) -> Option<Vec<StepTime>> {
-        let (times, runs) = self.times.as_ref()?;
-        let steps = self.program.steps.iter().zip(times);
+        let runs = self.runs?.max(1) as f64;
+        let steps = self.program.steps.iter().enumerate();
         Some(
             steps
-                .map(|(step, &t)| StepTime {
+                .map(|(s, step)| StepTime {
                     step: step.describe(),
-                    seconds: t / (*runs).max(1) as f64,
+                    seconds: self
+                        .workers
+                        .iter()
+                        .filter_map(|w| w.times.get(s))
+                        .sum::<f64>()
+                        / runs,
                 })
                 .collect(),
         )
+    }
+
+    /// Images per chunk of a batch of `batch` on `threads` threads, or `None` to run the
+    /// batch whole (its steps split across the threads). In chunks, each worker runs its
+    /// images through every step without waiting for the others, and a chunk's values
+    /// stay in cache where a whole batch's would not; each chunk reads all the weights,
+    /// so two chunks per thread where the weights stay cached, else one.
+    fn chunk(&self, batch: usize, threads: usize) -> Option<usize> {
+        if threads < 2 || batch < 2 {
+            return None;
+        }
+        let per_thread = batch.div_ceil(threads);
+        Some(if self.program.weight_bytes <= CACHED_WEIGHTS {
+            per_thread.div_ceil(2)
+        } else {
+            per_thread
+        })
     }
 
     /// The logits per image.
@@ -96,12 +142,58 @@ impl Plan {
     /// Logits `[batch, classes]` (row-major) of `images [batch, 3, size, size]` (NCHW,
     /// normalized).
     pub fn run(&mut self, images: &[f32], batch: usize) -> &[f32] {
-        let times = self.times.as_mut().map(|(times, runs)| {
+        let [h, w, c] = self.program.input_shape;
+        assert_eq!(
+            images.len(),
+            batch * c * h * w,
+            "images of the planned size"
+        );
+        let classes = self.program.classes;
+        if let Some(runs) = self.runs.as_mut() {
             *runs += 1;
-            times.as_mut_slice()
+        }
+        let threads = rayon::current_num_threads();
+        let chunk = self.chunk(batch, threads);
+        let workers = chunk.map_or(1, |chunk| threads.min(batch.div_ceil(chunk)));
+        let profiling = self.runs.is_some();
+        while self.workers.len() < workers {
+            self.workers.push(Worker::default());
+        }
+        for w in &mut self.workers[..workers] {
+            w.buffers
+                .resize_with(self.program.buffers, Aligned::default);
+            if profiling {
+                w.times.resize(self.program.steps.len(), 0.0);
+            }
+        }
+        let program = &self.program;
+        let Some(chunk) = chunk else {
+            let w = &mut self.workers[0];
+            let times = profiling.then_some(w.times.as_mut_slice());
+            Self::execute(program, &mut w.buffers, images, batch, times);
+            return &w.buffers[program.output][..batch * classes];
+        };
+        // Workers take the next chunk until none is left.
+        self.logits.resize(batch * classes, 0.0);
+        let logits = std::sync::Mutex::new(&mut self.logits);
+        let next = AtomicUsize::new(0);
+        let per_image = c * h * w;
+        self.workers[..workers].par_iter_mut().for_each(|w| {
+            loop {
+                let first = next.fetch_add(chunk, Ordering::Relaxed);
+                if first >= batch {
+                    break;
+                }
+                let n = chunk.min(batch - first);
+                let images = &images[first * per_image..(first + n) * per_image];
+                let times = profiling.then_some(w.times.as_mut_slice());
+                Self::execute(program, &mut w.buffers, images, n, times);
+                let out = &w.buffers[program.output][..n * classes];
+                let mut logits = logits.lock().unwrap_or_else(|e| e.into_inner());
+                logits[first * classes..(first + n) * classes].copy_from_slice(out);
+            }
         });
-        Self::execute(&self.program, &mut self.buffers, images, batch, times);
-        &self.buffers[self.program.output][..batch * self.program.classes]
+        &self.logits[..batch * classes]
     }
 
     /// The steps of `program` on `images`, into `buffers`; each step's seconds added to
@@ -114,11 +206,6 @@ impl Plan {
         mut times: Option<&mut [f64]>,
     ) {
         let [h, w, c] = program.input_shape;
-        assert_eq!(
-            images.len(),
-            batch * c * h * w,
-            "images of the planned size"
-        );
         if batch == 0 {
             return;
         }
@@ -187,7 +274,6 @@ impl Plan {
 
 /// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC).
 fn to_nhwc(x: &[f32], [c, pixels]: [usize; 2], out: &mut [f32]) {
-    use rayon::prelude::*;
     out.par_chunks_mut(c * pixels)
         .zip(x.par_chunks(c * pixels))
         .for_each(|(out, x)| {

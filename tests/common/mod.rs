@@ -380,16 +380,33 @@ pub fn check_onnx_round_trip(net: &kd::models::Network, classes: usize, size: us
 /// 1e-5 relative to the largest (at least 1); an empty batch gives none.
 pub fn check_inference_plan(net: &kd::models::Network, size: usize) {
     let mut plan = kd::infer::Plan::new(net, size).unwrap();
-    for (i, batch) in [1, 5, 1].into_iter().enumerate() {
-        let (x, expected) = random_images_and_logits(net, batch, size);
-        let actual = values(plan.forward(x).unwrap());
-        assert_eq!(actual.len(), batch * plan.classes());
-        let actual: Vec<f32> = actual.into_iter().map(|v| v as f32).collect();
-        let diff = kd::run::onnx::max_difference(&expected, &actual);
-        assert!(
-            diff < 1e-5,
-            "run {i} (batch {batch}): the plan's logits differ by {diff} (relative)"
-        );
+    let batches: Vec<_> = [1, 5]
+        .into_iter()
+        .map(|batch| random_images_and_logits(net, batch, size))
+        .collect();
+    // One thread runs a batch whole; more run a batch's images in parallel chunks (one
+    // image, or two, per chunk here).
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        // A batch of one after one of five: buffers reused at a smaller size.
+        for (i, (x, expected)) in [&batches[0], &batches[1], &batches[0]]
+            .into_iter()
+            .enumerate()
+        {
+            let batch = x.dims()[0];
+            let actual = pool.install(|| values(plan.forward(x.clone()).unwrap()));
+            assert_eq!(actual.len(), batch * plan.classes());
+            let actual: Vec<f32> = actual.into_iter().map(|v| v as f32).collect();
+            let diff = kd::run::onnx::max_difference(expected, &actual);
+            assert!(
+                diff < 1e-5,
+                "{threads} threads, run {i} (batch {batch}): the plan's logits differ by {diff} \
+                 (relative)"
+            );
+        }
     }
     assert!(plan.run(&[], 0).is_empty(), "an empty batch, no logits");
 }
