@@ -207,9 +207,14 @@ impl Conv {
         assert_eq!(out.len(), m * n, "convolution output size");
         assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
         let threads = rayon::current_num_threads();
-        // Row tiles: about COL_TILE floats of im2col each, at least MIN_ROWS rows (fewer
-        // only when the whole product has fewer), a multiple of the threads.
-        let mut tiles = (m * k).div_ceil(COL_TILE).min(m.div_ceil(MIN_ROWS)).max(1);
+        // Row tiles: about COL_TILE floats of im2col each and at least one per thread, of at
+        // least MIN_ROWS rows (fewer only when the whole product has fewer), a multiple of
+        // the threads. Whole rows keep one epilogue call per tile.
+        let mut tiles = (m * k)
+            .div_ceil(COL_TILE)
+            .max(threads)
+            .min(m.div_ceil(MIN_ROWS))
+            .max(1);
         if tiles > 1 {
             tiles = tiles.next_multiple_of(threads);
         }
