@@ -309,6 +309,7 @@ impl<'g> Lowering<'g> {
                 let (op, shape, inputs) = if group == 1 && dims[1] == c {
                     let mut conv = Conv::from_oihw(&weight, dims, bias.as_deref(), stride, pads);
                     let [ho, wo] = conv.out_size(h, w);
+                    conv.for_output(ho * wo);
                     let shape = [ho, wo, dims[0]];
                     let mut inputs = vec![x];
                     // A residual addition right after, of a value already computed.
@@ -369,6 +370,7 @@ impl<'g> Lowering<'g> {
                     bail!("{name}: the bias does not match {dims:?}");
                 }
                 let mut layer = Conv::linear(&weight, [dims[0], dims[1]], bias.as_deref());
+                layer.for_output(1);
                 let (n, act, out) = self.fused_activation(i + 1, y);
                 layer.act = act;
                 self.push(out, [1, 1, dims[1]], Op::Conv(layer), vec![x]);

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::aligned::Aligned;
 use super::pointwise::{Act, finish, finish_rows};
+use super::rows::{Layout, gemm_rows, to_panels};
 use super::window::Window;
 use super::winograd::Winograd;
 
@@ -46,8 +47,10 @@ pub struct Conv {
     pub cout: usize,
     /// Kernel, stride, padding.
     pub window: Window,
-    /// `[kh·kw·C, O]`, rows in (ky, kx, c) order.
+    /// `[kh·kw·C, O]`, rows in (ky, kx, c) order, laid out as `layout` says.
     weight: Aligned,
+    /// Row-major, or column panels for the few-rows product (`Conv::for_output`).
+    layout: Layout,
     /// `[O]`.
     bias: Aligned,
     /// Applied to the output (after the residual).
@@ -149,6 +152,7 @@ impl Conv {
                 pads,
             },
             weight: weight.into(),
+            layout: Layout::row_major(cout),
             bias: bias.map_or_else(|| Aligned::zeros(cout), Aligned::from),
             act: Act::Identity,
             winograd,
@@ -166,6 +170,7 @@ impl Conv {
                 pads: [0; 4],
             },
             weight: w.into(),
+            layout: Layout::row_major(outputs),
             bias: bias.map_or_else(|| Aligned::zeros(outputs), Aligned::from),
             act: Act::Identity,
             winograd: None,
@@ -175,6 +180,18 @@ impl Conv {
     /// Output height and width for an input of `h` × `w`.
     pub fn out_size(&self, h: usize, w: usize) -> [usize; 2] {
         self.window.out_size(h, w, false)
+    }
+
+    /// Prepares for outputs of `pixels` pixels per image: where one image's rows are few
+    /// (pooled features, the last small maps), every batch goes through the few-rows
+    /// product, its weights laid out once in the column panels it streams.
+    pub fn for_output(&mut self, pixels: usize) {
+        let k = self.depth();
+        if pixels <= FEW_ROWS && k <= FEW_ROWS_DEPTH && self.layout == Layout::row_major(self.cout)
+        {
+            self.weight = to_panels(&self.weight, k, self.cout).into();
+            self.layout = Layout::panels(k);
+        }
     }
 
     /// The GEMM's summed dimension, `kh·kw·C`.
@@ -222,7 +239,7 @@ impl Conv {
         let tiles = m.div_ceil(rows);
         // Too few row tiles for the threads (one image, small feature maps): split the
         // output channels too.
-        let few = m <= FEW_ROWS && k <= FEW_ROWS_DEPTH;
+        let few = (m <= FEW_ROWS && k <= FEW_ROWS_DEPTH) || self.layout != Layout::row_major(n);
         let align = if few { FEW_ROWS_COLS } else { COL_ALIGN };
         let blocks = if tiles < threads {
             (threads / tiles).min(n.div_ceil(align)).max(1)
@@ -258,12 +275,12 @@ impl Conv {
                 unsafe {
                     let shape = (r1 - r0, c1 - c0, k);
                     if few {
-                        super::rows::gemm_rows(
+                        gemm_rows(
                             shape,
                             lhs,
                             k,
-                            &self.weight[c0..],
-                            n,
+                            &self.weight[self.layout.column(c0)..],
+                            self.layout,
                             dst.at(r0 * n + c0),
                             n,
                         );

@@ -2,35 +2,81 @@
 //! maps) without packing: `dst [m, n] = a [m, k] · w [k, n]` with `w` read in place, a
 //! register tile of 4 rows × 64 columns at a time (AVX-512; a portable loop elsewhere). A
 //! packing GEMM copies all of `w` for every call, which for a handful of rows costs more
-//! than the product itself.
+//! than the product itself. The weights are row-major, or laid out once in column panels of
+//! 64 (`Layout::panels`) so that a tile streams its panel contiguously; panel by panel, all
+//! row tiles, so that the panel stays in cache.
 
 /// Rows of the register tile.
 const R: usize = 4;
 /// Columns of the register tile.
 const C: usize = 64;
 
-/// The operands of one call: `a [m × k]` (row stride `lda`), `w [k × n]` (row stride
-/// `ldw`), `dst` (row stride `ldd`).
+/// Where element `(kk, j)` of the weights `w [k × n]` lies: at `(j / 64)·panel + kk·ldw +
+/// j % 64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Between rows.
+    pub ldw: usize,
+    /// Between column panels of 64.
+    pub panel: usize,
+}
+
+impl Layout {
+    /// Row-major with row stride `ldw`.
+    pub fn row_major(ldw: usize) -> Self {
+        Self { ldw, panel: C }
+    }
+
+    /// Column panels of 64 of `k` rows each, one after the other.
+    pub fn panels(k: usize) -> Self {
+        Self {
+            ldw: C,
+            panel: C * k,
+        }
+    }
+
+    /// The position of column `j` in row 0.
+    pub fn column(&self, j: usize) -> usize {
+        (j / C) * self.panel + j % C
+    }
+}
+
+/// Row-major `w [k × n]` in column panels of 64 (`Layout::panels(k)`), the last one padded
+/// with zeros.
+pub fn to_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * n);
+    let mut out = vec![0.0; n.div_ceil(C) * C * k];
+    for (p, panel) in out.chunks_exact_mut(C * k).enumerate() {
+        let (j0, cols) = (p * C, C.min(n - p * C));
+        for (row, out) in w.chunks_exact(n).zip(panel.chunks_exact_mut(C)) {
+            out[..cols].copy_from_slice(&row[j0..j0 + cols]);
+        }
+    }
+    out
+}
+
+/// The operands of one call: `a [m × k]` (row stride `lda`), `w [k × n]` (in `layout`),
+/// `dst` (row stride `ldd`).
 #[derive(Clone, Copy)]
 struct Operands<'a> {
     a: &'a [f32],
     lda: usize,
     w: &'a [f32],
-    ldw: usize,
+    layout: Layout,
     dst: *mut f32,
     ldd: usize,
 }
 
 /// The portable product.
 fn portable((m, n, k): (usize, usize, usize), o: Operands) {
-    for r in 0..m {
-        for j0 in (0..n).step_by(C) {
+    for j0 in (0..n).step_by(C) {
+        for r in 0..m {
             let cols = C.min(n - j0);
             let mut acc = [0f32; C];
             let acc = &mut acc[..cols];
             for kk in 0..k {
                 let s = o.a[r * o.lda + kk];
-                let wrow = &o.w[kk * o.ldw + j0..][..cols];
+                let wrow = &o.w[o.layout.column(j0) + kk * o.layout.ldw..][..cols];
                 acc.iter_mut().zip(wrow).for_each(|(a, w)| *a += s * w);
             }
             // SAFETY: the contract of `gemm_rows`.
@@ -66,11 +112,11 @@ mod avx512 {
             for (r, a) in a.iter_mut().enumerate() {
                 *a = o.a.as_ptr().add((r0 + r) * o.lda);
             }
-            let w = o.w.as_ptr().add(j0);
+            let w = o.w.as_ptr().add(o.layout.column(j0));
             let mut acc = [[_mm512_setzero_ps(); Q]; N];
             let mut wv = [_mm512_setzero_ps(); Q];
             for kk in 0..k {
-                let row = w.add(kk * o.ldw);
+                let row = w.add(kk * o.layout.ldw);
                 for q in 0..Q {
                     wv[q] = _mm512_maskz_loadu_ps(masks[q], row.add(16 * q));
                 }
@@ -114,9 +160,9 @@ mod avx512 {
     /// The product, tile by tile.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product((m, n, k): (usize, usize, usize), o: Operands) {
-        for r0 in (0..m).step_by(R) {
-            let rows = R.min(m - r0);
-            for j0 in (0..n).step_by(C) {
+        for j0 in (0..n).step_by(C) {
+            for r0 in (0..m).step_by(R) {
+                let rows = R.min(m - r0);
                 let cols = C.min(n - j0);
                 let vectors = cols.div_ceil(16);
                 let last = cols - 16 * (vectors - 1);
@@ -141,7 +187,7 @@ mod avx512 {
     }
 }
 
-/// `dst [m × n] (row stride ldd) = a [m × k] (row stride lda) · w [k × n] (row stride ldw)`.
+/// `dst [m × n] (row stride ldd) = a [m × k] (row stride lda) · w [k × n] (in `layout`).
 ///
 /// # Safety
 /// For each `r < m`, the `n` elements at `dst + r·ldd` are valid and no one else accesses
@@ -152,19 +198,20 @@ pub unsafe fn gemm_rows(
     a: &[f32],
     lda: usize,
     w: &[f32],
-    ldw: usize,
+    layout: Layout,
     dst: *mut f32,
     ldd: usize,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k && w.len() >= (k.max(1) - 1) * ldw + n);
+    assert!(a.len() >= (m - 1) * lda + k);
+    assert!(w.len() > layout.column(n - 1) + (k.max(1) - 1) * layout.ldw);
     let o = Operands {
         a,
         lda,
         w,
-        ldw,
+        layout,
         dst,
         ldd,
     };
@@ -182,7 +229,8 @@ mod tests {
     use super::*;
 
     /// Every tile shape (full, partial rows, partial and masked columns), on this CPU's
-    /// path and the portable one, against a plain triple loop.
+    /// path and the portable one, with the weights row-major and in panels, against a
+    /// plain triple loop.
     #[test]
     fn matches_the_definition() {
         let (m, n, k) = (7, 150, 33);
@@ -198,20 +246,23 @@ mod tests {
                 expected[r * n + j] = (0..k).map(|kk| a[r * k + kk] * w[kk * n + j]).sum::<f32>();
             }
         }
-        let mut dst = start.clone();
-        // SAFETY: dst holds m rows of n.
-        unsafe { gemm_rows((m, n, k), &a, k, &w, n, dst.as_mut_ptr(), n) };
-        assert_eq!(dst, expected);
-        let mut dst = start;
-        let o = Operands {
-            a: &a,
-            lda: k,
-            w: &w,
-            ldw: n,
-            dst: dst.as_mut_ptr(),
-            ldd: n,
-        };
-        portable((m, n, k), o);
-        assert_eq!(dst, expected);
+        let panels = to_panels(&w, k, n);
+        for (w, layout) in [(&w, Layout::row_major(n)), (&panels, Layout::panels(k))] {
+            let mut dst = start.clone();
+            // SAFETY: dst holds m rows of n.
+            unsafe { gemm_rows((m, n, k), &a, k, w, layout, dst.as_mut_ptr(), n) };
+            assert_eq!(dst, expected, "{layout:?}");
+            let mut dst = start.clone();
+            let o = Operands {
+                a: &a,
+                lda: k,
+                w,
+                layout,
+                dst: dst.as_mut_ptr(),
+                ldd: n,
+            };
+            portable((m, n, k), o);
+            assert_eq!(dst, expected, "portable, {layout:?}");
+        }
     }
 }

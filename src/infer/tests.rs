@@ -46,6 +46,7 @@ fn convolutions_match_burn() {
         (1, 24, 40, 13, 13, 1, 1, 0, true), // 1x1 read in place, few rows
         (2, 16, 32, 40, 40, 1, 1, 0, false), // 1x1 read in place, GEMM tiles
         (1, 160, 200, 7, 7, 1, 1, 0, false), // one image's last map: columns split
+        (3, 40, 70, 7, 7, 1, 1, 0, true), // small maps, many rows: panels, prepared
         (2, 2, 3, 5, 5, 5, 1, 0, false), // kernel as large as the image
     ];
     for &(b, c, o, h, w, k, s, p, with_residual) in cases {
@@ -66,10 +67,18 @@ fn convolutions_match_burn() {
             [p; 4],
         );
         conv.act = Act::Relu;
-        let mut out = vec![f32::NAN; expected.len()];
         let residual = residual.map(|r| nhwc(&r));
-        conv.run(&nhwc(&x), [b, h, w], residual.as_deref(), &mut out);
-        assert_close(&expected, &out, &what);
+        // As built, then as the plan prepares it for its output size (small maps: the
+        // weights in column panels, every batch through the few-rows product).
+        for prepared in [false, true] {
+            if prepared {
+                let [ho, wo] = conv.out_size(h, w);
+                conv.for_output(ho * wo);
+            }
+            let mut out = vec![f32::NAN; expected.len()];
+            conv.run(&nhwc(&x), [b, h, w], residual.as_deref(), &mut out);
+            assert_close(&expected, &out, &format!("{what}, prepared {prepared}"));
+        }
     }
 }
 
@@ -78,10 +87,16 @@ fn linear_layers_match_burn() {
     for (b, i, o) in [(1, 960, 1280), (5, 30, 7), (70, 64, 10)] {
         let (x, weight, bias) = (random([b, i]), random([i, o]), random([o]));
         let expected = floats(&(x.clone().matmul(weight.clone()) + bias.clone().unsqueeze()));
-        let layer = Conv::linear(&floats(&weight), [i, o], Some(&floats(&bias)));
-        let mut out = vec![f32::NAN; b * o];
-        layer.run(&floats(&x), [b, 1, 1], None, &mut out);
-        assert_close(&expected, &out, &format!("linear {b}x{i} -> {o}"));
+        let mut layer = Conv::linear(&floats(&weight), [i, o], Some(&floats(&bias)));
+        for prepared in [false, true] {
+            if prepared {
+                layer.for_output(1);
+            }
+            let mut out = vec![f32::NAN; b * o];
+            layer.run(&floats(&x), [b, 1, 1], None, &mut out);
+            let what = format!("linear {b}x{i} -> {o}, prepared {prepared}");
+            assert_close(&expected, &out, &what);
+        }
     }
 }
 
