@@ -4,13 +4,15 @@
 //! is). The product goes through the `gemm` crate, or for few rows through the unpacked
 //! product of `rows.rs`; then one pass over the tile, still in cache, adds the
 //! (BatchNorm-folded) bias and the fused residual and applies the activation. 3x3 stride-1
-//! convolutions with enough tiles go through Winograd's transform (`winograd.rs`).
+//! convolutions with enough tiles go through Winograd's transform (`winograd.rs`), and a
+//! first layer on the image's few channels is summed directly (`direct.rs`).
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use super::aligned::Aligned;
+use super::direct::{self, Direct};
 use super::pointwise::{Act, finish, finish_rows};
 use super::rows::{Layout, gemm_rows, to_panels};
 use super::window::Window;
@@ -212,6 +214,20 @@ impl Conv {
     /// `out = act(conv(x) + bias (+ residual))` for `x [b, h, w, C]` (NHWC), `out` and
     /// `residual` `[b, ho, wo, O]`.
     pub fn run(&self, x: &[f32], [b, h, w]: [usize; 3], residual: Option<&[f32]>, out: &mut [f32]) {
+        if residual.is_none()
+            && self.layout == Layout::row_major(self.cout)
+            && direct::applies(self.cin, self.cout)
+        {
+            let direct = Direct {
+                weight: &self.weight,
+                bias: &self.bias,
+                cin: self.cin,
+                cout: self.cout,
+                window: self.window,
+                act: self.act,
+            };
+            return direct.run(x, [b, h, w], out);
+        }
         if let Some(winograd) = &self.winograd
             && Winograd::tiles([b, h, w]) >= WINOGRAD_MIN_TILES
         {

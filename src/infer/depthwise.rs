@@ -204,16 +204,21 @@ mod avx512 {
 
     /// One output row `out [wo, C]` from the input lines `lines` (`kh ≤ MAX_ROWS` of them,
     /// `None` in the padding), then the activation.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and the windows of output columns `lo..hi` lie inside the
+    /// input row (`Window::inside_columns`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn row(
         lines: &[Option<&[f32]>],
         weight: &[f32],
         bias: &[f32],
         dims: (usize, usize, usize, usize, usize),
+        (lo, hi): (usize, usize),
         act: Act,
         out: &mut [f32],
     ) {
-        let (w, c, kw, sw, pl) = dims;
+        let (w, c, kw, _, _) = dims;
         let wo = out.len() / c;
         assert!(
             lines.len() <= MAX_ROWS
@@ -221,6 +226,8 @@ mod avx512 {
                 && weight.len() == lines.len() * kw * c
                 && bias.len() == c
                 && out.len() == wo * c
+                && lo <= hi
+                && hi <= wo
         );
         let mut r = Row {
             lines: [std::ptr::null(); MAX_ROWS],
@@ -235,25 +242,19 @@ mod avx512 {
                 *p = line.as_ptr();
             }
         }
-        // Output pixels whose whole window lies inside 0..w.
-        let lo = pl.div_ceil(sw).min(wo);
-        let hi = if w + pl >= kw {
-            ((w + pl - kw) / sw + 1).min(wo)
-        } else {
-            0
-        }
-        .max(lo);
-        // SAFETY: the bounds of `pixels` (lo..hi above), the sizes asserted.
+        // SAFETY: the sizes asserted; the windows of columns lo..hi lie inside the row
+        // (the caller's `Window::inside_columns`), the others are checked.
         unsafe {
             let mut ox = 0;
             while ox < wo {
-                let n = (wo - ox).min(8);
-                if n == 8 && ox >= lo && ox + 8 <= hi {
-                    pixels::<8, false>(&r, ox, n);
+                if ox >= lo && ox + 8 <= hi {
+                    pixels::<8, false>(&r, ox, 8);
+                    ox += 8;
                 } else {
+                    let n = if ox < lo { lo - ox } else { wo - ox }.min(8);
                     pixels::<8, true>(&r, ox, n);
+                    ox += n;
                 }
-                ox += n;
             }
         }
         super::super::pointwise::apply_slice(act, out);
@@ -325,6 +326,7 @@ impl Depthwise {
             let [_, h, w] = dims;
             let c = self.channels;
             let [ho, wo] = self.out_size(h, w);
+            let inside = self.window.inside_columns(w, wo);
             let dims = (
                 w,
                 c,
@@ -336,7 +338,9 @@ impl Depthwise {
                 .window
                 .rows(x, [h, w, c], [ho, wo * c], out, |lines, out| {
                     // SAFETY: the CPU has AVX-512F; `row` checks the sizes it relies on.
-                    unsafe { avx512::row(lines, &self.weight, &self.bias, dims, self.act, out) }
+                    unsafe {
+                        avx512::row(lines, &self.weight, &self.bias, dims, inside, self.act, out)
+                    }
                 });
         }
         self.run_portable(x, dims, out);

@@ -15,6 +15,7 @@ mod aligned;
 mod compile;
 mod conv;
 mod depthwise;
+mod direct;
 mod pointwise;
 mod pool;
 mod rows;

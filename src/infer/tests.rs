@@ -1,5 +1,6 @@
 //! The inference plan's kernels against Burn's operations: convolutions (Winograd, im2col
-//! GEMM, the few-rows product, 1x1 read in place) with bias, residual and ReLU; depthwise
+//! GEMM, the few-rows product, 1x1 read in place, direct on few channels) with bias,
+//! residual and ReLU; depthwise
 //! convolutions; max pooling. Odd sizes, strides, paddings, batches of several images.
 
 use burn::tensor::module::{conv2d, max_pool2d};
@@ -40,7 +41,9 @@ fn convolutions_match_burn() {
         (3, 8, 16, 9, 7, 3, 1, 1, true), // Winograd, odd sizes, partial tiles, residual
         (2, 16, 24, 14, 14, 3, 1, 1, false), // Winograd, several blocks
         (1, 4, 8, 3, 3, 3, 1, 1, true),  // 3x3 below Winograd's tiles: im2col
-        (2, 3, 16, 20, 20, 7, 2, 3, false), // ResNet stem: im2col, stride 2
+        (2, 3, 16, 20, 20, 7, 2, 3, false), // a stem: three channels, direct (AVX-512)
+        (2, 3, 24, 17, 19, 3, 2, 1, false), // direct, two masked vectors, odd sizes
+        (1, 3, 40, 9, 9, 3, 2, 1, false), // too many outputs for the direct path: im2col
         (4, 8, 12, 6, 6, 1, 2, 0, true), // 1x1 downsample, stride 2
         (5, 6, 70, 8, 10, 3, 2, 1, false), // stride 2 on odd widths, masked columns
         (1, 24, 40, 13, 13, 1, 1, 0, true), // 1x1 read in place, few rows

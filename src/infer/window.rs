@@ -36,6 +36,19 @@ impl Window {
         ]
     }
 
+    /// The output columns `lo..hi` (of `wo`) whose window lies wholly inside an input row
+    /// of width `w`: before `lo` and from `hi` on, windows reach into the padding.
+    pub fn inside_columns(&self, w: usize, wo: usize) -> (usize, usize) {
+        let (kw, sw, pl) = (self.kernel[1], self.stride[1], self.pads[1]);
+        let lo = pl.div_ceil(sw).min(wo);
+        let hi = if w + pl >= kw {
+            ((w + pl - kw) / sw + 1).min(wo)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
     /// `f(lines, out_row)` for every output row of `out` (`ho` rows of `row_len` floats
     /// per image), in parallel: `lines[ky]` is the input line of `x [b, h, w, C]` that
     /// kernel row `ky` reads, `None` in the padding.
