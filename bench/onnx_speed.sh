@@ -6,7 +6,9 @@
 # (throughput); then this CPU's single-precision GEMM peak (the best of PyTorch's and
 # OpenBLAS's square products), for the GFLOP/s of each row. GFLOP/s count the direct
 # convolutions' multiply-adds: kd's Winograd convolutions do fewer, so kd's rate can pass
-# the GEMM peak. Run by hand, not in CI:
+# the GEMM peak. This machine's speed drifts (other tenants): each of ROUNDS rounds times every
+# engine back to back, and the table gives each engine's median over the rounds and the
+# ratios of the medians (with each round's kd / ORT ratio). Run by hand, not in CI:
 #
 #   python -m venv /tmp/ortvenv
 #   /tmp/ortvenv/bin/pip install onnx onnxruntime numpy pillow torch torchvision
@@ -19,6 +21,7 @@ PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-2}
 WORK=${WORK:-/tmp/kd-onnx-speed}
 STEPS=${STEPS:-20}
+ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-resnet18}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 
@@ -33,19 +36,12 @@ for model in $MODELS; do
   fi
   "$KD" export --run "$WORK/$model/run" --out "$WORK/$model/kd.onnx" >/dev/null
   for batch in 1 16; do
-    kd_bench() {
-      "$KD" bench --mode eval --model "$model" --classes 10 --batch "$batch" --image-size 224 \
-        --steps "$STEPS" --warmup 3 --json "$@" \
-        | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["images_per_second"])'
-    }
-    kd_plan=$(kd_bench)
-    kd_forward=$(kd_bench --engine forward)
-    "$PYTHON" - "$WORK/$model" "$batch" "$THREADS" "$STEPS" "$kd_plan" "$kd_forward" "$model" <<'PY'
-import statistics, sys, time
+    "$PYTHON" - "$WORK/$model" "$batch" "$THREADS" "$STEPS" "$model" "$KD" "$ROUNDS" <<'PY'
+import json, statistics, subprocess, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 
 work, batch, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-kd_plan, kd_forward, model_name = float(sys.argv[5]), float(sys.argv[6]), sys.argv[7]
+model_name, kd, rounds = sys.argv[5], sys.argv[6], int(sys.argv[7])
 torch.set_num_threads(threads)
 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
 
@@ -57,6 +53,13 @@ def timed(fn):
         t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
     return batch / statistics.median(times)
 
+def kd_bench(*extra):
+    out = subprocess.run([kd, "bench", "--mode", "eval", "--model", model_name, "--classes", "10",
+                          "--batch", str(batch), "--image-size", "224", "--steps", str(steps),
+                          "--warmup", "3", "--json", *extra], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)["images_per_second"]
+
 net = getattr(torchvision.models, model_name)(num_classes=10).eval()
 torch_onnx = f"{work}/torch.onnx"
 torch.onnx.export(net, torch.from_numpy(x), torch_onnx, input_names=["images"],
@@ -66,11 +69,23 @@ def session(path):
     o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 ort_kd = session(f"{work}/kd.onnx"); ort_pt = session(torch_onnx)
-r_kd = timed(lambda: ort_kd.run(["logits"], {"images": x}))
-r_pt = timed(lambda: ort_pt.run(None, {ort_pt.get_inputs()[0].name: x}))
 xt = torch.from_numpy(x)
-with torch.inference_mode():
-    r_eager = timed(lambda: net(xt))
+engines = {
+    "kd plan": lambda: kd_bench(),
+    "kd forward": lambda: kd_bench("--engine", "forward"),
+    "ORT (kd)": lambda: timed(lambda: ort_kd.run(["logits"], {"images": x})),
+    "ORT (torch)": lambda: timed(lambda: ort_pt.run(None, {ort_pt.get_inputs()[0].name: x})),
+}
+def eager():
+    with torch.inference_mode():
+        return timed(lambda: net(xt))
+engines["eager"] = eager
+runs = {name: [] for name in engines}
+for _ in range(rounds):
+    for name, run in engines.items():
+        time.sleep(0.5)  # the previous engine's threads stop spinning
+        runs[name].append(run())
+med = {name: statistics.median(r) for name, r in runs.items()}
 # Multiply-adds per image, counted on the convolutions and linear layers.
 macs = 0
 def count(m, i, o):
@@ -100,11 +115,14 @@ peak = max(
         for n in (2048, 4096)),
 )
 rate = lambda r: f"{r:.1f} ({r * gflop:.0f} GFLOP/s, {r * gflop / peak:.0%})"
-print(f"{model_name} batch {batch:2} ({threads} threads, {gflop:.2f} GFLOP/image, GEMM peak {peak:.0f} GFLOP/s), images/s: "
-      f"kd plan {rate(kd_plan)} | kd forward {kd_forward:.1f} | ORT on kd's ONNX {rate(r_kd)} | "
-      f"ORT on PyTorch's ONNX {r_pt:.1f} | PyTorch eager {r_eager:.1f} "
-      f"|| kd / ORT(kd) {kd_plan / r_kd:.2f}x, kd / ORT(torch) {kd_plan / r_pt:.2f}x, "
-      f"kd / eager {kd_plan / r_eager:.2f}x, plan / forward {kd_plan / kd_forward:.2f}x")
+per_round = ", ".join(f"{p / o:.2f}" for p, o in zip(runs["kd plan"], runs["ORT (kd)"]))
+print(f"{model_name} batch {batch:2} ({threads} threads, {gflop:.2f} GFLOP/image, GEMM peak {peak:.0f} GFLOP/s), "
+      f"images/s, median of {rounds} rounds: kd plan {rate(med['kd plan'])} | kd forward {med['kd forward']:.1f} | "
+      f"ORT on kd's ONNX {rate(med['ORT (kd)'])} | ORT on PyTorch's ONNX {med['ORT (torch)']:.1f} | "
+      f"PyTorch eager {med['eager']:.1f} "
+      f"|| kd / ORT(kd) {med['kd plan'] / med['ORT (kd)']:.2f}x (rounds: {per_round}), "
+      f"kd / ORT(torch) {med['kd plan'] / med['ORT (torch)']:.2f}x, "
+      f"kd / eager {med['kd plan'] / med['eager']:.2f}x, plan / forward {med['kd plan'] / med['kd forward']:.2f}x")
 PY
   done
 done

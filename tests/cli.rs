@@ -567,8 +567,12 @@ fn bench_reports_speed_and_memory_for_every_mode() {
     let steps = r["steps"].as_array().unwrap();
     let described = |s: &serde_json::Value| s["step"].as_str().unwrap().to_string();
     assert!(
-        described(&steps[0]).starts_with("conv 3x3/1 3->2 32x32->32x32"),
-        "the small stem first: {r}"
+        described(&steps[0]).starts_with("input NCHW->NHWC 3 32x32"),
+        "the input's conversion first: {r}"
+    );
+    assert!(
+        described(&steps[1]).starts_with("conv 3x3/1 3->2 32x32->32x32"),
+        "then the small stem: {r}"
     );
     assert!(
         described(steps.last().unwrap()).starts_with("linear"),

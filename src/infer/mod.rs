@@ -99,14 +99,17 @@ impl Plan {
     }
 
     /// The mean time of each step per run since [`Plan::profile_steps`], summed over the
-    /// workers where images run in parallel.
+    /// workers where images run in parallel; first the input's conversion to NHWC.
     pub fn step_times(&self) -> Option<Vec<StepTime>> {
         let runs = self.runs?.max(1) as f64;
-        let steps = self.program.steps.iter().enumerate();
+        let [h, w, c] = self.program.input_shape;
+        let names = std::iter::once(format!("input NCHW->NHWC {c} {h}x{w}"))
+            .chain(self.program.steps.iter().map(compile::Step::describe));
         Some(
-            steps
+            names
+                .enumerate()
                 .map(|(s, step)| StepTime {
-                    step: step.describe(),
+                    step,
                     seconds: self
                         .workers
                         .iter()
@@ -164,7 +167,7 @@ impl Plan {
             w.buffers
                 .resize_with(self.program.buffers, Aligned::default);
             if profiling {
-                w.times.resize(self.program.steps.len(), 0.0);
+                w.times.resize(self.program.steps.len() + 1, 0.0);
             }
         }
         let program = &self.program;
@@ -198,7 +201,7 @@ impl Plan {
     }
 
     /// The steps of `program` on `images`, into `buffers`; each step's seconds added to
-    /// `times` when given.
+    /// `times` when given (the input's conversion first).
     fn execute(
         program: &Program,
         buffers: &mut [Aligned],
@@ -210,11 +213,15 @@ impl Plan {
         if batch == 0 {
             return;
         }
+        let start = times.is_some().then(std::time::Instant::now);
         to_nhwc(
             images,
             [c, h * w],
             buffers[program.input].grown(images.len()),
         );
+        if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+            times[0] += start.elapsed().as_secs_f64();
+        }
         for (s, step) in program.steps.iter().enumerate() {
             let start = times.is_some().then(std::time::Instant::now);
             let [oh, ow, oc] = step.output_shape;
@@ -249,7 +256,7 @@ impl Plan {
             }
             buffers[step.output] = buffer;
             if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
-                times[s] += start.elapsed().as_secs_f64();
+                times[s + 1] += start.elapsed().as_secs_f64();
             }
         }
     }
@@ -273,17 +280,41 @@ impl Plan {
     }
 }
 
-/// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC).
+/// `x [b, c, pixels]` (NCHW) as `out [b, pixels, c]` (NHWC), in blocks of pixels across
+/// the threads.
 fn to_nhwc(x: &[f32], [c, pixels]: [usize; 2], out: &mut [f32]) {
+    /// Pixels per task.
+    const BLOCK: usize = 4096;
     out.par_chunks_mut(c * pixels)
         .zip(x.par_chunks(c * pixels))
         .for_each(|(out, x)| {
-            for (p, out) in out.chunks_exact_mut(c).enumerate() {
-                for (ch, o) in out.iter_mut().enumerate() {
-                    *o = x[ch * pixels + p];
-                }
-            }
+            out.par_chunks_mut(c * BLOCK)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let p0 = block * BLOCK;
+                    match c {
+                        3 => pixels_to_nhwc::<3>(x, pixels, p0, out),
+                        _ => {
+                            for (p, out) in out.chunks_exact_mut(c).enumerate() {
+                                for (ch, o) in out.iter_mut().enumerate() {
+                                    *o = x[ch * pixels + p0 + p];
+                                }
+                            }
+                        }
+                    }
+                });
         });
+}
+
+/// [`to_nhwc`] of the pixels from `p0` of one image of `C` channels.
+fn pixels_to_nhwc<const C: usize>(x: &[f32], pixels: usize, p0: usize, out: &mut [f32]) {
+    let n = out.len() / C;
+    let planes: [&[f32]; C] = std::array::from_fn(|ch| &x[ch * pixels + p0..][..n]);
+    for (p, out) in out.chunks_exact_mut(C).enumerate() {
+        for (o, plane) in out.iter_mut().zip(&planes) {
+            *o = plane[p];
+        }
+    }
 }
 
 /// A finished network's logits: through its [`Plan`] where one applies (f32 on the CPU, a
