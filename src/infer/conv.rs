@@ -28,8 +28,10 @@ const COL_ALIGN: usize = 16;
 const FEW_ROWS: usize = 64;
 /// ... and a depth at most this (its column panel of the weights then stays in cache).
 const FEW_ROWS_DEPTH: usize = 1024;
-/// Its column blocks are a multiple of its register tile.
+/// Its column blocks are a multiple of its register tile's columns...
 const FEW_ROWS_COLS: usize = 64;
+/// ... and its row tiles at least its rows.
+const ROWS_TILE: usize = 4;
 /// Fewest 2x2 tiles for which a 3x3 convolution goes through Winograd's transform. Its
 /// weights are 16/9 the size of the direct ones and each is used once per tile: with fewer
 /// tiles (one image's 7x7 maps have 16) reading them costs more than the products saved.
@@ -240,22 +242,25 @@ impl Conv {
         assert_eq!(out.len(), m * n, "convolution output size");
         assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
         let threads = rayon::current_num_threads();
+        // The few-rows product (few rows, or weights laid out for it) packs nothing, so its
+        // row tiles may be as short as its register tile.
+        let few = (m <= FEW_ROWS && k <= FEW_ROWS_DEPTH) || self.layout != Layout::row_major(n);
+        let min_rows = if few { ROWS_TILE } else { MIN_ROWS };
         // Row tiles: about COL_TILE floats of im2col each and at least one per thread, of at
-        // least MIN_ROWS rows (fewer only when the whole product has fewer), a multiple of
+        // least `min_rows` rows (fewer only when the whole product has fewer), a multiple of
         // the threads. Whole rows keep one epilogue call per tile.
         let mut tiles = (m * k)
             .div_ceil(COL_TILE)
             .max(threads)
-            .min(m.div_ceil(MIN_ROWS))
+            .min(m.div_ceil(min_rows))
             .max(1);
         if tiles > 1 {
             tiles = tiles.next_multiple_of(threads);
         }
         let rows = m.div_ceil(tiles);
         let tiles = m.div_ceil(rows);
-        // Too few row tiles for the threads (one image, small feature maps): split the
-        // output channels too.
-        let few = (m <= FEW_ROWS && k <= FEW_ROWS_DEPTH) || self.layout != Layout::row_major(n);
+        // Too few row tiles for the threads (one image's pooled features): split the output
+        // channels too.
         let align = if few { FEW_ROWS_COLS } else { COL_ALIGN };
         let blocks = if tiles < threads {
             (threads / tiles).min(n.div_ceil(align)).max(1)
