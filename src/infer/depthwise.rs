@@ -139,7 +139,7 @@ fn row(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Act;
+    use super::{Act, Window};
 
     /// Most kernel rows the vector path takes (taller kernels take the portable one).
     pub(super) const MAX_ROWS: usize = 8;
@@ -244,16 +244,12 @@ mod avx512 {
         }
         // SAFETY: the sizes asserted; the windows of columns lo..hi lie inside the row
         // (the caller's `Window::inside_columns`), the others are checked.
-        unsafe {
-            let mut ox = 0;
-            while ox < wo {
-                if ox >= lo && ox + 8 <= hi {
-                    pixels::<8, false>(&r, ox, 8);
-                    ox += 8;
+        for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
+            unsafe {
+                if inside {
+                    pixels::<8, false>(&r, ox, n);
                 } else {
-                    let n = if ox < lo { lo - ox } else { wo - ox }.min(8);
                     pixels::<8, true>(&r, ox, n);
-                    ox += n;
                 }
             }
         }

@@ -74,7 +74,7 @@ impl Direct<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Direct;
+    use super::{Direct, Window};
 
     /// Lane masks of the `Q` output vectors of `cout` channels.
     fn masks<const Q: usize>(cout: usize) -> [u16; Q] {
@@ -134,33 +134,6 @@ mod avx512 {
         }
     }
 
-    /// The pixels of one output row, eight at a time.
-    #[inline(always)]
-    unsafe fn pixels_of_row<const Q: usize>(
-        lines: &[Option<&[f32]>],
-        d: &Direct,
-        w: usize,
-        (lo, hi): (usize, usize),
-        out: &mut [f32],
-    ) {
-        let wo = out.len() / d.cout;
-        let dst = out.as_mut_ptr();
-        let mut ox = 0;
-        // SAFETY: the caller's (`row`).
-        unsafe {
-            while ox < wo {
-                if ox >= lo && ox + 8 <= hi {
-                    pixels::<Q, false>(lines, d, w, (ox, 8), dst);
-                    ox += 8;
-                } else {
-                    let n = if ox < lo { lo - ox } else { wo - ox }.min(8);
-                    pixels::<Q, true>(lines, d, w, (ox, n), dst);
-                    ox += n;
-                }
-            }
-        }
-    }
-
     /// One output row `out [wo, O]` from the input lines of the kernel rows (`None` in the
     /// padding), then the activation.
     ///
@@ -184,12 +157,17 @@ mod avx512 {
                 && hi <= wo
                 && d.cout <= 32
         );
-        // SAFETY: the caller's, and the sizes asserted.
-        unsafe {
-            if d.cout <= 16 {
-                pixels_of_row::<1>(lines, d, w, (lo, hi), out);
-            } else {
-                pixels_of_row::<2>(lines, d, w, (lo, hi), out);
+        let dst = out.as_mut_ptr();
+        // SAFETY: the caller's (the windows of columns lo..hi lie inside the row), and the
+        // sizes asserted.
+        for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
+            unsafe {
+                match (d.cout <= 16, inside) {
+                    (true, true) => pixels::<1, false>(lines, d, w, (ox, n), dst),
+                    (true, false) => pixels::<1, true>(lines, d, w, (ox, n), dst),
+                    (false, true) => pixels::<2, false>(lines, d, w, (ox, n), dst),
+                    (false, false) => pixels::<2, true>(lines, d, w, (ox, n), dst),
+                }
             }
         }
         super::super::pointwise::apply_slice(d.act, out);

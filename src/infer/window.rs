@@ -49,6 +49,31 @@ impl Window {
         (lo, hi.max(lo))
     }
 
+    /// The output columns of a row of `wo` in groups of at most `size`: `(first, count,
+    /// inside)`, `inside` for a group of `size` whose windows all lie inside the input row
+    /// (columns `lo..hi` of [`Window::inside_columns`]); the groups before `lo` and from
+    /// the last inside one on are checked by the kernels, column by column.
+    pub fn groups(
+        wo: usize,
+        (lo, hi): (usize, usize),
+        size: usize,
+    ) -> impl Iterator<Item = (usize, usize, bool)> {
+        let mut ox = 0;
+        std::iter::from_fn(move || {
+            if ox >= wo {
+                return None;
+            }
+            let group = if ox >= lo && ox + size <= hi {
+                (ox, size, true)
+            } else {
+                let end = if ox < lo { lo } else { wo };
+                (ox, (end - ox).min(size), false)
+            };
+            ox += group.1;
+            Some(group)
+        })
+    }
+
     /// `f(lines, out_row)` for every output row of `out` (`ho` rows of `row_len` floats
     /// per image), in parallel: `lines[ky]` is the input line of `x [b, h, w, C]` that
     /// kernel row `ky` reads, `None` in the padding.
