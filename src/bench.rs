@@ -134,7 +134,7 @@ pub struct BenchResult {
     pub threads: usize,
     /// With --profile: each step of kd's inference plan, its mean time per batch.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps: Option<Vec<crate::infer::StepTime>>,
+    pub profile: Option<crate::infer::Profile>,
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
@@ -398,7 +398,7 @@ fn bench_model(a: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: memory.mib(),
         threads: rayon::current_num_threads(),
-        steps: plan.as_ref().and_then(crate::infer::Plan::step_times),
+        profile: plan.as_ref().and_then(crate::infer::Plan::profile),
     })
 }
 
@@ -453,6 +453,6 @@ fn bench_pipeline(a: &BenchOptions, dir: &std::path::Path) -> Result<BenchResult
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: None,
         threads: rayon::current_num_threads(),
-        steps: None,
+        profile: None,
     })
 }

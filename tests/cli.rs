@@ -554,7 +554,7 @@ fn bench_reports_speed_and_memory_for_every_mode() {
             .collect();
         let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
         assert!(r["what"].as_str().unwrap().ends_with(what), "{r}");
-        assert!(r["steps"].is_null(), "no profile unless asked: {r}");
+        assert!(r["profile"].is_null(), "no profile unless asked: {r}");
     }
     // --profile: each step of the plan, with its time per batch; only where the plan runs.
     let args: Vec<&str> = ["bench"]
@@ -564,7 +564,8 @@ fn bench_reports_speed_and_memory_for_every_mode() {
         .copied()
         .collect();
     let r: serde_json::Value = serde_json::from_str(&kd_ok(&args)).unwrap();
-    let steps = r["steps"].as_array().unwrap();
+    let steps = r["profile"]["steps"].as_array().unwrap();
+    assert!(r["profile"]["workers"].as_u64().unwrap() >= 1, "{r}");
     let described = |s: &serde_json::Value| s["step"].as_str().unwrap().to_string();
     assert!(
         described(&steps[0]).starts_with("input NCHW->NHWC 3 32x32"),

@@ -40,9 +40,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.device,
         r.precision,
     );
-    if let Some(steps) = &r.steps {
+    if let Some(profile) = &r.profile {
+        let steps = &profile.steps;
         let total: f64 = steps.iter().map(|s| s.seconds).sum();
-        println!("{:>4}  {:>9}  {:>6}  step", "#", "ms/batch", "share");
+        let unit = if profile.workers > 1 {
+            "thread-ms/batch"
+        } else {
+            "ms/batch"
+        };
+        println!("{:>4}  {unit:>9}  {:>6}  step", "#", "share");
         for (i, s) in steps.iter().enumerate() {
             println!(
                 "{i:>4}  {:>9.3}  {:>5.1}%  {}",
@@ -52,6 +58,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
         println!("{:>4}  {:>9.3}  100.0%  all steps", "", total * 1e3);
+        if profile.workers > 1 {
+            println!(
+                "(the batch ran in chunks of images on {} workers: each row adds up their time)",
+                profile.workers
+            );
+        }
     }
     Ok(())
 }

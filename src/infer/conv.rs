@@ -216,6 +216,12 @@ impl Conv {
     /// `out = act(conv(x) + bias (+ residual))` for `x [b, h, w, C]` (NHWC), `out` and
     /// `residual` `[b, ho, wo, O]`.
     pub fn run(&self, x: &[f32], [b, h, w]: [usize; 3], residual: Option<&[f32]>, out: &mut [f32]) {
+        let [ho, wo] = self.out_size(h, w);
+        let (m, k, n) = (b * ho * wo, self.depth(), self.cout);
+        // The kernels write through raw pointers: the sizes are checked in every build.
+        assert_eq!(x.len(), b * h * w * self.cin, "convolution input size");
+        assert_eq!(out.len(), m * n, "convolution output size");
+        assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
         if residual.is_none()
             && self.layout == Layout::row_major(self.cout)
             && direct::applies(self.cin, self.cout)
@@ -235,12 +241,6 @@ impl Conv {
         {
             return winograd.run(x, [b, h, w], &self.bias, residual, self.act, out);
         }
-        let [ho, wo] = self.out_size(h, w);
-        let (m, k, n) = (b * ho * wo, self.depth(), self.cout);
-        // The tasks below write through raw pointers: the sizes are checked in every build.
-        assert_eq!(x.len(), b * h * w * self.cin, "convolution input size");
-        assert_eq!(out.len(), m * n, "convolution output size");
-        assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
         let threads = rayon::current_num_threads();
         // The few-rows product (few rows, or weights laid out for it) packs nothing, so its
         // row tiles may be as short as its register tile.

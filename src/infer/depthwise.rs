@@ -132,9 +132,9 @@ fn row(
 
 /// Depthwise rows with AVX-512: eight output pixels at a time, channel block by channel
 /// block (16 lanes, the last masked) within them, the eight sums in registers and each
-/// tap's weights loaded once for the eight; the pixels whose window crosses the left or
-/// right border one at a time. The eight pixels' input stays in the L1 cache across the
-/// channel blocks.
+/// tap's weights loaded once for the eight; in the groups whose windows cross the left or
+/// right border, each column is checked. The eight pixels' input stays in the L1 cache
+/// across the channel blocks.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;

@@ -59,7 +59,8 @@ impl Direct<'_> {
             |lines, out| {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has AVX-512F (`applies`); the columns inside come from
-                // the window's geometry; `row` checks the sizes it relies on.
+                // the window's geometry; the weights and bias are checked above, `row`
+                // checks the lines and the output row.
                 unsafe {
                     avx512::row(lines, self, w, inside, out)
                 }

@@ -3,8 +3,9 @@
 //! bias, residual addition and activation, no autodiff bookkeeping, and buffers that live
 //! from one batch to the next. `kd predict` and `kd bench --mode eval` use it for f32 on the
 //! CPU; a network with a layer it does not cover (CoAtNet's attention) keeps Burn's forward.
-//! A batch of one runs each step across the threads; a larger batch runs in chunks of
-//! images, one worker per thread, each with its own buffers (`Plan::chunk`).
+//! A batch of one, or any batch on one thread, runs each step across the threads; a larger
+//! batch on several threads runs in chunks of images, one worker per thread, each with its
+//! own buffers (`Plan::chunk`).
 //!
 //! The kernels work on plain slices rather than as Burn operations so that a value can be
 //! written into a buffer that a dead one left (a Burn operation allocates its output); their
@@ -47,6 +48,8 @@ pub struct Plan {
     logits: Vec<f32>,
     /// Runs since profiling began; `None` without profiling.
     runs: Option<usize>,
+    /// Most workers of a profiled run.
+    profiled_workers: usize,
 }
 
 /// The buffers of one worker, and with profiling the seconds spent in each step.
@@ -56,7 +59,19 @@ struct Worker {
     times: Vec<f64>,
 }
 
-/// Mean time of one step of a [`Plan`] per run (`kd bench --profile`).
+/// Where the time of a [`Plan`]'s runs went (`kd bench --profile`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Profile {
+    /// Workers that ran a batch's images in parallel chunks; 1 where each step was split
+    /// across the threads instead. With several, a step's time adds up the workers' (thread
+    /// time, not wall time), and a worker that waits inside a step may run part of another
+    /// worker's step meanwhile.
+    pub workers: usize,
+    /// Each step's mean time per run, the input's conversion to NHWC first.
+    pub steps: Vec<StepTime>,
+}
+
+/// Mean time of one step of a [`Plan`] per run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepTime {
     /// What the step computes: its operation, shapes and fused activation.
@@ -87,38 +102,41 @@ impl Plan {
             logits: Vec::new(),
             program,
             runs: None,
+            profiled_workers: 0,
         })
     }
 
     /// Times every step of the runs from now on (a clock read per step).
     pub fn profile_steps(&mut self) {
         self.runs = Some(0);
+        self.profiled_workers = 0;
         for w in &mut self.workers {
             w.times.fill(0.0);
         }
     }
 
-    /// The mean time of each step per run since [`Plan::profile_steps`], summed over the
-    /// workers where images run in parallel; first the input's conversion to NHWC.
-    pub fn step_times(&self) -> Option<Vec<StepTime>> {
+    /// The mean time of each step per run since [`Plan::profile_steps`].
+    pub fn profile(&self) -> Option<Profile> {
         let runs = self.runs?.max(1) as f64;
         let [h, w, c] = self.program.input_shape;
         let names = std::iter::once(format!("input NCHW->NHWC {c} {h}x{w}"))
             .chain(self.program.steps.iter().map(compile::Step::describe));
-        Some(
-            names
-                .enumerate()
-                .map(|(s, step)| StepTime {
-                    step,
-                    seconds: self
-                        .workers
-                        .iter()
-                        .filter_map(|w| w.times.get(s))
-                        .sum::<f64>()
-                        / runs,
-                })
-                .collect(),
-        )
+        let steps = names
+            .enumerate()
+            .map(|(s, step)| StepTime {
+                step,
+                seconds: self
+                    .workers
+                    .iter()
+                    .filter_map(|w| w.times.get(s))
+                    .sum::<f64>()
+                    / runs,
+            })
+            .collect();
+        Some(Profile {
+            workers: self.profiled_workers.max(1),
+            steps,
+        })
     }
 
     /// Images per chunk of a batch of `batch` on `threads` threads, or `None` to run the
@@ -160,6 +178,9 @@ impl Plan {
         let chunk = self.chunk(batch, threads);
         let workers = chunk.map_or(1, |chunk| threads.min(batch.div_ceil(chunk)));
         let profiling = self.runs.is_some();
+        if profiling {
+            self.profiled_workers = self.profiled_workers.max(workers);
+        }
         while self.workers.len() < workers {
             self.workers.push(Worker::default());
         }
