@@ -15,11 +15,10 @@ const MAX_OUT: usize = 32;
 /// Whether the direct path serves a convolution of `cin` → `cout` channels on this CPU.
 pub fn applies(cin: usize, cout: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if cin <= MAX_IN && cout <= MAX_OUT {
-        return std::arch::is_x86_feature_detected!("avx512f");
-    }
-    let _ = (cin, cout);
-    false
+    let vectors = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vectors = false;
+    cin <= MAX_IN && cout <= MAX_OUT && vectors
 }
 
 /// The convolution's operands: weights `[kh·kw·C, O]` (rows in (ky, kx, c) order), bias,
@@ -65,7 +64,10 @@ impl Direct<'_> {
                     avx512::row(lines, self, w, inside, out)
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("{lines:?} {out:?}")
+                {
+                    let _ = (lines, out);
+                    unreachable!("the direct path applies only with AVX-512")
+                }
             },
         );
     }
