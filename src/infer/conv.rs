@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::aligned::Aligned;
 use super::direct::{self, Direct};
-use super::pointwise::{Act, finish, finish_rows};
+use super::pointwise::{Act, finish_rows};
 use super::rows::{Layout, gemm_rows, to_panels};
 use super::window::Window;
 use super::winograd::Winograd;
@@ -323,7 +323,8 @@ impl Conv {
                     finish_rows(tile, &self.bias, residual, self.act);
                 } else {
                     for r in r0..r1 {
-                        finish(tile_out(r), &self.bias[c0..c1], residual_row(r), self.act);
+                        let bias = &self.bias[c0..c1];
+                        finish_rows(tile_out(r), bias, residual_row(r), self.act);
                     }
                 }
             });

@@ -42,7 +42,8 @@ pub(super) fn apply_slice(act: Act, x: &mut [f32]) {
 
 dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
 
-/// [`finish`], inlined into a caller already compiled for the CPU's vectors.
+/// `out = act(out + bias (+ residual))` on one row of output channels after its product,
+/// inlined into a caller already compiled for the CPU's vectors.
 #[inline(always)]
 pub(super) fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
     match residual {
@@ -53,13 +54,6 @@ pub(super) fn finish_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32
         None => out.iter_mut().zip(bias).for_each(|(o, b)| *o += b),
     }
     apply_slice(act, out);
-}
-
-dispatch_simd!(finish_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) => finish_slice(out, bias, residual, act));
-
-/// `out = act(out + bias (+ residual))`: a row of output channels after its product.
-pub fn finish(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
-    finish_simd(out, bias, residual, act);
 }
 
 #[inline(always)]
@@ -78,8 +72,9 @@ fn finish_rows_slice(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, ac
 
 dispatch_simd!(finish_rows_simd(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) => finish_rows_slice(out, bias, residual, act));
 
-/// [`finish`] on whole rows, `out [rows, bias.len()]` (and the residual alike): one call
-/// for a tile of narrow rows, which one call per row would cost more than the work.
+/// `out = act(out + bias (+ residual))` on rows of output channels after their product,
+/// `out [rows, bias.len()]` (and the residual alike): one call for a whole tile of narrow
+/// rows, which one call per row would cost more than the work.
 pub fn finish_rows(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
     assert!(out.len().is_multiple_of(bias.len().max(1)));
     assert!(residual.is_none_or(|r| r.len() == out.len()));
