@@ -316,36 +316,25 @@ impl Depthwise {
     /// `out [b, ho, wo, C] = act(depthwise(x) + bias)` for `x [b, h, w, C]`.
     pub fn run(&self, x: &[f32], dims: [usize; 3], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && self.window.kernel[0] <= avx512::MAX_ROWS
-        {
-            let [_, h, w] = dims;
-            let c = self.channels;
-            let [ho, wo] = self.out_size(h, w);
-            let inside = self.window.inside_columns(w, wo);
-            let dims = (
-                w,
-                c,
-                self.window.kernel[1],
-                self.window.stride[1],
-                self.window.pads[1],
-            );
-            return self
-                .window
-                .rows(x, [h, w, c], [ho, wo * c], out, |lines, out| {
-                    // SAFETY: the CPU has AVX-512F; `row` checks the sizes it relies on.
-                    unsafe {
-                        avx512::row(lines, &self.weight, &self.bias, dims, inside, self.act, out)
-                    }
-                });
-        }
-        self.run_portable(x, dims, out);
+        let vectors = std::arch::is_x86_feature_detected!("avx512f")
+            && self.window.kernel[0] <= avx512::MAX_ROWS;
+        #[cfg(not(target_arch = "x86_64"))]
+        let vectors = false;
+        self.run_on(x, dims, out, vectors);
     }
 
-    /// [`Depthwise::run`] without the CPU's vector path.
-    pub(super) fn run_portable(&self, x: &[f32], [_, h, w]: [usize; 3], out: &mut [f32]) {
+    /// [`Depthwise::run`] without the CPU's vector path (its tests on any CPU).
+    #[cfg(test)]
+    pub(super) fn run_portable(&self, x: &[f32], dims: [usize; 3], out: &mut [f32]) {
+        self.run_on(x, dims, out, false);
+    }
+
+    /// [`Depthwise::run`] row by row, through the AVX-512 rows where `vectors` (the CPU has
+    /// them, the kernel is at most `MAX_ROWS` tall), else the portable ones.
+    fn run_on(&self, x: &[f32], [_, h, w]: [usize; 3], out: &mut [f32], vectors: bool) {
         let c = self.channels;
         let [ho, wo] = self.out_size(h, w);
+        let inside = self.window.inside_columns(w, wo);
         let along = match &self.along_row {
             Some((width, along)) if *width == wo => Some(along.as_slice()),
             _ => None,
@@ -359,6 +348,15 @@ impl Depthwise {
         );
         self.window
             .rows(x, [h, w, c], [ho, wo * c], out, |lines, out| {
+                #[cfg(target_arch = "x86_64")]
+                if vectors {
+                    // SAFETY: `vectors` says the CPU has AVX-512F; the columns inside come
+                    // from the window's geometry; `row` checks the sizes it relies on.
+                    return unsafe {
+                        avx512::row(lines, &self.weight, &self.bias, dims, inside, self.act, out)
+                    };
+                }
+                let _ = (vectors, inside); // used by the vector path only
                 row_simd(lines, &self.weight, along, &self.bias, dims, self.act, out)
             });
     }
