@@ -191,11 +191,15 @@ impl Conv {
     /// product, its weights laid out once in the column panels it streams.
     pub fn for_output(&mut self, pixels: usize) {
         let k = self.depth();
-        if pixels <= FEW_ROWS && k <= FEW_ROWS_DEPTH && self.layout == Layout::row_major(self.cout)
-        {
+        if pixels <= FEW_ROWS && k <= FEW_ROWS_DEPTH && !self.in_panels() {
             self.weight = to_panels(&self.weight, k, self.cout).into();
             self.layout = Layout::panels(k);
         }
+    }
+
+    /// Whether the weights are laid out in the few-rows product's column panels.
+    fn in_panels(&self) -> bool {
+        self.layout != Layout::row_major(self.cout)
     }
 
     /// The GEMM's summed dimension, `kh·kw·C`.
@@ -222,10 +226,7 @@ impl Conv {
         assert_eq!(x.len(), b * h * w * self.cin, "convolution input size");
         assert_eq!(out.len(), m * n, "convolution output size");
         assert!(residual.is_none_or(|r| r.len() == m * n), "residual size");
-        if residual.is_none()
-            && self.layout == Layout::row_major(self.cout)
-            && direct::applies(self.cin, self.cout)
-        {
+        if residual.is_none() && !self.in_panels() && direct::applies(self.cin, self.cout) {
             let direct = Direct {
                 weight: &self.weight,
                 bias: &self.bias,
@@ -244,7 +245,7 @@ impl Conv {
         let threads = rayon::current_num_threads();
         // The few-rows product (few rows, or weights laid out for it) packs nothing, so its
         // row tiles may be as short as its register tile.
-        let few = (m <= FEW_ROWS && k <= FEW_ROWS_DEPTH) || self.layout != Layout::row_major(n);
+        let few = (m <= FEW_ROWS && k <= FEW_ROWS_DEPTH) || self.in_panels();
         let min_rows = if few { ROWS_TILE } else { MIN_ROWS };
         // Row tiles: about COL_TILE floats of im2col each and at least one per thread, of at
         // least `min_rows` rows (fewer only when the whole product has fewer), a multiple of
