@@ -5,7 +5,8 @@
 //! product of `rows.rs`; then one pass over the tile, still in cache, adds the
 //! (BatchNorm-folded) bias and the fused residual and applies the activation. 3x3 stride-1
 //! convolutions with enough tiles go through Winograd's transform (`winograd.rs`), and a
-//! first layer on the image's few channels is summed directly (`direct.rs`).
+//! first layer on the image's few channels is summed directly (`direct.rs`). With AVX-512, a
+//! 1x1 convolution read in place goes through `narrow.rs`, its epilogue in registers.
 
 use std::cell::RefCell;
 
@@ -13,6 +14,8 @@ use rayon::prelude::*;
 
 use super::aligned::Aligned;
 use super::direct::{self, Direct};
+#[cfg(target_arch = "x86_64")]
+use super::narrow;
 use super::pointwise::{Act, finish_rows};
 use super::rows::{Layout, gemm_rows, to_panels};
 use super::window::Window;
@@ -207,6 +210,15 @@ impl Conv {
         self.window.kernel[0] * self.window.kernel[1] * self.cin
     }
 
+    /// Whether the product goes through the unpacked kernel of `narrow.rs`: a 1x1
+    /// convolution read in place, on a CPU with AVX-512.
+    fn narrow(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.reads_input_directly() && !self.in_panels() && narrow::applies(self.depth());
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// Whether the input already is the GEMM's left operand (1x1, stride 1, no padding).
     fn reads_input_directly(&self) -> bool {
         let Window {
@@ -270,6 +282,8 @@ impl Conv {
         };
         let cols = n.div_ceil(blocks).next_multiple_of(align).min(n);
         let blocks = n.div_ceil(cols);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+        let narrow = blocks == 1 && !few && self.narrow();
         let dst = Out::new(out);
         (0..tiles * blocks).into_par_iter().for_each(|task| {
             let (tile, block) = (task / blocks, task % blocks);
@@ -277,6 +291,24 @@ impl Conv {
             let r1 = (r0 + rows).min(m);
             let c0 = block * cols;
             let c1 = (c0 + cols).min(n);
+            #[cfg(target_arch = "x86_64")]
+            if narrow {
+                let residual = residual.map(|res| &res[r0 * n..r1 * n]);
+                // SAFETY: `narrow` holds only where the CPU has AVX-512F; this task alone
+                // writes rows r0..r1 of `out`, which has m × n elements.
+                unsafe {
+                    narrow::run(
+                        (r1 - r0, n, k),
+                        &x[r0 * k..r1 * k],
+                        &self.weight,
+                        &self.bias,
+                        residual,
+                        self.act,
+                        dst.at(r0 * n),
+                    )
+                };
+                return;
+            }
             COL.with_borrow_mut(|col| {
                 let lhs: &[f32] = if self.reads_input_directly() {
                     &x[r0 * k..r1 * k]

@@ -1,7 +1,6 @@
 //! The inference plan's kernels against Burn's operations: convolutions (Winograd, im2col
-//! GEMM, the few-rows product, 1x1 read in place, direct on few channels) with bias,
-//! residual and ReLU; depthwise
-//! convolutions; max pooling. Odd sizes, strides, paddings, batches of several images.
+//! GEMM, the few-rows product, 1x1 read in place by the narrow product or the GEMM, direct
+//! on few channels) with bias, residual and ReLU; depthwise convolutions; max pooling. Odd sizes, strides, paddings, batches of several images.
 
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
@@ -47,7 +46,9 @@ fn convolutions_match_burn() {
         (4, 8, 12, 6, 6, 1, 2, 0, true), // 1x1 downsample, stride 2
         (5, 6, 70, 8, 10, 3, 2, 1, false), // stride 2 on odd widths, masked columns
         (1, 24, 40, 13, 13, 1, 1, 0, true), // 1x1 read in place, few rows
-        (2, 16, 32, 40, 40, 1, 1, 0, false), // 1x1 read in place, GEMM tiles
+        (2, 16, 32, 40, 40, 1, 1, 0, false), // 1x1 read in place, narrow (AVX-512) or GEMM
+        (3, 24, 72, 11, 9, 1, 1, 0, true), // narrow: 3 + 2 vectors, residual, partial tiles
+        (1, 2050, 16, 10, 10, 1, 1, 0, true), // 1x1 too deep for the narrow product: GEMM
         (1, 160, 200, 7, 7, 1, 1, 0, false), // one image's last map: columns split
         (3, 40, 70, 7, 7, 1, 1, 0, true), // small maps, many rows: panels, prepared
         (2, 2, 3, 5, 5, 5, 1, 0, false), // kernel as large as the image
