@@ -20,7 +20,7 @@ KD=${KD:-target/release/kd}
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-2}
 WORK=${WORK:-/tmp/kd-onnx-speed}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-20}  # batches of 16 images (batch 1 runs 16 times the steps)
 ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-resnet18}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
@@ -41,6 +41,10 @@ import json, statistics, subprocess, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 
 work, batch, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# STEPS batches of 16 images' worth at every batch size: a batch-1 timing of a few
+# milliseconds per step would otherwise last a fraction of a second, at the mercy of
+# whatever else runs on the machine in that moment.
+steps = max(1, steps * 16 // batch)
 model_name, kd, rounds = sys.argv[5], sys.argv[6], int(sys.argv[7])
 torch.set_num_threads(threads)
 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
