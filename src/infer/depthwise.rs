@@ -130,7 +130,8 @@ fn row(
     act.apply(out);
 }
 
-/// Depthwise rows with AVX-512: eight output pixels at a time, channel block by channel
+/// Depthwise rows with AVX-512: eight output pixels at a time (the rest of the inside ones
+/// by four, two and one), channel block by channel
 /// block (16 lanes, the last masked) within them, the eight sums in registers and each
 /// tap's weights loaded once for the eight; in the groups whose windows cross the left or
 /// right border, each column is checked. The eight pixels' input stays in the L1 cache
@@ -246,10 +247,13 @@ mod avx512 {
         // (the caller's `Window::inside_columns`), the others are checked.
         for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
             unsafe {
-                if inside {
-                    pixels::<8, false>(&r, ox, n);
-                } else {
-                    pixels::<8, true>(&r, ox, n);
+                match (inside, n) {
+                    (true, 8) => pixels::<8, false>(&r, ox, n),
+                    (true, 4) => pixels::<4, false>(&r, ox, n),
+                    (true, 2) => pixels::<2, false>(&r, ox, n),
+                    (true, _) => pixels::<1, false>(&r, ox, n),
+                    (false, 1..=2) => pixels::<2, true>(&r, ox, n),
+                    (false, _) => pixels::<8, true>(&r, ox, n),
                 }
             }
         }

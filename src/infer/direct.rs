@@ -164,6 +164,8 @@ mod avx512 {
         // SAFETY: the caller's (the windows of columns lo..hi lie inside the row), and the
         // sizes asserted.
         for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
+            // The unchecked path computes eight pixels: a shorter group is checked.
+            let inside = inside && n == 8;
             unsafe {
                 match (d.cout <= 16, inside) {
                     (true, true) => pixels::<1, false>(lines, d, w, (ox, n), dst),

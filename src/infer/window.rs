@@ -50,9 +50,11 @@ impl Window {
     }
 
     /// The output columns of a row of `wo` in groups of at most `size`: `(first, count,
-    /// inside)`, `inside` for a group of `size` whose windows all lie inside the input row
-    /// (columns `lo..hi` of [`Window::inside_columns`]); the groups before `lo` and from
-    /// the last inside one on are checked by the kernels, column by column.
+    /// inside)`. The columns `lo..hi` of [`Window::inside_columns`], whose windows lie
+    /// inside the input row, come as `inside` groups: of `size`, then the rest in halving
+    /// sizes (7 = 4 + 2 + 1 for `size` 8, a power of two), so that a kernel's fixed-width
+    /// paths take them unchecked; the columns before `lo` and from `hi` on come as groups
+    /// that the kernels check column by column.
     pub fn groups(
         wo: usize,
         (lo, hi): (usize, usize),
@@ -63,11 +65,18 @@ impl Window {
             if ox >= wo {
                 return None;
             }
-            let group = if ox >= lo && ox + size <= hi {
-                (ox, size, true)
+            let group = if ox < lo {
+                (ox, (lo - ox).min(size), false)
+            } else if ox < hi {
+                let left = hi - ox;
+                let n = if left >= size {
+                    size
+                } else {
+                    1 << left.ilog2()
+                };
+                (ox, n, true)
             } else {
-                let end = if ox < lo { lo } else { wo };
-                (ox, (end - ox).min(size), false)
+                (ox, (wo - ox).min(size), false)
             };
             ox += group.1;
             Some(group)
@@ -101,5 +110,43 @@ impl Window {
                 f(lines, out);
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Window;
+
+    /// The groups cover the row once, in order; inside groups lie in `lo..hi` and are
+    /// full or of halving sizes; checked ones lie outside it.
+    #[test]
+    fn groups_cover_the_row() {
+        for (wo, lo, hi) in [
+            (14, 1, 13),
+            (7, 2, 5),
+            (56, 1, 55),
+            (5, 0, 5),
+            (3, 2, 2),
+            (9, 0, 0),
+        ] {
+            let groups: Vec<_> = Window::groups(wo, (lo, hi), 8).collect();
+            let mut next = 0;
+            for &(ox, n, inside) in &groups {
+                assert_eq!(ox, next, "{groups:?}");
+                assert!(n > 0 && n <= 8, "{groups:?}");
+                if inside {
+                    assert!(
+                        ox >= lo && ox + n <= hi && n.is_power_of_two(),
+                        "{groups:?}"
+                    );
+                } else {
+                    assert!(ox + n <= lo || ox >= hi, "{groups:?}");
+                }
+                next = ox + n;
+            }
+            assert_eq!(next, wo, "{groups:?}");
+        }
+        let sizes: Vec<_> = Window::groups(14, (1, 13), 8).map(|g| g.1).collect();
+        assert_eq!(sizes, [1, 8, 4, 1]);
     }
 }
