@@ -57,11 +57,11 @@ unsafe fn activate(act: Act, v: __m512) -> __m512 {
     unsafe {
         match act {
             Act::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-            // As `pointwise::apply_slice`: `(x · clamp(x + 3, 0, 6)) / 6`.
+            // As `pointwise::apply_slice`: `x · clamp(x + 3, 0, 6) · (1/6)`.
             Act::Hardswish => {
                 let t = _mm512_add_ps(v, _mm512_set1_ps(3.0));
                 let t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(6.0));
-                _mm512_div_ps(_mm512_mul_ps(v, t), _mm512_set1_ps(6.0))
+                _mm512_mul_ps(_mm512_mul_ps(v, t), _mm512_set1_ps(1.0 / 6.0))
             }
             _ => v,
         }
