@@ -140,6 +140,7 @@ fn row(
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::pointwise::vector;
     use super::{Act, Window};
 
     /// Most kernel rows the vector path takes (taller kernels take the portable one).
@@ -155,6 +156,8 @@ mod avx512 {
         bias: *const f32,
         out: *mut f32,
         dims: (usize, usize, usize, usize, usize),
+        /// Applied in registers (`Identity` where it comes after the store).
+        act: Act,
     }
 
     /// Lanes of the channel block from `ch0`.
@@ -197,14 +200,16 @@ mod avx512 {
                     }
                 }
                 for (p, acc) in acc.iter().enumerate().take(n) {
-                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, *acc);
+                    let v = vector::activate(r.act, *acc);
+                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, v);
                 }
             }
         }
     }
 
     /// One output row `out [wo, C]` from the input lines `lines` (`kh ≤ MAX_ROWS` of them,
-    /// `None` in the padding), then the activation.
+    /// `None` in the padding), with the activation (in registers where
+    /// `pointwise::vector` has it, else after the row).
     ///
     /// # Safety
     /// The CPU has AVX-512F, and the windows of output columns `lo..hi` lie inside the
@@ -237,6 +242,11 @@ mod avx512 {
             bias: bias.as_ptr(),
             out: out.as_mut_ptr(),
             dims,
+            act: if vector::applies(act) {
+                act
+            } else {
+                Act::Identity
+            },
         };
         for (p, line) in r.lines.iter_mut().zip(lines) {
             if let Some(line) = line {
@@ -257,7 +267,9 @@ mod avx512 {
                 }
             }
         }
-        super::super::pointwise::apply_slice(act, out);
+        if !vector::applies(act) {
+            super::super::pointwise::apply_slice(act, out);
+        }
     }
 }
 

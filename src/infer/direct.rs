@@ -77,6 +77,7 @@ impl Direct<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::pointwise::vector;
     use super::{Direct, Window};
 
     /// Lane masks of the `Q` output vectors of `cout` channels.
@@ -129,16 +130,23 @@ mod avx512 {
                     }
                 }
             }
+            let act = if vector::applies(d.act) {
+                d.act
+            } else {
+                super::Act::Identity
+            };
             for (p, acc) in acc.iter().enumerate().take(n) {
                 for (q, acc) in acc.iter().enumerate() {
-                    _mm512_mask_storeu_ps(out.add((ox + p) * cout + 16 * q), m[q], *acc);
+                    let v = vector::activate(act, *acc);
+                    _mm512_mask_storeu_ps(out.add((ox + p) * cout + 16 * q), m[q], v);
                 }
             }
         }
     }
 
     /// One output row `out [wo, O]` from the input lines of the kernel rows (`None` in the
-    /// padding), then the activation.
+    /// padding), with the activation (in registers where
+    /// `pointwise::vector` has it, else after the row).
     ///
     /// # Safety
     /// The CPU has AVX-512F, and the windows of output columns `lo..hi` lie inside the
@@ -175,6 +183,8 @@ mod avx512 {
                 }
             }
         }
-        super::super::pointwise::apply_slice(d.act, out);
+        if !vector::applies(d.act) {
+            super::super::pointwise::apply_slice(d.act, out);
+        }
     }
 }

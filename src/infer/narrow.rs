@@ -11,6 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::pointwise::Act;
+use super::pointwise::vector::{activate, applies as in_registers};
 
 /// Floats of input per panel of rows (it stays in L1 across the column blocks).
 const PANEL_FLOATS: usize = 4096;
@@ -48,29 +49,6 @@ fn mask(n: usize, j: usize) -> u16 {
     } else {
         (1u16 << (n - j)) - 1
     }
-}
-
-/// `act(v)` for the activations applied in registers (the others after the store).
-#[inline(always)]
-unsafe fn activate(act: Act, v: __m512) -> __m512 {
-    // SAFETY: arithmetic on registers; the caller has AVX-512F.
-    unsafe {
-        match act {
-            Act::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
-            // As `pointwise::apply_slice`: `x · clamp(x + 3, 0, 6) · (1/6)`.
-            Act::Hardswish => {
-                let t = _mm512_add_ps(v, _mm512_set1_ps(3.0));
-                let t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(6.0));
-                _mm512_mul_ps(_mm512_mul_ps(v, t), _mm512_set1_ps(1.0 / 6.0))
-            }
-            _ => v,
-        }
-    }
-}
-
-/// Whether `act` is applied in registers.
-fn in_registers(act: Act) -> bool {
-    matches!(act, Act::Identity | Act::Relu | Act::Hardswish)
 }
 
 /// Rows `r0..r0 + N` × the `Q` vectors of columns from `j0`. (No closures: they would not

@@ -46,6 +46,41 @@ pub(super) fn apply_slice(act: Act, x: &mut [f32]) {
 
 dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
 
+/// The activations that AVX-512 kernels apply in registers, before their one store.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod vector {
+    use std::arch::x86_64::*;
+
+    use super::Act;
+
+    /// Whether `act` is applied in registers (the others by [`Act::apply`] after the
+    /// store).
+    pub fn applies(act: Act) -> bool {
+        matches!(act, Act::Identity | Act::Relu | Act::Hardswish)
+    }
+
+    /// `act(v)` where [`applies`] holds (else `v`), as `apply_slice` computes it.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub unsafe fn activate(act: Act, v: __m512) -> __m512 {
+        // SAFETY: arithmetic on registers; the caller has AVX-512F.
+        unsafe {
+            match act {
+                Act::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Act::Hardswish => {
+                    let t = _mm512_add_ps(v, _mm512_set1_ps(3.0));
+                    let t =
+                        _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(6.0));
+                    _mm512_mul_ps(_mm512_mul_ps(v, t), _mm512_set1_ps(1.0 / 6.0))
+                }
+                _ => v,
+            }
+        }
+    }
+}
+
 /// `out = act(out + bias (+ residual))` on one row of output channels after its product,
 /// inlined into a caller already compiled for the CPU's vectors.
 #[inline(always)]

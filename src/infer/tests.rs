@@ -118,12 +118,12 @@ fn depthwise_convolutions_match_burn() {
         let (x, weight, bias) = (random([b, c, h, w]), random([c, 1, k, k]), random([c]));
         let p = k / 2;
         let options = ConvOptions::new([s, s], [p, p], [1, 1], c);
-        let expected = nhwc(&conv2d(
+        let expected = nhwc(&burn::tensor::activation::relu(conv2d(
             x.clone(),
             weight.clone(),
             Some(bias.clone()),
             options,
-        ));
+        )));
         let mut conv = Depthwise::from_oihw(
             &floats(&weight),
             [c, 1, k, k],
@@ -131,6 +131,7 @@ fn depthwise_convolutions_match_burn() {
             [s, s],
             [p; 4],
         );
+        conv.act = Act::Relu;
         let what = format!("depthwise {b}x{c}x{h}x{w} k{k} s{s}");
         let mut out = vec![f32::NAN; expected.len()];
         conv.run(&nhwc(&x), [b, h, w], &mut out);
