@@ -160,16 +160,6 @@ mod avx512 {
         act: Act,
     }
 
-    /// Lanes of the channel block from `ch0`.
-    #[inline(always)]
-    fn mask(c: usize, ch0: usize) -> u16 {
-        if c - ch0 >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (c - ch0)) - 1
-        }
-    }
-
     /// Output pixels `ox..ox + n` (`n ≤ P`); with `CHECKED`, the kernel columns outside the
     /// input row are skipped, else every column lies inside it.
     #[inline(always)]
@@ -181,7 +171,7 @@ mod avx512 {
         // `n` are written.
         unsafe {
             for ch0 in (0..c).step_by(16) {
-                let m = mask(c, ch0);
+                let m = vector::lanes(c, ch0);
                 let mut acc = [_mm512_maskz_loadu_ps(m, r.bias.add(ch0)); P];
                 for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
                     if line.is_null() {

@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::pointwise::Act;
-use super::pointwise::vector::{activate, applies as in_registers};
+use super::pointwise::vector::{activate, applies as in_registers, lanes};
 
 /// Floats of input per panel of rows (it stays in L1 across the column blocks).
 const PANEL_FLOATS: usize = 4096;
@@ -41,16 +41,6 @@ struct Operands {
     act: Act,
 }
 
-/// The lanes of the vector of columns from `j` that lie below `n`.
-#[inline(always)]
-fn mask(n: usize, j: usize) -> u16 {
-    if n - j >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << (n - j)) - 1
-    }
-}
-
 /// Rows `r0..r0 + N` × the `Q` vectors of columns from `j0`. (No closures: they would not
 /// inherit the target feature.)
 #[allow(clippy::needless_range_loop)] // index loops over the register tile, unrolled
@@ -62,7 +52,7 @@ unsafe fn tile<const N: usize, const Q: usize>(o: Operands, r0: usize, j0: usize
     unsafe {
         let mut masks = [0u16; Q];
         for (q, m) in masks.iter_mut().enumerate() {
-            *m = mask(o.n, j0 + 16 * q);
+            *m = lanes(o.n, j0 + 16 * q);
         }
         // The residual arrives from a block's input, long out of cache: fetch it while the
         // sums run (a cache line per 16 floats).

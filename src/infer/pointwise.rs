@@ -46,7 +46,8 @@ pub(super) fn apply_slice(act: Act, x: &mut [f32]) {
 
 dispatch_simd!(apply_simd(act: Act, x: &mut [f32]) => apply_slice(act, x));
 
-/// The activations that AVX-512 kernels apply in registers, before their one store.
+/// What the AVX-512 kernels share: the activations they apply in registers before their
+/// one store, and the lane mask of a partial vector.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod vector {
     use std::arch::x86_64::*;
@@ -57,6 +58,16 @@ pub(super) mod vector {
     /// store).
     pub fn applies(act: Act) -> bool {
         matches!(act, Act::Identity | Act::Relu | Act::Hardswish)
+    }
+
+    /// The lanes of a vector of `len` values from `from` that lie below `len`.
+    #[inline(always)]
+    pub fn lanes(len: usize, from: usize) -> u16 {
+        if len - from >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (len - from)) - 1
+        }
     }
 
     /// `act(v)` where [`applies`] holds (else `v`), as `apply_slice` computes it.
