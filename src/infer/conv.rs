@@ -210,8 +210,9 @@ impl Conv {
         self.window.kernel[0] * self.window.kernel[1] * self.cin
     }
 
-    /// Whether the product goes through the unpacked kernel of `narrow.rs`: a 1x1
-    /// convolution read in place, on a CPU with AVX-512.
+    /// Whether the product may go through the unpacked kernel of `narrow.rs`: a 1x1
+    /// convolution read in place, of depth at most 2048, on a CPU with AVX-512 (`run`
+    /// takes it where the tiles are whole rows and not few).
     fn narrow(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return self.reads_input_directly() && !self.in_panels() && narrow::applies(self.depth());

@@ -88,17 +88,17 @@ mod avx512 {
         })
     }
 
-    /// Output pixels `ox..ox + n` (`n ≤ 8`) of one row into `out`; with `CHECKED`, the
-    /// kernel columns outside the input row are skipped, else all lie inside it.
+    /// Output pixels `ox..ox + n` (`n ≤ P`) of one row into `out`; with `CHECKED`, the
+    /// kernel columns outside the input row are skipped, else all lie inside it (and `n`
+    /// is `P`).
     #[inline(always)]
-    unsafe fn pixels<const Q: usize, const CHECKED: bool>(
+    unsafe fn pixels<const Q: usize, const P: usize, const CHECKED: bool>(
         lines: &[Option<&[f32]>],
         d: &Direct,
         w: usize,
         (ox, n): (usize, usize),
         out: *mut f32,
     ) {
-        const P: usize = 8;
         let (cin, cout) = (d.cin, d.cout);
         let kw = d.window.kernel[1];
         let (sw, pl) = (d.window.stride[1], d.window.pads[1]);
@@ -172,14 +172,18 @@ mod avx512 {
         // SAFETY: the caller's (the windows of columns lo..hi lie inside the row), and the
         // sizes asserted.
         for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
-            // The unchecked path computes eight pixels: a shorter group is checked.
-            let inside = inside && n == 8;
             unsafe {
-                match (d.cout <= 16, inside) {
-                    (true, true) => pixels::<1, false>(lines, d, w, (ox, n), dst),
-                    (true, false) => pixels::<1, true>(lines, d, w, (ox, n), dst),
-                    (false, true) => pixels::<2, false>(lines, d, w, (ox, n), dst),
-                    (false, false) => pixels::<2, true>(lines, d, w, (ox, n), dst),
+                match (d.cout <= 16, inside, n) {
+                    (true, true, 8) => pixels::<1, 8, false>(lines, d, w, (ox, n), dst),
+                    (true, true, 4) => pixels::<1, 4, false>(lines, d, w, (ox, n), dst),
+                    (true, true, 2) => pixels::<1, 2, false>(lines, d, w, (ox, n), dst),
+                    (true, true, _) => pixels::<1, 1, false>(lines, d, w, (ox, n), dst),
+                    (true, false, _) => pixels::<1, 8, true>(lines, d, w, (ox, n), dst),
+                    (false, true, 8) => pixels::<2, 8, false>(lines, d, w, (ox, n), dst),
+                    (false, true, 4) => pixels::<2, 4, false>(lines, d, w, (ox, n), dst),
+                    (false, true, 2) => pixels::<2, 2, false>(lines, d, w, (ox, n), dst),
+                    (false, true, _) => pixels::<2, 1, false>(lines, d, w, (ox, n), dst),
+                    (false, false, _) => pixels::<2, 8, true>(lines, d, w, (ox, n), dst),
                 }
             }
         }

@@ -4,8 +4,9 @@
 //! which for MobileNetV3's and EfficientNet's depths of 16–120 costs about as much as the
 //! product, and its register tile wastes lanes on 24 or 40 columns. Here the columns go in
 //! blocks of at most four vectors (72 = 3 + 2 vectors, not 4 + 1), each with as many rows
-//! as keep 24 sums in registers; rows go in panels whose input stays in L1 across the
-//! blocks, and a block's weights (`k` × 64 floats) stay in L2. The residual and output
+//! as keep 16 to 24 sums in registers; rows go in panels of about 4096 floats of input (at
+//! least 48 rows) that stay in cache across the blocks, and a block's weights (`k` × 64
+//! floats) stay in L2. The residual and output
 //! lines of a tile are fetched while its sums run.
 
 use std::arch::x86_64::*;
@@ -13,7 +14,8 @@ use std::arch::x86_64::*;
 use super::pointwise::Act;
 use super::pointwise::vector::{activate, applies as in_registers, lanes};
 
-/// Floats of input per panel of rows (it stays in L1 across the column blocks).
+/// Floats of input per panel of rows (it stays in cache across the column blocks); a
+/// panel has at least 48 rows, a multiple of every tile's rows.
 const PANEL_FLOATS: usize = 4096;
 /// Most summed channels: a column block of the weights (`k` × 64 floats) stays in L2.
 const MAX_DEPTH: usize = 2048;
@@ -113,7 +115,8 @@ unsafe fn tile<const N: usize, const Q: usize>(o: Operands, r0: usize, j0: usize
 /// being narrower; one row at a time where there are fewer than `N` rows in all.
 #[target_feature(enable = "avx512f")]
 unsafe fn block<const N: usize, const Q: usize>(o: Operands, (lo, hi): (usize, usize), j0: usize) {
-    // SAFETY: the tiles stay inside rows 0..hi, the caller's.
+    // SAFETY: the tiles stay inside rows 0..hi, the caller's (the last one may reach below
+    // `lo`, into the panel before: the same call's rows, written again with the same values).
     unsafe {
         if hi < N {
             (lo..hi).for_each(|r| tile::<1, Q>(o, r, j0));

@@ -1,6 +1,7 @@
 //! The inference plan's kernels against Burn's operations: convolutions (Winograd, im2col
 //! GEMM, the few-rows product, 1x1 read in place by the narrow product or the GEMM, direct
-//! on few channels) with bias, residual and ReLU; depthwise convolutions; max pooling. Odd sizes, strides, paddings, batches of several images.
+//! on few channels) with bias, residual and ReLU; depthwise convolutions with each kind of
+//! activation; max pooling. Odd sizes, strides, paddings, batches of several images.
 
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
@@ -107,23 +108,32 @@ fn linear_layers_match_burn() {
 #[test]
 fn depthwise_convolutions_match_burn() {
     // (batch, channels, height, width, kernel, stride)
-    for (b, c, h, w, k, s) in [
+    for (case, (b, c, h, w, k, s)) in [
         (2, 16, 11, 9, 3, 1),
         (3, 24, 12, 12, 5, 2),
         (1, 8, 7, 7, 5, 1),
         (2, 5, 6, 9, 3, 2),
         (1, 40, 5, 29, 3, 1), // eight pixels at a time, a masked block
         (2, 72, 9, 30, 5, 2),
-    ] {
+        (2, 24, 6, 18, 5, 1), // stride 1, 5 wide: inside groups of 8, 4 and 2
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (x, weight, bias) = (random([b, c, h, w]), random([c, 1, k, k]), random([c]));
         let p = k / 2;
         let options = ConvOptions::new([s, s], [p, p], [1, 1], c);
-        let expected = nhwc(&burn::tensor::activation::relu(conv2d(
-            x.clone(),
-            weight.clone(),
-            Some(bias.clone()),
-            options,
-        )));
+        let y = conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
+        // Each activation in turn: in registers (ReLU, hardswish, none) or after the store
+        // (sigmoid).
+        use burn::tensor::activation::{hard_swish, relu, sigmoid};
+        let (act, expected) = match case % 4 {
+            0 => (Act::Relu, relu(y)),
+            1 => (Act::Hardswish, hard_swish(y)),
+            2 => (Act::Sigmoid, sigmoid(y)),
+            _ => (Act::Identity, y),
+        };
+        let expected = nhwc(&expected);
         let mut conv = Depthwise::from_oihw(
             &floats(&weight),
             [c, 1, k, k],
@@ -131,8 +141,8 @@ fn depthwise_convolutions_match_burn() {
             [s, s],
             [p; 4],
         );
-        conv.act = Act::Relu;
-        let what = format!("depthwise {b}x{c}x{h}x{w} k{k} s{s}");
+        conv.act = act;
+        let what = format!("depthwise {b}x{c}x{h}x{w} k{k} s{s} {act:?}");
         let mut out = vec![f32::NAN; expected.len()];
         conv.run(&nhwc(&x), [b, h, w], &mut out);
         assert_close(&expected, &out, &what);
