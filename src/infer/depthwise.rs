@@ -160,6 +160,34 @@ mod avx512 {
         act: Act,
     }
 
+    /// The sums of `P` pixels for the channel block from `ch0` (lanes `m`), started at the
+    /// bias.
+    #[inline(always)]
+    unsafe fn start<const P: usize>(r: &Row, m: u16, ch0: usize) -> [__m512; P] {
+        // SAFETY: the mask keeps the lanes inside the bias's channels.
+        [unsafe { _mm512_maskz_loadu_ps(m, r.bias.add(ch0)) }; P]
+    }
+
+    /// Pixels `ox..ox + n` of the channel block from `ch0` (lanes `m`): the activation, then
+    /// the store.
+    #[inline(always)]
+    unsafe fn store<const P: usize>(
+        r: &Row,
+        (m, ch0): (u16, usize),
+        ox: usize,
+        n: usize,
+        acc: &[__m512; P],
+    ) {
+        for (p, acc) in acc.iter().enumerate().take(n) {
+            // SAFETY: the caller's pixels lie in the output row; the mask keeps the lanes
+            // inside the channels.
+            unsafe {
+                let v = vector::activate(r.act, *acc);
+                _mm512_mask_storeu_ps(r.out.add((ox + p) * r.dims.1 + ch0), m, v);
+            }
+        }
+    }
+
     /// Output pixels `ox..ox + n` (`n ≤ P`); with `CHECKED`, the kernel columns outside the
     /// input row are skipped, else every column lies inside it.
     #[inline(always)]
@@ -172,7 +200,7 @@ mod avx512 {
         unsafe {
             for ch0 in (0..c).step_by(16) {
                 let m = vector::lanes(c, ch0);
-                let mut acc = [_mm512_maskz_loadu_ps(m, r.bias.add(ch0)); P];
+                let mut acc = start::<P>(r, m, ch0);
                 for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
                     if line.is_null() {
                         continue;
@@ -189,10 +217,7 @@ mod avx512 {
                         }
                     }
                 }
-                for (p, acc) in acc.iter().enumerate().take(n) {
-                    let v = vector::activate(r.act, *acc);
-                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, v);
-                }
+                store(r, (m, ch0), ox, n, &acc);
             }
         }
     }
@@ -210,7 +235,7 @@ mod avx512 {
         unsafe {
             for ch0 in (0..c).step_by(16) {
                 let m = vector::lanes(c, ch0);
-                let mut acc = [_mm512_maskz_loadu_ps(m, r.bias.add(ch0)); P];
+                let mut acc = start::<P>(r, m, ch0);
                 for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
                     if line.is_null() {
                         continue;
@@ -229,10 +254,7 @@ mod avx512 {
                         }
                     }
                 }
-                for (p, acc) in acc.iter().enumerate() {
-                    let v = vector::activate(r.act, *acc);
-                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, v);
-                }
+                store(r, (m, ch0), ox, P, &acc);
             }
         }
     }
