@@ -131,11 +131,12 @@ fn row(
 }
 
 /// Depthwise rows with AVX-512: eight output pixels at a time (the rest of the inside ones
-/// by four, two and one), channel block by channel
-/// block (16 lanes, the last masked) within them, the eight sums in registers and each
-/// tap's weights loaded once for the eight; in the groups whose windows cross the left or
-/// right border, each column is checked. The eight pixels' input stays in the L1 cache
-/// across the channel blocks.
+/// by four, two and one), channel block by channel block (16 lanes, the last masked)
+/// within them, the eight sums in registers and each tap's weights loaded once for the
+/// eight; with stride 1 and a 3- or 5-wide kernel, each input column loaded once for the
+/// pixels that use it; in the groups whose windows cross the left or right border, each
+/// column is checked. The eight pixels' input stays in the L1 cache across the channel
+/// blocks.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -160,39 +161,20 @@ mod avx512 {
         act: Act,
     }
 
-    /// The sums of `P` pixels for the channel block from `ch0` (lanes `m`), started at the
-    /// bias.
+    /// Output pixels `ox..ox + n` (`n ≤ P`); with `CHECKED`, the kernel columns outside the
+    /// input row are skipped, else every column lies inside it. With `KW` 0 (any kernel),
+    /// each multiply-add loads its input; with `KW` 3 or 5 (stride 1, unchecked, `n` = `P`,
+    /// a kernel `KW` wide), each input column is loaded once per kernel row and used by
+    /// every pixel whose window holds it: `P + KW − 1` loads for `P · KW` multiply-adds.
+    /// (With stride 2 that scheme measured slower.)
     #[inline(always)]
-    unsafe fn start<const P: usize>(r: &Row, m: u16, ch0: usize) -> [__m512; P] {
-        // SAFETY: the mask keeps the lanes inside the bias's channels.
-        [unsafe { _mm512_maskz_loadu_ps(m, r.bias.add(ch0)) }; P]
-    }
-
-    /// Pixels `ox..ox + n` of the channel block from `ch0` (lanes `m`): the activation, then
-    /// the store.
-    #[inline(always)]
-    unsafe fn store<const P: usize>(
+    unsafe fn pixels<const P: usize, const CHECKED: bool, const KW: usize>(
         r: &Row,
-        (m, ch0): (u16, usize),
         ox: usize,
         n: usize,
-        acc: &[__m512; P],
     ) {
-        for (p, acc) in acc.iter().enumerate().take(n) {
-            // SAFETY: the caller's pixels lie in the output row; the mask keeps the lanes
-            // inside the channels.
-            unsafe {
-                let v = vector::activate(r.act, *acc);
-                _mm512_mask_storeu_ps(r.out.add((ox + p) * r.dims.1 + ch0), m, v);
-            }
-        }
-    }
-
-    /// Output pixels `ox..ox + n` (`n ≤ P`); with `CHECKED`, the kernel columns outside the
-    /// input row are skipped, else every column lies inside it.
-    #[inline(always)]
-    unsafe fn pixels<const P: usize, const CHECKED: bool>(r: &Row, ox: usize, n: usize) {
         let (w, c, kw, sw, pl) = r.dims;
+        debug_assert!(KW == 0 || (!CHECKED && sw == 1 && kw == KW && n == P));
         // SAFETY (the whole body): unchecked, `row` made sure that columns ox·sw − pl ..
         // (ox + P − 1)·sw − pl + kw lie in 0..w; checked, only those inside are read.
         // Each block's mask keeps the lanes inside the channels, and only pixels below
@@ -200,9 +182,25 @@ mod avx512 {
         unsafe {
             for ch0 in (0..c).step_by(16) {
                 let m = vector::lanes(c, ch0);
-                let mut acc = start::<P>(r, m, ch0);
+                let mut acc = [_mm512_maskz_loadu_ps(m, r.bias.add(ch0)); P];
                 for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
                     if line.is_null() {
+                        continue;
+                    }
+                    if KW > 0 {
+                        let wv: [__m512; KW] = std::array::from_fn(|kx| {
+                            _mm512_maskz_loadu_ps(m, r.weight.add((ky * KW + kx) * c + ch0))
+                        });
+                        let first = line.add((ox - pl) * c + ch0);
+                        for j in 0..P + KW - 1 {
+                            let v = _mm512_maskz_loadu_ps(m, first.add(j * c));
+                            for (kx, wv) in wv.iter().enumerate() {
+                                // Column j feeds pixel j − kx through tap kx.
+                                if j >= kx && j - kx < P {
+                                    acc[j - kx] = _mm512_fmadd_ps(v, *wv, acc[j - kx]);
+                                }
+                            }
+                        }
                         continue;
                     }
                     for kx in 0..kw {
@@ -217,44 +215,10 @@ mod avx512 {
                         }
                     }
                 }
-                store(r, (m, ch0), ox, n, &acc);
-            }
-        }
-    }
-
-    /// Output pixels `ox..ox + P` of a stride-1 row whose windows lie inside the input row,
-    /// for a kernel `KW` wide: each input column is loaded once per kernel row and used by
-    /// every pixel whose window holds it (`P + KW − 1` loads for `P · KW` multiply-adds,
-    /// where [`pixels`] loads one per multiply-add). (With stride 2 the same scheme measured
-    /// slower.)
-    #[inline(always)]
-    unsafe fn pixels_stride1<const P: usize, const KW: usize>(r: &Row, ox: usize) {
-        let (_, c, _, _, pl) = r.dims;
-        // SAFETY (the whole body): `row` made sure that columns ox − pl .. ox + P − 1 − pl +
-        // KW lie in 0..w; each block's mask keeps the lanes inside the channels.
-        unsafe {
-            for ch0 in (0..c).step_by(16) {
-                let m = vector::lanes(c, ch0);
-                let mut acc = start::<P>(r, m, ch0);
-                for (ky, &line) in r.lines[..r.rows].iter().enumerate() {
-                    if line.is_null() {
-                        continue;
-                    }
-                    let wv: [__m512; KW] = std::array::from_fn(|kx| {
-                        _mm512_maskz_loadu_ps(m, r.weight.add((ky * KW + kx) * c + ch0))
-                    });
-                    let first = line.add((ox - pl) * c + ch0);
-                    for j in 0..P + KW - 1 {
-                        let v = _mm512_maskz_loadu_ps(m, first.add(j * c));
-                        for (kx, wv) in wv.iter().enumerate() {
-                            // Column j feeds pixel j − kx through tap kx.
-                            if j >= kx && j - kx < P {
-                                acc[j - kx] = _mm512_fmadd_ps(v, *wv, acc[j - kx]);
-                            }
-                        }
-                    }
+                for (p, acc) in acc.iter().enumerate().take(n) {
+                    let v = vector::activate(r.act, *acc);
+                    _mm512_mask_storeu_ps(r.out.add((ox + p) * c + ch0), m, v);
                 }
-                store(r, (m, ch0), ox, P, &acc);
             }
         }
     }
@@ -311,19 +275,19 @@ mod avx512 {
         for (ox, n, inside) in Window::groups(wo, (lo, hi), 8) {
             unsafe {
                 match (inside, n) {
-                    (true, 8) if sw == 1 && kw == 3 => pixels_stride1::<8, 3>(&r, ox),
-                    (true, 8) if sw == 1 && kw == 5 => pixels_stride1::<8, 5>(&r, ox),
-                    (true, 4) if sw == 1 && kw == 3 => pixels_stride1::<4, 3>(&r, ox),
-                    (true, 4) if sw == 1 && kw == 5 => pixels_stride1::<4, 5>(&r, ox),
-                    (true, 8) => pixels::<8, false>(&r, ox, n),
-                    (true, 4) => pixels::<4, false>(&r, ox, n),
-                    (true, 2) => pixels::<2, false>(&r, ox, n),
+                    (true, 8) if sw == 1 && kw == 3 => pixels::<8, false, 3>(&r, ox, n),
+                    (true, 8) if sw == 1 && kw == 5 => pixels::<8, false, 5>(&r, ox, n),
+                    (true, 4) if sw == 1 && kw == 3 => pixels::<4, false, 3>(&r, ox, n),
+                    (true, 4) if sw == 1 && kw == 5 => pixels::<4, false, 5>(&r, ox, n),
+                    (true, 8) => pixels::<8, false, 0>(&r, ox, n),
+                    (true, 4) => pixels::<4, false, 0>(&r, ox, n),
+                    (true, 2) => pixels::<2, false, 0>(&r, ox, n),
                     (true, _) => {
                         debug_assert_eq!(n, 1, "inside groups are 8, 4, 2 or 1 wide");
-                        pixels::<1, false>(&r, ox, n)
+                        pixels::<1, false, 0>(&r, ox, n)
                     }
-                    (false, 1..=2) => pixels::<2, true>(&r, ox, n),
-                    (false, _) => pixels::<8, true>(&r, ox, n),
+                    (false, 1..=2) => pixels::<2, true, 0>(&r, ox, n),
+                    (false, _) => pixels::<8, true, 0>(&r, ox, n),
                 }
             }
         }
