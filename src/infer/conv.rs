@@ -14,7 +14,6 @@ use rayon::prelude::*;
 
 use super::aligned::Aligned;
 use super::direct::{self, Direct};
-#[cfg(target_arch = "x86_64")]
 use super::narrow;
 use super::pointwise::{Act, finish_rows};
 use super::rows::{Layout, gemm_rows, to_panels};
@@ -214,10 +213,7 @@ impl Conv {
     /// convolution read in place, of depth at most 2048, on a CPU with AVX-512 (`run`
     /// takes it where the tiles are whole rows and not few).
     fn narrow(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return self.reads_input_directly() && !self.in_panels() && narrow::applies(self.depth());
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        self.reads_input_directly() && !self.in_panels() && narrow::applies(self.depth())
     }
 
     /// Whether the input already is the GEMM's left operand (1x1, stride 1, no padding).
@@ -283,7 +279,6 @@ impl Conv {
         };
         let cols = n.div_ceil(blocks).next_multiple_of(align).min(n);
         let blocks = n.div_ceil(cols);
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
         let narrow = blocks == 1 && !few && self.narrow();
         let dst = Out::new(out);
         (0..tiles * blocks).into_par_iter().for_each(|task| {
@@ -292,11 +287,10 @@ impl Conv {
             let r1 = (r0 + rows).min(m);
             let c0 = block * cols;
             let c1 = (c0 + cols).min(n);
-            #[cfg(target_arch = "x86_64")]
             if narrow {
                 let residual = residual.map(|res| &res[r0 * n..r1 * n]);
-                // SAFETY: `narrow` holds only where the CPU has AVX-512F; this task alone
-                // writes rows r0..r1 of `out`, which has m × n elements.
+                // SAFETY: this task alone writes rows r0..r1 of `out`, which has m × n
+                // elements.
                 unsafe {
                     narrow::run(
                         (r1 - r0, n, k),

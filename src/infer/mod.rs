@@ -17,7 +17,6 @@ mod compile;
 mod conv;
 mod depthwise;
 mod direct;
-#[cfg(target_arch = "x86_64")]
 mod narrow;
 mod pointwise;
 mod pool;

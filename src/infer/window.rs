@@ -52,8 +52,9 @@ impl Window {
     /// The output columns of a row of `wo` in groups of at most `size`: `(first, count,
     /// inside)`. The columns `lo..hi` of [`Window::inside_columns`], whose windows lie
     /// inside the input row, come as `inside` groups: of `size`, then the rest in powers
-    /// of two (7 = 4 + 2 + 1), so that a kernel's fixed-width paths take them unchecked; the columns before `lo` and from `hi` on come as groups
-    /// that the kernels check column by column.
+    /// of two (7 = 4 + 2 + 1), so that a kernel's fixed-width paths take them unchecked;
+    /// the columns before `lo` and from `hi` on come as groups that the kernels check
+    /// column by column.
     pub fn groups(
         wo: usize,
         (lo, hi): (usize, usize),
