@@ -26,6 +26,26 @@ pub fn applies(k: usize) -> bool {
     k <= MAX_DEPTH && vectors
 }
 
+/// One call's operands.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX-512 kernels
+struct Operands {
+    /// `[rows, k]`.
+    a: *const f32,
+    /// `[k, n]`, row-major.
+    w: *const f32,
+    /// `[n]`.
+    bias: *const f32,
+    /// `[rows, n]`, or null.
+    residual: *const f32,
+    /// `[rows, n]`.
+    out: *mut f32,
+    k: usize,
+    n: usize,
+    /// Applied to the output.
+    act: Act,
+}
+
 /// `out [rows, n] = act(a [rows, k] · w [k, n] + bias (+ residual))`, row-major.
 ///
 /// # Safety
@@ -48,15 +68,25 @@ pub unsafe fn run(
         residual.is_none_or(|r| r.len() == rows * n),
         "residual size"
     );
+    let o = Operands {
+        a: a.as_ptr(),
+        w: w.as_ptr(),
+        bias: bias.as_ptr(),
+        residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
+        out,
+        k,
+        n,
+        act,
+    };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has AVX-512F (`applies`), the operands' sizes are checked above and
     // the output rows are the caller's.
     unsafe {
-        avx512::product((rows, n, k), a, w, bias, residual, act, out)
+        avx512::product(rows, o)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, w, bias, residual, act, out);
+        let _ = (rows, o);
         unreachable!("the narrow product applies only with AVX-512")
     }
 }
@@ -66,25 +96,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::pointwise::vector::{activate, applies as in_registers, lanes};
-    use super::{Act, PANEL_FLOATS};
-
-    /// One call's operands.
-    #[derive(Clone, Copy)]
-    struct Operands {
-        /// `[rows, k]`.
-        a: *const f32,
-        /// `[k, n]`, row-major.
-        w: *const f32,
-        /// `[n]`.
-        bias: *const f32,
-        /// `[rows, n]`, or null.
-        residual: *const f32,
-        /// `[rows, n]`.
-        out: *mut f32,
-        k: usize,
-        n: usize,
-        act: Act,
-    }
+    use super::{Act, Operands, PANEL_FLOATS};
 
     /// Rows `r0..r0 + N` × the `Q` vectors of columns from `j0`. (No closures: they would not
     /// inherit the target feature.)
@@ -181,32 +193,19 @@ mod avx512 {
     /// then the activations that are not applied in registers.
     ///
     /// # Safety
-    /// The CPU has AVX-512F, the operands hold what `rows`, `n` and `k` say, and the
-    /// `rows · n` elements at `out` are the caller's.
-    #[allow(clippy::too_many_arguments)]
+    /// The CPU has AVX-512F, the operands hold `rows` rows, and the `rows · n` elements at
+    /// `o.out` are the caller's.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn product(
-        (rows, n, k): (usize, usize, usize),
-        a: &[f32],
-        w: &[f32],
-        bias: &[f32],
-        residual: Option<&[f32]>,
-        act: Act,
-        out: *mut f32,
-    ) {
+    pub(super) unsafe fn product(rows: usize, o: Operands) {
+        let Operands { k, n, act, out, .. } = o;
+        // The tiles apply the activations they can in registers, the others come after.
         let o = Operands {
-            a: a.as_ptr(),
-            w: w.as_ptr(),
-            bias: bias.as_ptr(),
-            residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
-            out,
-            k,
-            n,
             act: if in_registers(act) {
                 act
             } else {
                 Act::Identity
             },
+            ..o
         };
         // Column blocks of at most four vectors, as even as they go.
         let vectors = n.div_ceil(16);
